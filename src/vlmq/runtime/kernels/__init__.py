@@ -1,0 +1,1 @@
+"""GPU kernels for the runtime (imported lazily: Triton is optional)."""

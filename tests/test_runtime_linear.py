@@ -1,0 +1,220 @@
+"""CPU tests for vlmq.runtime.linear (W8A8Linear and its eager backends)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vlmq.runtime.linear import (
+    MIN_SCALE,
+    W8A8Linear,
+    available_backends,
+    int_gemm_int_mm,
+    int_gemm_reference,
+    quantize_per_token,
+    quantize_static,
+    register_backend,
+    resolve_backend,
+)
+
+SHAPES = [(1, 64, 48), (7, 40, 33), (13, 96, 64), (32, 128, 17), (5, 24, 7)]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _ref_forward(layer: W8A8Linear, x: torch.Tensor) -> torch.Tensor:
+    """Independent float64 reference of the documented numerics."""
+    x64 = x.double().reshape(-1, layer.in_features)
+    if layer.pre_quant_scale is not None:
+        # Match the module: the multiply happens in fp32 before quantization.
+        x64 = (
+            x.float().reshape(-1, layer.in_features) * layer.pre_quant_scale
+        ).double()
+    if layer.input_scale is not None:
+        s = layer.input_scale.double().reshape(1, 1).expand(x64.shape[0], 1)
+    else:
+        s = (x64.abs().amax(-1, keepdim=True) / 127).clamp_min(MIN_SCALE)
+    q = torch.round(x64.float() / s.float()).clamp(-128, 127).double()
+    acc = q @ layer.weight.double().t()
+    y = acc * s * layer.weight_scale.double()[None, :]
+    if layer.bias is not None:
+        y = y + layer.bias.double()
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (
+        (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)
+    ).item()
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("gemm", [int_gemm_int_mm, int_gemm_reference])
+def test_int_gemm_exact(m: int, k: int, n: int, gemm) -> None:
+    g = _gen(m * 1000 + k * 10 + n)
+    for _ in range(3):
+        a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+        w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        out = gemm(a, w)
+        assert out.dtype == torch.int32 and out.shape == (m, n)
+        assert torch.equal(out.long(), a.long() @ w.long().t())
+
+
+def test_int_gemm_extremes_exact() -> None:
+    # All -128: the largest magnitude sum; catches int16 / fp32 accumulation.
+    k = 2048
+    a = torch.full((3, k), -128, dtype=torch.int8)
+    w = torch.full((5, k), -128, dtype=torch.int8)
+    assert torch.equal(int_gemm_int_mm(a, w).long(), torch.full((3, 5), 128 * 128 * k))
+
+
+def test_quantize_per_token_round_half_even_and_clamp() -> None:
+    # amax 127 -> scale 1 exactly, so x/scale keeps the .5 ties.
+    x = torch.tensor(
+        [[0.5, 1.5, 2.5, -0.5, -2.5, 127.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
+    )
+    q, s = quantize_per_token(x)
+    assert torch.equal(s, torch.tensor([1.0, MIN_SCALE]))
+    assert q[0].tolist() == [0, 2, 2, 0, -2, 127]
+    assert q[1].tolist() == [0] * 6
+    q2 = quantize_static(torch.tensor([300.0, -300.0, 1.49]), 1.0)
+    assert q2.tolist() == [127, -128, 1]
+
+
+def test_quantize_per_token_matches_float_reference() -> None:
+    g = _gen(3)
+    x = torch.randn(4, 9, 64, generator=g).to(torch.bfloat16)
+    q, s = quantize_per_token(x)
+    assert q.shape == x.shape and s.shape == (4, 9)
+    xf = x.double()
+    s_ref = xf.abs().amax(-1) / 127
+    assert torch.allclose(s.double(), s_ref, rtol=1e-6)
+    # every row reaches +-127 exactly once at its amax
+    assert (q.abs().amax(-1) == 127).all()
+    err = (q.double() * s.double()[..., None] - xf).abs()
+    assert (err <= s.double()[..., None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("backend", ["int_mm", "reference"])
+def test_forward_matches_float64_reference(
+    m, k, n, static, smooth, bias, backend
+) -> None:
+    g = _gen(hash((m, k, n, static, smooth, bias)) % (2**31))
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=g))
+    pqs = torch.rand(k, generator=g) + 0.5 if smooth else None
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    in_scale = (
+        (x.float().abs().amax() * (pqs.max() if smooth else 1.0) / 127).item()
+        if static
+        else None
+    )
+    layer = W8A8Linear.from_float(
+        lin, input_scale=in_scale, pre_quant_scale=pqs, backend=backend
+    )
+    for _ in range(2):
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        y = layer(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        ref = _ref_forward(layer, x)
+        assert _rel(y, ref) < 8e-3  # bf16 output rounding only
+        # and it is a faithful approximation of the float layer
+        y_float = lin(x.float())
+        assert _rel(y, y_float) < 0.1  # SQNR > 20 dB
+
+
+def test_int_mm_and_reference_backends_agree_exactly_in_fp32() -> None:
+    g = _gen(11)
+    lin = nn.Linear(40, 33)
+    layer = W8A8Linear.from_float(lin)
+    x = torch.randn(2, 7, 40, generator=g)
+    layer.backend = "int_mm"
+    a = layer(x)
+    layer.backend = "reference"
+    b = layer(x)
+    assert a.dtype == torch.float32 and a.shape == (2, 7, 33)
+    assert torch.equal(a, b)
+
+
+def test_3d_input_equals_rowwise() -> None:
+    g = _gen(5)
+    layer = W8A8Linear.from_float(nn.Linear(64, 24), backend="int_mm")
+    x = torch.randn(3, 5, 64, generator=g)
+    y = layer(x)
+    rows = torch.stack([layer(x[i]) for i in range(3)])
+    assert torch.equal(y, rows)
+    assert layer(x[:, :0]).shape == (3, 0, 24)
+
+
+def test_dynamic_is_per_token_static_is_not() -> None:
+    g = _gen(6)
+    lin = nn.Linear(32, 16, bias=False)
+    x = torch.randn(2, 32, generator=g)
+    x[1] *= 1000.0  # one loud token
+    dyn = W8A8Linear.from_float(lin)
+    sta = W8A8Linear.from_float(lin, input_scale=x.abs().amax().item() / 127)
+    ref = lin(x)
+    # per-token scaling keeps the quiet token accurate; a shared scale crushes it
+    assert _rel(dyn(x)[0], ref[0]) < 0.05
+    assert _rel(sta(x)[0], ref[0]) > 0.2
+
+
+def test_pre_quant_scale_is_applied() -> None:
+    g = _gen(7)
+    lin = nn.Linear(32, 8, bias=False)
+    layer = W8A8Linear.from_float(
+        lin, pre_quant_scale=torch.rand(32, generator=g) + 0.5
+    )
+    x = torch.randn(4, 32, generator=g)
+    assert _rel(layer(x), lin(x)) < 0.05
+    with torch.no_grad():
+        layer.pre_quant_scale.fill_(1.0)
+    assert _rel(layer(x), lin(x)) > 0.05
+
+
+def test_state_dict_roundtrip_with_checkpoint_shapes() -> None:
+    g = _gen(8)
+    src = W8A8Linear.from_float(
+        nn.Linear(16, 8),
+        input_scale=0.02,
+        pre_quant_scale=torch.rand(16, generator=g) + 0.5,
+    )
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    sd["weight_scale"] = sd["weight_scale"].reshape(8, 1)  # exporters write [N, 1]
+    sd["input_scale"] = sd["input_scale"].reshape(1)
+    dst = W8A8Linear(16, 8)  # created without bias / static / smoothing buffers
+    dst.load_state_dict(sd)
+    assert (
+        dst.is_static and dst.weight_scale.shape == (8,) and dst.input_scale.shape == ()
+    )
+    x = torch.randn(3, 16, generator=g)
+    assert torch.equal(dst(x), src(x))
+
+
+def test_backend_registry() -> None:
+    assert {"int_mm", "reference", "triton"} <= set(available_backends())
+    assert resolve_backend("auto", torch.device("cpu")) == "int_mm"
+    with pytest.raises(ValueError, match="unknown W8A8 backend"):
+        resolve_backend("nope", torch.device("cpu"))
+    with pytest.raises(ValueError, match="already registered"):
+        register_backend("int_mm")(lambda layer, x: x)
+
+
+def test_bad_inputs_raise() -> None:
+    with pytest.raises(ValueError, match="int8"):
+        W8A8Linear.from_quantized(torch.zeros(4, 4), torch.ones(4))
+    with pytest.raises(ValueError, match="weight_scale"):
+        W8A8Linear.from_quantized(torch.zeros(4, 4, dtype=torch.int8), torch.ones(3))
+    layer = W8A8Linear(8, 4)
+    with pytest.raises(ValueError, match="last dim"):
+        layer(torch.randn(2, 9))
