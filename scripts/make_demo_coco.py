@@ -67,12 +67,14 @@ def _scene(rng: random.Random, idx: int, gray: bool) -> tuple[Image.Image, list[
         f"A picture of {numword} {color} {kind}{'s' if count > 1 else ''} {place[ground]} {when[sky]}.",
         (
             f"There {'are' if count > 1 else 'is'} {numword} {color} {kind}{'s' if count > 1 else ''} "
-            f"standing {place[ground]}, with the {celestial} visible in the {'dark' if sky == 'night' else 'bright'} sky."
+            f"standing {place[ground]}, with the {celestial} visible in the "
+            f"{'dark' if sky == 'night' else 'bright'} sky."
         ),
         f"A simple drawing showing {things} {when[sky]}.",
     ]
     if rng.random() < 0.5:
-        captions.append(f"  {color.capitalize()} {kind}{'s' if count > 1 else ''}.\n")  # messy whitespace, as real captions have
+        # Messy whitespace, as real COCO captions have.
+        captions.append(f"  {color.capitalize()} {kind}{'s' if count > 1 else ''}.\n")
     rng.shuffle(captions)
     return im, captions
 
@@ -88,7 +90,9 @@ def _draw_object(d: ImageDraw.ImageDraw, kind: str, x: int, base: int, s: int, c
     elif kind == "ball":
         d.ellipse([x - s // 2, base - s, x + s // 2, base], fill=color, outline=(0, 0, 0))
     elif kind == "boat":
-        d.polygon([(x - s, base - s // 3), (x + s, base - s // 3), (x + s // 2, base + s // 4), (x - s // 2, base + s // 4)], fill=color)
+        top, bottom = base - s // 3, base + s // 4
+        hull = [(x - s, top), (x + s, top), (x + s // 2, bottom), (x - s // 2, bottom)]
+        d.polygon(hull, fill=color)
         d.line([(x, base - s // 3), (x, base - 2 * s)], fill=(60, 40, 20), width=2)
         d.polygon([(x + 1, base - 2 * s), (x + s, base - s // 2), (x + 1, base - s // 2)], fill=(250, 250, 250))
     elif kind == "car":

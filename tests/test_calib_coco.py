@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from calib_fixtures import coco_json, simple_entries, write_coco
 
+from calib_fixtures import coco_json, simple_entries, write_coco
 from vlmq.calib import (
     CalibDataError,
     demo_coco_root,
@@ -133,7 +133,9 @@ def test_malformed_json(tmp_path: Path, content: str) -> None:
     _one_line_with(err, ann)
 
 
-@pytest.mark.parametrize("entries", [[], [("a.jpg", [])], [("a.jpg", ["   "])]], ids=["no-images", "no-captions", "blank"])
+@pytest.mark.parametrize(
+    "entries", [[], [("a.jpg", [])], [("a.jpg", ["   "])]], ids=["no-images", "no-captions", "blank"]
+)
 def test_empty_annotations(tmp_path: Path, entries) -> None:
     root = write_coco(tmp_path / "coco", entries)
     with pytest.raises(CalibDataError, match="no captioned images") as err:
@@ -176,7 +178,8 @@ def test_demo_set_regenerates_identically(tmp_path: Path) -> None:
     shipped = demo_coco_root()
     ann = "annotations/captions_val2017.json"
     assert (tmp_path / ann).read_text() == (shipped / ann).read_text()
-    assert sorted(p.name for p in (tmp_path / "val2017").iterdir()) == sorted(p.name for p in (shipped / "val2017").iterdir())
+    names = sorted(p.name for p in (tmp_path / "val2017").iterdir())
+    assert names == sorted(p.name for p in (shipped / "val2017").iterdir())
 
 
 def test_jsonl_text_and_image_sources_and_mix(tmp_path: Path) -> None:

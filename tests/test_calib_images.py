@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from calib_fixtures import (
     image_bytes,
     png_claiming_size,
@@ -14,8 +16,6 @@ from calib_fixtures import (
     write_coco,
     write_image,
 )
-from PIL import Image
-
 from vlmq.calib import CalibDataError, ImageRejected, load_coco_captions, load_rgb
 
 
@@ -94,8 +94,13 @@ def test_coco_skips_hostile_entries_and_fills_from_the_rest(tmp_path: Path) -> N
         "C:\\windows\\x.jpg": "absolute_path",
         "big.jpg": "too_large",
     }
-    odd_modes = {"cmyk.jpg": ("CMYK", "JPEG"), "gray.jpg": ("L", "JPEG"), "rgba.png": ("RGBA", "PNG"),
-                 "pal.png": ("P", "PNG"), "deep.png": ("I;16", "PNG")}
+    odd_modes = {
+        "cmyk.jpg": ("CMYK", "JPEG"),
+        "gray.jpg": ("L", "JPEG"),
+        "rgba.png": ("RGBA", "PNG"),
+        "pal.png": ("P", "PNG"),
+        "deep.png": ("I;16", "PNG"),
+    }
     entries = [(name, [f"caption {name}"]) for name in [*hostile, *odd_modes]] + simple_entries(4)
     root = write_coco(tmp_path / "coco", entries, with_images=False)
     split = root / "val2017"

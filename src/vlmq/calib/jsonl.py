@@ -103,9 +103,7 @@ def load_jsonl(
     return samples, stats
 
 
-def mix_sources(
-    parts: Sequence[tuple[list[CalibSample], float]], num_samples: int, seed: int = 0
-) -> list[CalibSample]:
+def mix_sources(parts: Sequence[tuple[list[CalibSample], float]], num_samples: int, seed: int = 0) -> list[CalibSample]:
     """Take about `ratio` of `num_samples` from each part (shortfalls are refilled from the others),
     then interleave deterministically. Each part is assumed already in its own seeded order."""
     if num_samples < 1:
