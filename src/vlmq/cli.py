@@ -1,0 +1,118 @@
+"""`vlmq` command line: subcommands + Hydra-style overrides; every failure is one line + exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("vlmq")
+log.addHandler(logging.NullHandler())  # errors reach the terminal once, through main()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from vlmq.calib import CalibDataError
+    from vlmq.config import ConfigError
+    from vlmq.export.atomic import ExportError
+    from vlmq.models.families import UnsupportedModelError
+    from vlmq.models.load import SnapshotError
+    from vlmq.quantize.calibrate import CalibrationOOMError, QuantizationAuditError
+
+    return (ConfigError, SnapshotError, CalibDataError, ExportError, UnsupportedModelError,
+            CalibrationOOMError, QuantizationAuditError, FileNotFoundError)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from vlmq.config import load_config
+    from vlmq.console import console, make_run_dir, quantize_summary, setup_logging
+    from vlmq.pipeline import run_quantize
+
+    overrides = list(args.overrides) + (["force=true"] if args.force else [])
+    cfg = load_config(overrides)
+    run_dir = make_run_dir(cfg.log_root, cfg.run_name)
+    args.log_file = setup_logging(run_dir, "quantize.log")
+    manifest = run_quantize(cfg, run_dir)
+    console.print(quantize_summary(manifest))
+    print(manifest["export_dir"])
+    return 0
+
+
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from vlmq.config import load_config
+    from vlmq.console import console
+    from vlmq.models.load import fetch_model, inspect_snapshot
+
+    cfg = load_config(list(args.overrides))
+    target = cfg.resolve_path(cfg.arch.snapshot)
+    repo_id = cfg.arch.hub_id if args.source == "hf" else cfg.arch.modelscope_id
+    console.print(f"downloading {repo_id} from {args.source} into {target}")
+    fetch_model(repo_id, target, args.source)
+    inspect_snapshot(target)
+    print(target)
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "quantize": (cmd_quantize, "calibrate on image+text, quantize the LM to W8A8 INT8, export"),
+    "fetch-model": (cmd_fetch_model, "download a snapshot into the models/ layout"),
+}
+
+
+def register_command(name: str, help_text: str) -> Callable:
+    def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = (fn, help_text)
+        return fn
+    return wrap
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import vlmq.commands  # noqa: F401  (registers the other subcommands)
+
+    parser = argparse.ArgumentParser(prog="vlmq", description="W8A8 INT8 SmoothQuant for vision-language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=fn)
+        if name == "quantize":
+            p.add_argument("--force", action="store_true", help="replace an existing export")
+        if name == "fetch-model":
+            p.add_argument("--source", choices=("hf", "modelscope"), default="hf")
+        add_args = getattr(fn, "add_arguments", None)
+        if add_args:
+            add_args(p)
+        p.add_argument("overrides", nargs="*", help="config overrides, e.g. calib.num_samples=512 quant.alpha=0.8")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    args.log_file = None
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        where = f"; logs in {Path(args.log_file).parent}" if args.log_file else ""
+        print(f"vlmq: interrupted; no partial export was left behind{where}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _user_errors() as err:
+        log.error("%s", err)
+        print(f"vlmq: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as err:  # a bug, not bad input: one line here, the traceback in the log
+        log.exception("unexpected failure")
+        where = f" (traceback in {args.log_file})" if args.log_file else ""
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"vlmq: internal error: {type(err).__name__}: {first}{where}", file=sys.stderr)
+        if os.environ.get("VLMQ_DEBUG"):
+            raise
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Compose the Hydra config tree under conf/ and validate it into a typed schema.
+
+Hydra does the composition and override parsing; OmegaConf's structured configs reject unknown
+keys and wrong types; `_check_values` rejects values the types allow but vlmq does not.
+Every failure is raised as `ConfigError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_VERSION = 1
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXPORT_FORMATS = ("modelopt_hf", "compressed_tensors")
+DEFAULT_MODEL = "qwen2_5_vl_3b_instruct"  # the model whose files conf/config.yaml's defaults name
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (one line)."""
+
+
+@dataclass
+class ArchConfig:
+    name: str = "qwen2_5_vl_3b_instruct"
+    family: str = "qwen2_5_vl"
+    snapshot: str = "models/qwen2_5_vl_3b_instruct/checkpoints/Qwen2.5-VL-3B-Instruct"
+    hub_id: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    modelscope_id: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    dtype: str = "bfloat16"
+    quantized: bool = False
+    trust_remote_code: bool = False
+    max_memory: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class InferConfig:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    text_prompts: list[str] = field(default_factory=list)
+    image_prompts: list[str] = field(default_factory=list)
+    heldout_samples: int = 8
+
+
+@dataclass
+class QuantConfig:
+    name: str = "w8a8_int8_sq"
+    alpha: float = 0.5
+    kv_cache: str = "none"
+
+
+@dataclass
+class CalibConfig:
+    source: str = "coco2017"
+    root: str = "data/coco2017"
+    splits: list[str] = field(default_factory=lambda: ["val2017"])
+    num_samples: int = 512
+    min_samples: int = 8
+    seed: int = 0
+    batch_size: str = "auto"
+    max_length: int = 1024
+    instruction: str = "Describe this image in one sentence."
+
+
+@dataclass
+class ExportConfig:
+    dir: str = "models/qwen2_5_vl_3b_instruct/quantized/w8a8_int8_sq"
+    formats: list[str] = field(default_factory=lambda: ["modelopt_hf"])
+    activations: str = "static"
+
+
+@dataclass
+class Config:
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    model: str = "qwen2_5_vl_3b_instruct"
+    demo: str = "auto"
+    device: str = "auto"
+    run_name: str | None = None
+    log_root: str = "tmp/qwen2_5_vl_3b_w8a8"
+    force: bool = False
+    version: int = CONFIG_VERSION
+    # Keys given on the command line (used to tell "the default snapshot is absent" from
+    # "the snapshot you named is absent").
+    overrides: list[str] = field(default_factory=list)
+
+    def overridden(self, key: str) -> bool:
+        return any(o.split("=", 1)[0].lstrip("+~") == key for o in self.overrides)
+
+    def resolve_path(self, value: str) -> Path:
+        """Relative paths in the config are relative to the working directory."""
+        return Path(os.path.expanduser(value)).absolute()
+
+    def to_dict(self) -> dict[str, Any]:
+        return OmegaConf.to_container(OmegaConf.structured(self), resolve=True)  # type: ignore[return-value]
+
+
+def conf_dir() -> Path:
+    """The conf/ tree: $VLMQ_CONF_DIR, else the repository's conf/."""
+    return Path(os.environ.get("VLMQ_CONF_DIR", REPO_ROOT / "conf"))
+
+
+def _expand_shorthands(overrides: list[str], root: Path) -> list[str]:
+    """`model=M`, `arch=A`, `infer=I` select files under conf/model/<M>/{arch,infer}/."""
+    values = dict(o.split("=", 1) for o in overrides if "=" in o)
+    model = values.get("model", DEFAULT_MODEL)
+    if not (root / "model" / model).is_dir():
+        known = sorted(p.name for p in (root / "model").iterdir() if p.is_dir())
+        raise ConfigError(f"unknown model '{model}' (known: {', '.join(known)})")
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if key not in ("arch", "infer"):
+            out.append(o)
+    for group in ("arch", "infer"):
+        choice = values.get(group, f"{model}.default")
+        if not (root / "model" / model / group / f"{choice}.yaml").is_file():
+            options = sorted(p.stem for p in (root / "model" / model / group).glob("*.yaml"))
+            raise ConfigError(f"unknown {group} '{choice}' for model {model} (known: {', '.join(options)})")
+        if model == DEFAULT_MODEL and group in values:
+            out.append(f"model/{DEFAULT_MODEL}/{group}@{group}={choice}")
+        elif model != DEFAULT_MODEL:
+            out.append(f"~model/{DEFAULT_MODEL}/{group}@{group}")
+            out.append(f"+model/{model}/{group}@{group}={choice}")
+    return out
+
+
+def _check_values(cfg: Config) -> None:
+    checks = [
+        (0.0 <= cfg.quant.alpha <= 1.0, f"quant.alpha must be in [0, 1], got {cfg.quant.alpha}"),
+        (cfg.quant.kv_cache in ("none", "fp8"), f"quant.kv_cache must be none or fp8, got {cfg.quant.kv_cache!r}"),
+        (cfg.calib.num_samples >= 1, f"calib.num_samples must be >= 1, got {cfg.calib.num_samples}"),
+        (cfg.calib.min_samples >= 1, f"calib.min_samples must be >= 1, got {cfg.calib.min_samples}"),
+        (cfg.calib.max_length >= 16, f"calib.max_length must be >= 16, got {cfg.calib.max_length}"),
+        (cfg.calib.batch_size == "auto" or (cfg.calib.batch_size.isdigit() and int(cfg.calib.batch_size) >= 1),
+         f"calib.batch_size must be a positive integer or auto, got {cfg.calib.batch_size!r}"),
+        (cfg.calib.source in ("coco2017", "jsonl", "text_jsonl"),
+         f"calib.source must be coco2017, jsonl or text_jsonl, got {cfg.calib.source!r}"),
+        (all(s in ("train2017", "val2017") for s in cfg.calib.splits) and cfg.calib.splits,
+         f"calib.splits must be a non-empty subset of [train2017, val2017], got {list(cfg.calib.splits)}"),
+        (bool(cfg.export.formats) and all(f in EXPORT_FORMATS for f in cfg.export.formats),
+         f"export.formats must be a non-empty subset of {list(EXPORT_FORMATS)}, got {list(cfg.export.formats)}"),
+        (cfg.export.activations in ("static", "dynamic"),
+         f"export.activations must be static or dynamic, got {cfg.export.activations!r}"),
+        (cfg.demo in ("auto", "on", "off"), f"demo must be auto, on or off, got {cfg.demo!r}"),
+        (cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}"),
+        (cfg.arch.dtype in ("bfloat16", "float16", "float32"),
+         f"arch.dtype must be bfloat16, float16 or float32, got {cfg.arch.dtype!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def load_config(overrides: list[str] | None = None) -> Config:
+    """Compose conf/config.yaml with Hydra-style overrides and return the validated typed config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides or [])
+    root = conf_dir()
+    if not (root / "config.yaml").is_file():
+        raise ConfigError(f"config tree not found: {root}/config.yaml (set VLMQ_CONF_DIR)")
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
+    hydra_overrides = _expand_shorthands(overrides, root)
+    try:
+        with initialize_config_dir(config_dir=str(root), version_base=None):
+            composed: DictConfig = compose(config_name="config", overrides=hydra_overrides)
+        schema = OmegaConf.structured(Config)
+        merged = OmegaConf.merge(schema, composed)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_line(err)) from None
+    cfg.overrides = overrides
+    _check_values(cfg)
+    return cfg
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    first = text[0] if text else type(err).__name__
+    for line in text[1:]:
+        if line.strip().startswith("full_key:"):
+            first += f" ({line.strip()})"
+            break
+    return f"bad config: {first}"

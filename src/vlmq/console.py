@@ -1,0 +1,101 @@
+"""Terminal output: one rich console, progress bars, the closing summary, and the run's log file."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    columns = (TextColumn(f"{label:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def make_run_dir(log_root: str, run_name: str | None) -> Path:
+    name = run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(log_root).absolute() / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def setup_logging(run_dir: Path, filename: str) -> Path:
+    """Everything at INFO+ goes to the run's log file; the console shows warnings only."""
+    path = run_dir / filename
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        if getattr(handler, "_vlmq", False):
+            root.removeHandler(handler)
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    file_handler._vlmq = True  # type: ignore[attr-defined]
+    root.addHandler(file_handler)
+    return path
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def quantize_summary(manifest: dict[str, Any]) -> Table:
+    table = Table(title="vlmq quantize" + (" (DEMO model)" if manifest.get("demo") else ""))
+    table.add_column("item")
+    table.add_column("value", overflow="fold")
+    modules = manifest["modules"]
+    table.add_row("quantized linears (int8 W8A8)", str(len(modules["quantized"])))
+    table.add_row("kept bf16 (vision, merger, embed, lm_head)", str(len(modules["excluded"])))
+    cal = manifest["calibration"]
+    table.add_row("calibration", f"{cal['samples']} samples, {cal['images']} images, {cal['tokens']} tokens, "
+                                 f"skipped {sum(cal['skipped'].values())}")
+    table.add_row("size bf16 snapshot", _gb(manifest["sizes"]["bf16_safetensors_bytes"]))
+    for fmt, info in manifest["exports"].items():
+        table.add_row(f"size {fmt}", _gb(info["bytes"]))
+    for stage, seconds in manifest["timings_s"].items():
+        table.add_row(f"time {stage}", f"{seconds:.2f} s")
+    for key, value in manifest["peak_memory"].items():
+        table.add_row(key, f"{value:.2f}")
+    table.add_row("export", manifest["export_dir"])
+    table.add_row("logs", manifest["run_dir"])
+    return table
+
+
+class _LogWriter:
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            self.logger.info(text.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@contextmanager
+def library_chatter_to_log(name: str = "vlmq.lib") -> Iterator[None]:
+    """Route libraries' prints and warnings (ModelOpt is chatty) to the log file, not the terminal."""
+    import contextlib
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logger = logging.getLogger(name)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(_LogWriter(logger)):
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, cat, *_a, **_k: logger.warning("%s: %s", cat.__name__, msg)
+        yield

@@ -1,0 +1,148 @@
+"""The embedded demo: a deterministic tiny Qwen2.5-VL with a real processor.
+
+No weights can be downloaded here, so the demo is built from a config shipped in the package,
+random weights from a fixed seed, and a small byte-level BPE tokenizer trained on a fixed corpus.
+Every class is the real transformers one, so the demo exercises the same code paths as the 3B model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+DEMO_SEED = 1234
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DEMO_CONFIG_PATH = DATA_DIR / "demo_model" / "config.json"
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL / Qwen2.5-VL chat template (same rendering as the official snapshot's template).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = """
+You are a helpful assistant. Describe this image in one sentence. What is in the picture?
+A red circle on a blue background. A green square next to a yellow triangle.
+Two small boats on a calm lake at sunset. A cat sleeping on a wooden table near a window.
+A man riding a bicycle down a busy city street. A plate of food with vegetables and rice.
+A group of people standing in a field with kites flying overhead. The quick brown fox jumps
+over the lazy dog. Explain what quantization does to a neural network in simple words.
+Integer arithmetic, eight bit weights, activations, smoothing, calibration, language model.
+The sky is clear and the grass is green. Write a short poem about the sea. How many objects?
+0 1 2 3 4 5 6 7 8 9 . , ! ? : ; ' " ( ) - + = / * % $ # @
+"""
+
+# Small images: 56..112 px sides keep the vision tower cheap on CPU.
+IMAGE_MIN_PIXELS = 28 * 28 * 4
+IMAGE_MAX_PIXELS = 112 * 112
+
+
+def demo_config():
+    """The tiny Qwen2.5-VL config shipped in the package (token ids filled from the tokenizer)."""
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(**json.loads(DEMO_CONFIG_PATH.read_text()))
+
+
+def build_demo_tokenizer():
+    """A byte-level BPE tokenizer with Qwen's special tokens, trained deterministically."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer, PreTrainedTokenizerFast
+
+    vocab_size = json.loads(DEMO_CONFIG_PATH.read_text())["text_config"]["vocab_size"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    fast.chat_template = QWEN_VL_CHAT_TEMPLATE
+    del Qwen2Tokenizer  # imported to fail early if the Qwen tokenizer family is missing
+    return fast
+
+
+def build_demo_processor():
+    """A real `Qwen2_5_VLProcessor` around the demo tokenizer, with small image sizes."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = build_demo_tokenizer()
+    image_processor = Qwen2VLImageProcessor(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS)
+    return Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=QWEN_VL_CHAT_TEMPLATE,
+    )
+
+
+def build_demo_model(dtype: torch.dtype = torch.bfloat16, seed: int = DEMO_SEED):
+    """The tiny Qwen2.5-VL with deterministic random weights (same seed -> same bytes)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = demo_config()
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return model.to(dtype).eval()
+
+
+def write_demo_snapshot(target: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Save the demo model and processor as a snapshot directory, like a downloaded one."""
+    from transformers import GenerationConfig
+
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    model = build_demo_model(dtype)
+    processor = build_demo_processor()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[processor.tokenizer.convert_tokens_to_ids("<|im_end|>")],
+        pad_token_id=processor.tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    (target / "VLMQ_DEMO").write_text("deterministic tiny random Qwen2.5-VL built by vlmq\n")
+    return target
+
+
+def is_demo_snapshot(path: Path) -> bool:
+    return (Path(path) / "VLMQ_DEMO").is_file()

@@ -1,0 +1,81 @@
+"""Per-family facts: where the language model, vision tower and decoder layers live, and which
+norm/linear pairs can absorb SmoothQuant factors. One registry keyed by model_type; an unknown
+architecture is an error, never a silent default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    """Linears that read the same input, and the module whose output that input is."""
+
+    producer: str            # relative to a decoder layer, e.g. "input_layernorm"
+    consumers: tuple[str, ...]  # e.g. ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    kind: str                # "norm" (scale the gain), "linear_rows" (scale output rows), "attn_v" (v_proj rows, GQA)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    language_model: str           # module path of the decoder stack
+    layers: str                   # module path of the decoder layers (a ModuleList)
+    vision: tuple[str, ...]       # module paths kept in bf16 (vision tower incl. merger)
+    keep_bf16: tuple[str, ...]    # other module paths kept in bf16 (embeddings, lm_head)
+    linears: tuple[str, ...]      # quantized linears, relative to a decoder layer
+    smooth_groups: tuple[SmoothGroup, ...] = field(default=())
+    # Checkpoint key prefixes as saved by `save_pretrained` (transformers' legacy layout).
+    ckpt_language_model: str = "model"
+    ckpt_vision: str = "visual"
+
+
+QWEN_LINEARS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+QWEN_SMOOTH_GROUPS = (
+    SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
+    SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "norm"),
+    SmoothGroup("mlp.up_proj", ("mlp.down_proj",), "linear_rows"),
+    SmoothGroup("self_attn.v_proj", ("self_attn.o_proj",), "attn_v"),
+)
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    for model_type in family.model_types:
+        FAMILIES[model_type] = family
+    return family
+
+
+register(Family(
+    name="qwen2_5_vl",
+    model_types=("qwen2_5_vl",),
+    architectures=("Qwen2_5_VLForConditionalGeneration",),
+    language_model="model.language_model",
+    layers="model.language_model.layers",
+    vision=("model.visual",),
+    keep_bf16=("model.language_model.embed_tokens", "lm_head"),
+    linears=QWEN_LINEARS,
+    smooth_groups=QWEN_SMOOTH_GROUPS,
+))
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def family_for(model_type: str | None) -> Family:
+    if model_type not in FAMILIES:
+        supported = ", ".join(sorted(FAMILIES))
+        raise UnsupportedModelError(f"unsupported model_type '{model_type}' (vlmq supports: {supported})")
+    return FAMILIES[model_type]
+
+
+def quantized_linear_names(family: Family, num_layers: int) -> list[str]:
+    """Full module paths of every linear vlmq quantizes, in layer order."""
+    return [f"{family.layers}.{i}.{lin}" for i in range(num_layers) for lin in family.linears]

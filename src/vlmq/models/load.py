@@ -1,0 +1,117 @@
+"""Find, check and load a model snapshot (local dir), or fetch one from a hub.
+
+The config is checked (model_type, architecture, safetensors present) before any weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlmq.models.families import Family, UnsupportedModelError, family_for
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class SnapshotError(ValueError):
+    """A missing, partial or unsupported snapshot (one-line, user-facing)."""
+
+
+@dataclass
+class Snapshot:
+    path: Path
+    config: dict
+    family: Family
+    is_demo: bool
+
+
+def inspect_snapshot(path: Path) -> Snapshot:
+    """Check a snapshot dir without reading weights: config, family, weight files."""
+    from vlmq.models.demo import is_demo_snapshot
+
+    path = Path(path)
+    if not path.is_dir():
+        raise SnapshotError(f"snapshot not found: {path} (download it with `vlmq fetch-model`)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise SnapshotError(f"snapshot is incomplete: {config_file} is missing (re-run `vlmq fetch-model`)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SnapshotError(f"snapshot config is not valid JSON: {config_file}: {err}") from None
+    try:
+        family = family_for(config.get("model_type"))
+    except UnsupportedModelError as err:
+        raise SnapshotError(f"{path}: {err}") from None
+    if not any(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found pickle weights {pickles[0]}; vlmq loads safetensors only)" if pickles else ""
+        raise SnapshotError(f"snapshot has no *.safetensors weights: {path}{hint}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise SnapshotError(f"snapshot is incomplete: {path} lacks {missing[0]} (re-run `vlmq fetch-model`)")
+    return Snapshot(path=path, config=config, family=family, is_demo=is_demo_snapshot(path))
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SnapshotError("device=cuda was asked for but no CUDA device is visible")
+    return device
+
+
+def load_model(snapshot: Snapshot, dtype: str = "bfloat16", device: str = "auto",
+               max_memory: dict[str, str] | None = None, trust_remote_code: bool = False):
+    """Load the VLM in `dtype`: on CPU, one GPU, or sharded over several with device_map."""
+    from transformers import AutoModelForImageTextToText
+
+    device = pick_device(device)
+    kwargs: dict = {"dtype": DTYPES[dtype], "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if device == "cuda":
+        kwargs["device_map"] = "auto" if torch.cuda.device_count() > 1 or max_memory else {"": 0}
+        if max_memory:
+            kwargs["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
+    model = AutoModelForImageTextToText.from_pretrained(snapshot.path, **kwargs)
+    if device == "cpu":
+        model = model.to("cpu")
+    return model.eval()
+
+
+def load_processor(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def fetch_model(repo_id: str, target: Path, source: str = "hf") -> Path:
+    """Download a snapshot (safetensors + processor files) into `target`."""
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py", "*.md"]
+    try:
+        if source == "hf":
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(repo_id=repo_id, local_dir=str(target), allow_patterns=patterns)
+        elif source == "modelscope":
+            try:
+                from modelscope import snapshot_download as ms_download
+            except ImportError:
+                raise SnapshotError("source=modelscope needs `pip install modelscope`") from None
+            ms_download(repo_id, local_dir=str(target), allow_patterns=patterns)
+        else:
+            raise SnapshotError(f"unknown source '{source}' (hf or modelscope)")
+    except SnapshotError:
+        raise
+    except Exception as err:  # network libraries raise many types; all mean "could not download"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SnapshotError(f"could not download {repo_id} from {source} (offline?): {first[:200]}") from None
+    return target

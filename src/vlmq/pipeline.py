@@ -1,0 +1,172 @@
+"""`vlmq quantize` from validated config to exported checkpoint(s) and manifest.
+
+Stages: resolve inputs (cheap checks first) -> load -> calibrate + quantize -> audit -> export.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmq.config import Config
+from vlmq.console import console, library_chatter_to_log, progress_bar
+from vlmq.models.load import Snapshot, inspect_snapshot
+
+log = logging.getLogger(__name__)
+
+DEMO_EXPORT_DIR = "models/vlmq_demo/quantized/w8a8_int8_sq"
+
+
+@dataclass
+class RunContext:
+    cfg: Config
+    run_dir: Path
+    snapshot_dir: Path
+    calib_root: Path
+    export_dir: Path
+    demo: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        log.info("stage %s: start", name)
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - start, 3)
+            log.info("stage %s: %.2fs", name, self.timings[name])
+
+
+def resolve_inputs(cfg: Config, run_dir: Path) -> RunContext:
+    """Decide demo vs real snapshot and where data and outputs live; no heavy work."""
+    snapshot_dir = cfg.resolve_path(cfg.arch.snapshot)
+    demo = cfg.demo == "on" or (
+        cfg.demo == "auto" and not snapshot_dir.exists() and not cfg.overridden("arch.snapshot")
+    )
+    calib_root = cfg.resolve_path(cfg.calib.root)
+    export_dir = cfg.resolve_path(cfg.export.dir)
+    if demo:
+        from vlmq.calib import demo_coco_root
+
+        snapshot_dir = run_dir / "demo_snapshot"
+        if not cfg.overridden("calib.root"):
+            calib_root = demo_coco_root()
+        if not cfg.overridden("export.dir"):
+            export_dir = cfg.resolve_path(DEMO_EXPORT_DIR)
+    return RunContext(cfg, run_dir, snapshot_dir, calib_root, export_dir, demo)
+
+
+def load_calibration_samples(cfg: Config, calib_root: Path) -> tuple[list, Any]:
+    from vlmq.calib import load_coco_captions, load_jsonl
+
+    c = cfg.calib
+    if c.source == "coco2017":
+        return load_coco_captions(calib_root, c.splits, c.num_samples, c.seed, c.instruction, c.min_samples)
+    return load_jsonl(calib_root, None, c.num_samples, c.seed, c.instruction, c.min_samples)
+
+
+def peak_memory() -> dict[str, float]:
+    out = {"cpu_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if torch.cuda.is_available():
+        out["gpu_peak_allocated_gib"] = round(
+            sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30, 3)
+    return out
+
+
+def dir_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob(pattern) if p.is_file())
+
+
+def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """The whole `vlmq quantize` job; returns the manifest body."""
+    from vlmq.calib.batches import make_batches
+    from vlmq.export import EXPORT_ORDER, get_exporter
+    from vlmq.export.atomic import atomic_directory, check_target
+    from vlmq.export.manifest import package_versions, write_manifest
+    from vlmq.models.load import load_model, load_processor
+    from vlmq.quantize.calibrate import audit, forward_all, quantize, resolve_batch_size
+    from vlmq.quantize.recipe import build_modelopt_config
+
+    ctx = resolve_inputs(cfg, run_dir)
+    # Cheap checks first: output target, snapshot config, calibration data; then load weights.
+    check_target(ctx.export_dir, cfg.force)
+    with ctx.stage("prepare"), library_chatter_to_log():
+        samples, stats = load_calibration_samples(cfg, ctx.calib_root)
+        if ctx.demo:
+            from vlmq.models.demo import write_demo_snapshot
+
+            console.print("[yellow]No snapshot found: using the built-in DEMO model "
+                          "(tiny random Qwen2.5-VL) and the demo COCO calibration set.[/yellow]")
+            write_demo_snapshot(ctx.snapshot_dir)
+        snapshot: Snapshot = inspect_snapshot(ctx.snapshot_dir)
+    log.info("calibration: %d samples (%d images), skipped %s", stats.samples, stats.images,
+             stats.skipped_summary())
+
+    with ctx.stage("load"):
+        model = load_model(snapshot, cfg.arch.dtype, cfg.device, cfg.arch.max_memory,
+                           cfg.arch.trust_remote_code)
+        processor = load_processor(snapshot.path, cfg.arch.trust_remote_code)
+    device = next(model.parameters()).device
+    batch_size = resolve_batch_size(cfg.calib.batch_size, device)
+
+    def batches_for(chunk: list) -> list[dict]:
+        return make_batches(processor, chunk, len(chunk), cfg.calib.max_length, stats)
+
+    calib_log = None
+
+    def forward_loop(m: torch.nn.Module) -> None:
+        nonlocal calib_log
+        with progress_bar("calibrating", len(samples)) as advance:
+            calib_log = forward_all(m, samples, batches_for, batch_size, advance)
+
+    with ctx.stage("calibrate_quantize"), library_chatter_to_log():
+        recipe = build_modelopt_config(cfg.quant, snapshot.family)
+        model = quantize(model, recipe, forward_loop)
+    num_layers = len(model.get_submodule(snapshot.family.layers))
+    result_audit = audit(model, snapshot.family, num_layers)
+
+    exports: dict[str, dict] = {}
+    manifest: dict[str, Any] = {}
+    bf16_bytes = dir_bytes(snapshot.path, "*.safetensors")
+    with ctx.stage("export"), library_chatter_to_log(), atomic_directory(ctx.export_dir, cfg.force, needed_bytes=bf16_bytes) as staging:
+        formats = [f for f in EXPORT_ORDER if f in cfg.export.formats]
+        with progress_bar("exporting", len(formats)) as advance:
+            for fmt in formats:
+                started = time.perf_counter()
+                exports[fmt] = get_exporter(fmt)(model, processor, staging / fmt, cfg=cfg, family=snapshot.family,
+                                                 audit=result_audit)
+                exports[fmt]["bytes"] = dir_bytes(staging / fmt, "*.safetensors")
+                exports[fmt]["seconds"] = round(time.perf_counter() - started, 3)
+                advance(1)
+        manifest = {
+            "tool": "vlmq quantize",
+            "command_line": " ".join(sys.argv),
+            "demo": ctx.demo,
+            "snapshot": str(snapshot.path),
+            "config": cfg.to_dict(),
+            "modelopt_recipe": recipe,
+            "versions": package_versions(),
+            "calibration": {**stats.to_dict(), "root": str(ctx.calib_root),
+                            "batch_size": calib_log.__dict__ if calib_log else None},
+            "modules": result_audit.to_dict(),
+            "exports": exports,
+            "sizes": {"bf16_safetensors_bytes": bf16_bytes},
+            "timings_s": dict(ctx.timings),
+            "peak_memory": peak_memory(),
+            "run_dir": str(run_dir),
+            "export_dir": str(ctx.export_dir),
+        }
+        write_manifest(staging, manifest)
+    manifest["timings_s"] = dict(ctx.timings)
+    (run_dir / "manifest.json").write_text((ctx.export_dir / "manifest.json").read_text())
+    return manifest

@@ -1,0 +1,134 @@
+"""How to quantize: run ModelOpt with a forward loop over the full VLM, then audit the result."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmq.models.families import Family, quantized_linear_names
+
+log = logging.getLogger(__name__)
+
+# Without a GPU there is no out-of-memory signal to back off from, so "auto" means this on CPU.
+CPU_AUTO_BATCH = 4
+CUDA_AUTO_BATCH = 64
+
+
+class CalibrationOOMError(RuntimeError):
+    pass
+
+
+class QuantizationAuditError(RuntimeError):
+    pass
+
+
+@dataclass
+class CalibrationLog:
+    batches: int = 0
+    samples: int = 0
+    batch_size_start: int = 0
+    batch_size_final: int = 0
+    oom_backoffs: list[int] = field(default_factory=list)
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+def forward_all(model: nn.Module, samples: Sequence[Any], make_batches: Callable[[Sequence[Any]], list[dict]],
+                batch_size: int, progress: Callable[[int], None] | None = None,
+                record: CalibrationLog | None = None) -> CalibrationLog:
+    """Forward every sample through the full VLM (vision tower -> merger -> LM).
+
+    On CUDA out-of-memory the batch size halves and the failed slice is retried, down to 1.
+    Repeating a sample is harmless: max calibration only keeps running maxima.
+    """
+    record = record or CalibrationLog(batch_size_start=batch_size)
+    device = model_device(model)
+    start = 0
+    while start < len(samples):
+        chunk = samples[start:start + batch_size]
+        try:
+            for batch in make_batches(chunk):
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with torch.no_grad():
+                    model(**batch, use_cache=False)
+                record.batches += 1
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_oom(err):
+                raise
+            if batch_size == 1:
+                raise CalibrationOOMError(
+                    "out of GPU memory at calib.batch_size=1; lower calib.max_length or use more GPUs"
+                ) from None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            batch_size = max(1, batch_size // 2)
+            record.oom_backoffs.append(batch_size)
+            log.warning("CUDA out of memory: retrying with calib.batch_size=%d", batch_size)
+            continue
+        start += len(chunk)
+        record.samples += len(chunk)
+        if progress:
+            progress(len(chunk))
+    record.batch_size_final = batch_size
+    return record
+
+
+def resolve_batch_size(value: str, device: torch.device) -> int:
+    if value != "auto":
+        return int(value)
+    return CUDA_AUTO_BATCH if device.type == "cuda" else CPU_AUTO_BATCH
+
+
+def quantize(model: nn.Module, modelopt_config: dict, forward_loop: Callable[[nn.Module], None]) -> nn.Module:
+    """The one verb: ModelOpt calibration + fake quantization in place."""
+    import modelopt.torch.quantization as mtq
+
+    return mtq.quantize(model, modelopt_config, forward_loop)
+
+
+@dataclass
+class Audit:
+    quantized: list[str]
+    excluded: list[str]     # linears left in bf16, each under a keep-bf16 prefix
+
+    def to_dict(self) -> dict:
+        return {"quantized": self.quantized, "excluded": self.excluded}
+
+
+def _has_enabled_quantizer(module: nn.Module) -> bool:
+    return any(
+        getattr(getattr(module, name, None), "is_enabled", False)
+        for name in ("weight_quantizer", "input_quantizer", "output_quantizer")
+    )
+
+
+def audit(model: nn.Module, family: Family, num_layers: int, exclude: Sequence[str] = ()) -> Audit:
+    """Prove that exactly the LM's decoder linears are quantized and nothing else.
+
+    `exclude` names LM linears deliberately kept in bf16 (sensitivity fallback)."""
+    expected = [n for n in quantized_linear_names(family, num_layers) if n not in set(exclude)]
+    modules = dict(model.named_modules())
+    quantized = [n for n, m in modules.items() if _has_enabled_quantizer(m) and not n.endswith("_quantizer")]
+    missing = sorted(set(expected) - set(quantized))
+    extra = sorted(set(quantized) - set(expected))
+    if missing:
+        raise QuantizationAuditError(f"{len(missing)} language-model linears were not quantized, e.g. {missing[0]}")
+    if extra:
+        raise QuantizationAuditError(f"{len(extra)} modules outside the language model's linears were quantized, "
+                                     f"e.g. {extra[0]}")
+    keep = family.vision + family.keep_bf16
+    excluded = [n for n, m in modules.items()
+                if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv3d)) and n not in quantized
+                and (any(n == p or n.startswith(p + ".") for p in keep) or n in exclude)]
+    return Audit(quantized=expected, excluded=excluded)
