@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from vlmq.calib import CalibStats
 from vlmq.config import Config
 from vlmq.console import console, library_chatter_to_log, progress_bar
 from vlmq.models.load import Snapshot, inspect_snapshot
@@ -75,6 +76,16 @@ def load_calibration_samples(cfg: Config, calib_root: Path) -> tuple[list, Any]:
     return load_jsonl(calib_root, None, c.num_samples, c.seed, c.instruction, c.min_samples)
 
 
+def merge_stats(total: CalibStats, part: CalibStats) -> None:
+    total.samples += part.samples
+    total.images += part.images
+    total.tokens += part.tokens
+    total.truncated += part.truncated
+    for reason, count in part.skipped.items():
+        total.skipped[reason] = total.skipped.get(reason, 0) + count
+    total.skipped_examples.extend(part.skipped_examples[: max(0, 10 - len(total.skipped_examples))])
+
+
 def peak_memory() -> dict[str, float]:
     out = {"cpu_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
     if torch.cuda.is_available():
@@ -119,15 +130,22 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     device = next(model.parameters()).device
     batch_size = resolve_batch_size(cfg.calib.batch_size, device)
 
-    def batches_for(chunk: list) -> list[dict]:
-        return make_batches(processor, chunk, len(chunk), cfg.calib.max_length, stats)
-
     calib_log = None
+    pending: list[CalibStats] = []
+
+    def batches_for(chunk: list) -> list[dict]:
+        # Stats of a chunk count only once its forward pass succeeded (OOM retries re-batch it).
+        pending[:] = [CalibStats(requested=len(chunk))]
+        return make_batches(processor, chunk, len(chunk), cfg.calib.max_length, pending[0])
 
     def forward_loop(m: torch.nn.Module) -> None:
         nonlocal calib_log
+        stats.samples = stats.images = stats.tokens = stats.truncated = 0
         with progress_bar("calibrating", len(samples)) as advance:
-            calib_log = forward_all(m, samples, batches_for, batch_size, advance)
+            def done(n: int) -> None:
+                merge_stats(stats, pending[0])
+                advance(n)
+            calib_log = forward_all(m, samples, batches_for, batch_size, done)
 
     with ctx.stage("calibrate_quantize"), library_chatter_to_log():
         recipe = build_modelopt_config(cfg.quant, snapshot.family)
@@ -144,7 +162,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
             for fmt in formats:
                 started = time.perf_counter()
                 exports[fmt] = get_exporter(fmt)(model, processor, staging / fmt, cfg=cfg, family=snapshot.family,
-                                                 audit=result_audit)
+                                                 audit=result_audit, snapshot=snapshot.path)
                 exports[fmt]["bytes"] = dir_bytes(staging / fmt, "*.safetensors")
                 exports[fmt]["seconds"] = round(time.perf_counter() - started, 3)
                 advance(1)

@@ -74,7 +74,7 @@ def demo_config():
 def build_demo_tokenizer():
     """A byte-level BPE tokenizer with Qwen's special tokens, trained deterministically."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
 
     vocab_size = json.loads(DEMO_CONFIG_PATH.read_text())["text_config"]["vocab_size"]
     tok = Tokenizer(models.BPE())

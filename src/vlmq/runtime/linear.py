@@ -56,9 +56,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "int_mm"
     if name not in _BACKENDS:
-        raise ValueError(
-            f"unknown W8A8 backend {name!r}; available: {available_backends()}"
-        )
+        raise ValueError(f"unknown W8A8 backend {name!r}; available: {available_backends()}")
     return name
 
 
@@ -163,24 +161,16 @@ class W8A8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.backend = backend
         n, k = out_features, in_features
-        self.register_buffer(
-            "weight", torch.zeros(n, k, dtype=torch.int8, device=device)
-        )
-        self.register_buffer(
-            "weight_scale", torch.ones(n, dtype=torch.float32, device=device)
-        )
-        self.register_buffer(
-            "bias", torch.zeros(n, dtype=bias_dtype, device=device) if bias else None
-        )
+        self.register_buffer("weight", torch.zeros(n, k, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(n, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(n, dtype=bias_dtype, device=device) if bias else None)
         self.register_buffer(
             "input_scale",
             torch.ones((), dtype=torch.float32, device=device) if static else None,
         )
         self.register_buffer(
             "pre_quant_scale",
-            torch.ones(k, dtype=torch.float32, device=device)
-            if pre_quant_scale
-            else None,
+            torch.ones(k, dtype=torch.float32, device=device) if pre_quant_scale else None,
         )
 
     # -- construction -------------------------------------------------------
@@ -197,9 +187,7 @@ class W8A8Linear(nn.Module):
     ) -> W8A8Linear:
         """Wrap already-quantized tensors (as found in an exported checkpoint)."""
         if weight.dtype != torch.int8 or weight.dim() != 2:
-            raise ValueError(
-                f"weight must be a 2-D int8 tensor, got {weight.dtype} {tuple(weight.shape)}"
-            )
+            raise ValueError(f"weight must be a 2-D int8 tensor, got {weight.dtype} {tuple(weight.shape)}")
         n, k = weight.shape
         layer = cls(
             k,
@@ -218,9 +206,7 @@ class W8A8Linear(nn.Module):
         if input_scale is not None:
             layer.input_scale.copy_(_as_scalar(input_scale, "input_scale"))
         if pre_quant_scale is not None:
-            layer.pre_quant_scale.copy_(
-                _as_vector(pre_quant_scale, k, "pre_quant_scale")
-            )
+            layer.pre_quant_scale.copy_(_as_vector(pre_quant_scale, k, "pre_quant_scale"))
         return layer
 
     @classmethod
@@ -240,9 +226,7 @@ class W8A8Linear(nn.Module):
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls.from_quantized(w_q, w_s, bias, input_scale, pre_quant_scale, backend)
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
-    ):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # type: ignore[no-untyped-def]
         n, k = self.out_features, self.in_features
         key = prefix + "weight_scale"
         if key in state_dict:
@@ -263,9 +247,7 @@ class W8A8Linear(nn.Module):
             state_dict[key] = t
             if getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(t, device=self.weight.device))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing, unexpected, errors
-        )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     # -- forward ------------------------------------------------------------
 
@@ -282,9 +264,7 @@ class W8A8Linear(nn.Module):
             return quantize_static(xf, self.input_scale), self.input_scale.float()
         return quantize_per_token(xf)
 
-    def dequantize(
-        self, acc: Tensor, x_scale: Tensor, out_dtype: torch.dtype
-    ) -> Tensor:
+    def dequantize(self, acc: Tensor, x_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
         x_s = x_scale.reshape(-1, 1) if x_scale.dim() else x_scale
         y = acc.float() * x_s * self.weight_scale.reshape(1, -1)
         if self.bias is not None:
@@ -293,9 +273,7 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"expected last dim {self.in_features}, got {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected last dim {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
         if x2d.shape[0] == 0:
@@ -330,9 +308,7 @@ def _as_scalar(t: Tensor | float, name: str) -> Tensor:
 # ---------------------------------------------------------------------------
 
 
-def _eager(
-    layer: W8A8Linear, x2d: Tensor, gemm: Callable[[Tensor, Tensor], Tensor]
-) -> Tensor:
+def _eager(layer: W8A8Linear, x2d: Tensor, gemm: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     q, s = layer.quantize_input(x2d)
     return layer.dequantize(gemm(q, layer.weight), s, x2d.dtype)
 

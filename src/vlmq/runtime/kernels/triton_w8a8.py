@@ -1,0 +1,333 @@
+"""Fused W8A8 INT8 GEMM for CUDA (Triton).
+
+One kernel computes ``y = dequant(quant(x * pqs) @ W_q^T) + bias`` with int32 accumulation.
+Activation quantization runs either
+
+* fused in the GEMM prologue (``fused=True``): each program reads its bf16 rows of x
+  twice, once for the per-token amax over all of K, once in the main loop where it
+  scales, rounds and casts to int8 in registers. Cheap when few programs share a row
+  block (decode M, or small N); or
+* in a separate row-quantization kernel (``fused=False``) that reads x once and writes
+  int8 + one fp32 scale per row, followed by the int8 GEMM. Cheaper for large M x N.
+
+Decode shapes use small BLOCK_M with split-K: partial int32 tiles are added atomically
+into a workspace and the last program of a tile (an atomic counter) runs the epilogue
+and resets the workspace, so the result stays exact and deterministic.
+
+The weight stays in its checkpoint layout, [N, K] with K contiguous: int8 tensor-core
+MMAs (wgmma on Hopper) want both operands K-major, so no transposed copy is needed.
+Numerics match ``vlmq.runtime.linear`` exactly up to fp32 epilogue rounding: IEEE
+division (``div_rn``), round-half-to-even, clamp to [-128, 127].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MIN_SCALE = tl.constexpr(1e-10)  # same as vlmq.runtime.linear.MIN_SCALE
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + C) - C rounds half-to-even for |v| < 2**22
+
+# A_MODE values (constexpr)
+A_INT8_ROWSCALE, A_INT8_SCALAR, A_FUSED_DYNAMIC, A_FUSED_STATIC = 0, 1, 2, 3
+
+
+@triton.jit
+def _quantize(x, scale):
+    q = tl.div_rn(x, scale)
+    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+    return ((q + _RNE_MAGIC) - _RNE_MAGIC).to(tl.int8)
+
+
+@triton.jit
+def _quant_rows_kernel(
+    x_ptr, q_ptr, s_ptr, pqs_ptr, static_ptr,
+    K, stride_xm, stride_qm,
+    BLOCK_K: tl.constexpr, STATIC: tl.constexpr, HAS_PQS: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
+    if STATIC:
+        scale = tl.load(static_ptr)
+    else:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+            if HAS_PQS:
+                x = x * tl.load(pqs_ptr + kk, mask=kk < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), 127.0), MIN_SCALE)
+        tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+        if HAS_PQS:
+            x = x * tl.load(pqs_ptr + kk, mask=kk < K, other=0.0)
+        tl.store(q_ptr + row * stride_qm + kk, _quantize(x, scale), mask=kk < K)
+
+
+@triton.jit
+def _load_a(a_ptrs, pqs_ptr, kk, k_lim, a_scale, A_MODE: tl.constexpr,
+            HAS_PQS: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+    else:
+        a = tl.load(a_ptrs, mask=(kk < k_lim)[None, :], other=0)
+    if A_MODE >= 2:
+        a = a.to(tl.float32)
+        if HAS_PQS:
+            a = a * tl.load(pqs_ptr + kk, mask=kk < k_lim, other=0.0)[None, :]
+        if A_MODE == 2:
+            a = _quantize(a, a_scale[:, None])
+        else:
+            a = _quantize(a, a_scale)
+    return a
+
+
+@triton.jit
+def _w8a8_gemm_kernel(
+    a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, pqs_ptr, ws_ptr, lock_ptr,
+    M, N, K, SPLIT_K,
+    stride_am, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, A_MODE: tl.constexpr, HAS_PQS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped tile order: GROUP_M row blocks sweep N together, so W tiles are reused in L2
+    num_in_group = GROUP_M * num_pid_n
+    first_m = (pid // num_in_group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_in_group) % group_m
+    pid_n = (pid % num_in_group) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # wrap out-of-range rows/cols onto valid ones: loads need no M/N masks, stores mask
+    rm_l = (rm % M).to(tl.int64)
+    rn_l = (rn % N).to(tl.int64)
+    a_rows = a_ptr + rm_l[:, None] * stride_am
+    w_cols = w_ptr + rn_l[None, :] * stride_wn
+
+    if A_MODE == 2:
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            if EVEN_K:
+                x = tl.load(a_rows + kk[None, :]).to(tl.float32)
+            else:
+                x = tl.load(a_rows + kk[None, :], mask=(kk < K)[None, :], other=0.0)
+                x = x.to(tl.float32)
+            if HAS_PQS:
+                x = x * tl.load(pqs_ptr + kk, mask=kk < K, other=0.0)[None, :]
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        a_scale = tl.maximum(tl.div_rn(amax, 127.0), MIN_SCALE)
+    elif A_MODE == 0:
+        a_scale = tl.load(a_scale_ptr + rm_l)
+    else:
+        a_scale = tl.load(a_scale_ptr)
+
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = min(K, k_start + k_per_split)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + rk
+        a = _load_a(a_rows + kk[None, :], pqs_ptr, kk, k_end, a_scale, A_MODE, HAS_PQS, EVEN_K)
+        if EVEN_K:
+            w = tl.load(w_cols + kk[:, None])
+        else:
+            w = tl.load(w_cols + kk[:, None], mask=(kk < k_end)[:, None], other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if SPLIT_K > 1:
+        ws_ptrs = ws_ptr + rm[:, None] * N + rn[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()
+        tile = pid_m * num_pid_n + pid_n
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.atomic_xchg(ws_ptrs, tl.zeros_like(acc), mask=mask, sem="relaxed")
+            tl.atomic_xchg(lock_ptr + tile, 0)
+            _epilogue(acc, rm, rn, N, mask, a_scale, w_scale_ptr, bias_ptr, out_ptr,
+                      stride_om, A_MODE, HAS_BIAS, OUT_INT32)  # fmt: skip
+    else:
+        _epilogue(acc, rm, rn, N, mask, a_scale, w_scale_ptr, bias_ptr, out_ptr,
+                  stride_om, A_MODE, HAS_BIAS, OUT_INT32)  # fmt: skip
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, N, mask, a_scale, w_scale_ptr, bias_ptr, out_ptr, stride_om,
+              A_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr):  # fmt: skip
+    out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    if OUT_INT32:
+        tl.store(out_ptrs, acc, mask=mask)
+    else:
+        y = acc.to(tl.float32)
+        if A_MODE == 0 or A_MODE == 2:
+            y = y * a_scale[:, None]
+        else:
+            y = y * a_scale
+        n_ok = rn < N
+        y = y * tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 4
+    fused: bool = True  # quantize activations in the GEMM prologue
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=4096)
+def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
+    """Heuristic config per (M bucket, N, K); tables from benchmarks/bench_w8a8_linear.py."""
+    if m <= 64:
+        bm = max(16, _next_pow2(m))
+        bn = 32 if n <= 4096 else 64
+        bk = 256 if k >= 256 else max(32, _next_pow2(k))
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        split = 1
+        while split < 8 and tiles * split < 132 and k // (bk * split * 2) >= 2:
+            split *= 2
+        return KernelConfig(bm, bn, bk, split, 8, 4, 4, fused=static or m <= 16)
+    if m < 1024:
+        return KernelConfig(64, 128, 128, 1, 8, 4, 4, fused=static)
+    return KernelConfig(128, 256, 128, 1, 8, 8, 3, fused=False)
+
+
+_WORKSPACES: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+
+
+def _workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tensor, Tensor]:
+    """Zeroed int32 split-K accumulators and tile counters; kernels leave them zeroed."""
+    idx = device.index
+    if idx is None:
+        idx = torch.cuda.current_device() if device.type == "cuda" else 0
+    key = (device.type, idx)
+    ws, locks = _WORKSPACES.get(key, (None, None))
+    if ws is None or ws.numel() < numel or locks.numel() < tiles:
+        ws = torch.zeros(max(numel, 1 << 16), dtype=torch.int32, device=device)
+        locks = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _WORKSPACES[key] = (ws, locks)
+    return ws, locks
+
+
+def quantize_rows(
+    x: Tensor, input_scale: Tensor | None = None, pre_quant_scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> (int8 [M, K], fp32 scale [M], or the static scalar)."""
+    m, k = x.shape
+    x = x if x.stride(1) == 1 else x.contiguous()
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    static = input_scale is not None
+    s = input_scale.float() if static else torch.empty(m, dtype=torch.float32, device=x.device)
+    dummy = s
+    _quant_rows_kernel[(m,)](
+        x, q, s, pre_quant_scale if pre_quant_scale is not None else dummy, s,
+        k, x.stride(0), q.stride(0),
+        BLOCK_K=min(2048, _next_pow2(k)), STATIC=static, HAS_PQS=pre_quant_scale is not None,
+        num_warps=4,
+    )  # fmt: skip
+    return q, s
+
+
+def _launch(
+    a: Tensor, w: Tensor, out: Tensor, a_scale: Tensor, w_scale: Tensor,
+    bias: Tensor | None, pqs: Tensor | None, a_mode: int, out_int32: bool, cfg: KernelConfig,
+) -> None:  # fmt: skip
+    m, k = a.shape
+    n = w.shape[0]
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
+    ws, locks = _workspace(a.device, m * n, tiles) if split > 1 else (out, out)
+    _w8a8_gemm_kernel[(tiles, split)](
+        a, w, out, a_scale, w_scale,
+        bias if bias is not None else w_scale, pqs if pqs is not None else w_scale,
+        ws, locks, m, n, k, split, a.stride(0), w.stride(0), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        A_MODE=a_mode, HAS_PQS=pqs is not None, HAS_BIAS=bias is not None,
+        OUT_INT32=out_int32, EVEN_K=k % cfg.block_k == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def w8a8_linear(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None = None,
+    input_scale: Tensor | None = None,
+    pre_quant_scale: Tensor | None = None,
+    out: Tensor | None = None,
+    config: KernelConfig | None = None,
+) -> Tensor:
+    """``x [M, K]`` (bf16/fp16/fp32) -> ``[M, N]`` in x.dtype; see the module docstring."""
+    if not x.is_cuda and not _interpreting():
+        raise RuntimeError("the Triton W8A8 kernel needs CUDA tensors")
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k or weight.dtype != torch.int8:
+        raise ValueError(f"weight must be int8 [N, {k}], got {weight.dtype} {tuple(weight.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    static = input_scale is not None
+    cfg = config or pick_config(m, n, k, static)
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    if cfg.fused:
+        a_mode = 3 if static else 2
+        a_scale = input_scale.float() if static else weight_scale  # unused when dynamic
+        _launch(x, weight, out, a_scale, weight_scale, bias, pre_quant_scale, a_mode, False, cfg)
+    else:
+        q, s = quantize_rows(x, input_scale, pre_quant_scale)
+        _launch(q, weight, out, s, weight_scale, bias, None, 1 if static else 0, False, cfg)
+    return out
+
+
+def w8a8_int_gemm(a: Tensor, weight: Tensor, config: KernelConfig | None = None) -> Tensor:
+    """Debug/test entry: int8 [M, K] x int8 [N, K] -> exact int32 [M, N] (same main loop)."""
+    m, k = a.shape
+    n = weight.shape[0]
+    cfg = config or dataclasses.replace(pick_config(m, n, k), fused=False)
+    out = torch.empty((m, n), dtype=torch.int32, device=a.device)
+    dummy = torch.ones(max(m, 1), dtype=torch.float32, device=a.device)
+    _launch(a, weight, out, dummy, dummy, None, None, 0, True, cfg)
+    return out
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
