@@ -1,0 +1,304 @@
+"""W8A8 linear vs bf16 cuBLAS on Qwen2.5-VL-3B LM shapes (H100).
+
+Times, for each shape and M, with activation quantization included:
+  bf16     F.linear (cuBLAS)
+  triton   vlmq.runtime.kernels.triton_w8a8.w8a8_linear (config from pick_config)
+  int_mm   the eager chain quantize_per_token -> torch._int_mm -> dequant (W8A8Linear "int_mm")
+
+Each timing captures R calls on R different input/weight sets (R chosen so the weights
+exceed L2) in one CUDA graph and reports the median replay time / R (do_bench), so
+launch overhead and cache reuse stay out; `*_eager` columns time the same loop without
+a graph. `--sweep` instead times candidate kernel configs per shape and M.
+
+  PYTHONPATH=src python benchmarks/bench_w8a8_linear.py --out $OUT/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from vlmq.runtime.kernels.triton_w8a8 import KernelConfig, pick_config, w8a8_linear
+from vlmq.runtime.linear import W8A8Linear
+
+# name: (N, K, has_bias) -- Qwen2.5-VL-3B language model (q/k/v carry a bias)
+SHAPES: dict[str, tuple[int, int, bool]] = {
+    "q_proj": (2048, 2048, True),
+    "k_proj/v_proj": (256, 2048, True),
+    "o_proj": (2048, 2048, False),
+    "gate/up_proj": (11008, 2048, False),
+    "down_proj": (2048, 11008, False),
+    "qkv_fused": (2560, 2048, True),
+    "gate_up_fused": (22016, 2048, False),
+}
+MS = [1, 16, 32, 64, 2048, 4096, 8192]
+L2_BYTES_TARGET = 150e6  # rotate until the weights alone are ~3x the 50 MB L2
+
+
+def n_rot(m: int, n: int, k: int) -> int:
+    return int(min(256, max(2, math.ceil(L2_BYTES_TARGET / (n * k + 2 * m * k)))))
+
+
+def make_sets(m: int, n: int, k: int, bias: bool, r: int, seed: int = 0) -> dict[str, list]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    sets: dict[str, list] = {"x": [], "w_bf16": [], "w_q": [], "w_s": [], "b": []}
+    for _ in range(r):
+        sets["x"].append(torch.randn(m, k, generator=g, device=dev).to(torch.bfloat16))
+        sets["w_bf16"].append((torch.randn(n, k, generator=g, device=dev) * 0.02).to(torch.bfloat16))
+        sets["w_q"].append(torch.randint(-128, 128, (n, k), generator=g, device=dev, dtype=torch.int8))
+        sets["w_s"].append(torch.rand(n, generator=g, device=dev) * 1e-3 + 1e-4)
+        sets["b"].append(torch.randn(n, generator=g, device=dev).to(torch.bfloat16) if bias else None)
+    return sets
+
+
+def time_graph(fn: Callable[[int], Any], r: int, rep: int = 40) -> float:
+    """Median microseconds per call of fn(i), i over r rotating sets, replayed from a graph."""
+    for i in range(r):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        for i in range(r):
+            fn(i)
+    torch.cuda.synchronize()
+    ms = do_bench(graph.replay, warmup=5, rep=rep, return_mode="median")
+    del graph
+    return ms * 1e3 / r
+
+
+def time_eager(fn: Callable[[int], Any], r: int, rep: int = 40) -> float:
+    def loop() -> None:
+        for i in range(r):
+            fn(i)
+
+    return do_bench(loop, warmup=5, rep=rep, return_mode="median") * 1e3 / r
+
+
+def methods(sets: dict[str, list]) -> dict[str, Callable[[int], Any]]:
+    x, wb, wq, ws, b = (sets[k] for k in ("x", "w_bf16", "w_q", "w_s", "b"))
+    chain = []
+    for i in range(len(x)):
+        layer = W8A8Linear.from_quantized(wq[i], ws[i], b[i], backend="int_mm")
+        chain.append(layer)
+    return {
+        "bf16": lambda i: F.linear(x[i], wb[i], b[i]),
+        "triton": lambda i: w8a8_linear(x[i], wq[i], ws[i], b[i]),
+        "int_mm": lambda i: chain[i](x[i]),
+    }
+
+
+def ceilings() -> dict[str, float]:
+    a = torch.empty(1 << 29, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=10, rep=100, return_mode="median")
+    copy_tbs = 2 * a.numel() / (ms * 1e-3) / 1e12
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: x @ y, warmup=10, rep=200, return_mode="median")
+    bf16_tflops = 2 * 8192**3 / (ms * 1e-3) / 1e12
+    xi = torch.randint(-128, 128, (8192, 8192), device="cuda", dtype=torch.int8)
+    yi = torch.randint(-128, 128, (8192, 8192), device="cuda", dtype=torch.int8).t()
+    ms = do_bench(lambda: torch._int_mm(xi, yi), warmup=10, rep=200, return_mode="median")
+    int8_tops = 2 * 8192**3 / (ms * 1e-3) / 1e12
+    return {"copy_TBps": copy_tbs, "bf16_mm_TFLOPs": bf16_tflops, "int8_int_mm_TOPs": int8_tops}
+
+
+# -- sweep -----------------------------------------------------------------------------
+
+
+def candidates(m: int, n: int, k: int) -> list[KernelConfig]:
+    if m <= 64:
+        out = []
+        for bm, bn, bk, fused in itertools.product(
+            sorted({16, max(16, triton.next_power_of_2(m))}), (16, 32, 64, 128), (256, 512), (True, False)
+        ):
+            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+            s0 = 1
+            while tiles * s0 < 132 and s0 < 16:
+                s0 *= 2
+            for split in sorted({1, s0, 2 * s0}):
+                if k // bk >= split:
+                    stages = max(2, min(5, (160 * 1024) // (bk * (bm + bn))))
+                    out.append(KernelConfig(bm, bn, bk, split, 8, 4, stages, fused))
+        return out
+    base = [
+        (128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3),
+        (128, 256, 64, 8, 4), (64, 256, 128, 4, 4), (128, 128, 64, 4, 5), (64, 128, 128, 4, 4),
+    ]  # fmt: skip
+    return [
+        KernelConfig(bm, bn, bk, 1, 8, w, s, fused)
+        for (bm, bn, bk, w, s), fused in itertools.product(base, (False, True))
+    ]
+
+
+def _warm_items(items: list[tuple]) -> int:
+    """Worker: compile (into Triton's disk cache) every (m, n, k, bias, cfg) once."""
+    done = 0
+    for m, n, k, bias, cfg in items:
+        try:
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            wq = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8)
+            ws = torch.rand(n, device="cuda")
+            b = torch.randn(n, device="cuda").to(torch.bfloat16) if bias else None
+            w8a8_linear(x, wq, ws, b, config=cfg)
+            done += 1
+        except Exception as e:  # noqa: BLE001 - reported, the sweep skips this config
+            print(f"compile failed {cfg}: {e!r}"[:300], file=sys.stderr)
+    torch.cuda.synchronize()
+    return done
+
+
+def precompile(items: list[tuple], jobs: int) -> None:
+    # One representative per compile key: M==1 and K divisibility change specialization.
+    keyed = {
+        (m == 1, k, bias, dataclasses.replace(cfg, split_k=min(cfg.split_k, 2))): (m, min(n, 2048), k, bias, cfg)
+        for m, n, k, bias, cfg in items
+    }
+    work = list(keyed.values())
+    t0 = time.time()
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=ctx) as ex:
+        n_ok = sum(ex.map(_warm_items, [work[i::jobs] for i in range(jobs)]))
+    print(f"precompiled {n_ok}/{len(work)} variants in {time.time() - t0:.0f}s", flush=True)
+
+
+def run_sweep(shapes: dict, ms: list[int], jobs: int, rep: int) -> list[dict]:
+    items = [
+        (m, n, k, False, c) for (n, k, _), m in itertools.product(shapes.values(), ms) for c in candidates(m, n, k)
+    ]
+    precompile(items, jobs)
+    return [_sweep_one(name, n, k, m, rep) for name, (n, k, _) in shapes.items() for m in ms]
+
+
+def _sweep_one(name: str, n: int, k: int, m: int, rep: int) -> dict:
+    r = n_rot(m, n, k)
+    sets = make_sets(m, n, k, False, r)
+    x, wb, wq, ws = sets["x"], sets["w_bf16"], sets["w_q"], sets["w_s"]
+    t_bf16 = time_graph(lambda i: F.linear(x[i], wb[i]), r, rep)
+    res = []
+    for cfg in candidates(m, n, k):
+        try:
+            t = time_graph(lambda i, c=cfg: w8a8_linear(x[i], wq[i], ws[i], config=c), r, rep)
+        except Exception as e:  # noqa: BLE001 - report and skip a failing config
+            print(f"  {name} M={m} {cfg} failed: {e!r}"[:200], flush=True)
+            continue
+        res.append((t, cfg))
+    res.sort(key=lambda tc: tc[0])
+    best_t, best_c = res[0]
+    print(
+        f"{name:14s} M={m:5d} bf16 {t_bf16:8.2f}us best {best_t:8.2f}us x{t_bf16 / best_t:.2f} {best_c}"
+        f" | heuristic {pick_config(m, n, k)}",
+        flush=True,
+    )
+    top = [{"us": t, **dataclasses.asdict(c)} for t, c in res[:8]]
+    return {"shape": name, "M": m, "N": n, "K": k, "bf16_us": t_bf16, "top": top}
+
+
+# -- table -------------------------------------------------------------------------------
+
+
+def run_table(shapes: dict, ms: list[int], jobs: int, rep: int, eager: bool) -> list[dict]:
+    items = [(m, n, k, b, pick_config(m, n, k)) for (n, k, b), m in itertools.product(shapes.values(), ms)]
+    if jobs > 1:
+        precompile(items, jobs)
+    rows = []
+    for name, (n, k, bias) in shapes.items():
+        for m in ms:
+            r = n_rot(m, n, k)
+            sets = make_sets(m, n, k, bias, r, seed=m)
+            fns = methods(sets)
+            row: dict[str, Any] = {"shape": name, "M": m, "N": n, "K": k, "bias": bias, "R": r}
+            for meth, fn in fns.items():
+                row[f"{meth}_us"] = time_graph(fn, r, rep)
+                if eager and meth != "int_mm":
+                    row[f"{meth}_eager_us"] = time_eager(fn, r, rep)
+            row["triton_x"] = row["bf16_us"] / row["triton_us"]
+            row["int_mm_x"] = row["bf16_us"] / row["int_mm_us"]
+            # bytes a W8A8 call must move: int8 W + bf16 x in + bf16 y out
+            row["triton_GBps"] = (n * k + 2 * m * k + 2 * m * n) / (row["triton_us"] * 1e-6) / 1e9
+            row["triton_TOPs"] = 2 * m * n * k / (row["triton_us"] * 1e-6) / 1e12
+            row["config"] = dataclasses.asdict(pick_config(m, n, k))
+            rows.append(row)
+            print(
+                f"{name:14s} M={m:5d} bf16 {row['bf16_us']:8.2f}  w8a8 {row['triton_us']:8.2f} "
+                f"(x{row['triton_x']:.2f})  int_mm {row['int_mm_us']:8.2f} (x{row['int_mm_x']:.2f})",
+                flush=True,
+            )
+            del sets, fns
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    eager = "bf16_eager_us" in rows[0]
+    hdr = "| shape | M | bf16 us | W8A8 triton us | x bf16 | int_mm chain us | x bf16 | W8A8 GB/s | TOP/s |"
+    if eager:
+        hdr += " eager bf16 / triton us | eager x |"
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for r in rows:
+        line = (
+            f"| {r['shape']} | {r['M']} | {r['bf16_us']:.2f} | {r['triton_us']:.2f} | {r['triton_x']:.2f} | "
+            f"{r['int_mm_us']:.2f} | {r['int_mm_x']:.2f} | {r['triton_GBps']:.0f} | {r['triton_TOPs']:.0f} |"
+        )
+        if eager:
+            line += (
+                f" {r['bf16_eager_us']:.1f} / {r['triton_eager_us']:.1f} |"
+                f" {r['bf16_eager_us'] / r['triton_eager_us']:.2f} |"
+            )
+        print(line)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="JSON output path")
+    ap.add_argument("--sweep", action="store_true", help="time candidate configs instead")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--jobs", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--rep", type=int, default=40, help="do_bench rep (ms) per timing")
+    ap.add_argument("--no-eager", action="store_true")
+    ap.add_argument("--no-ceilings", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_w8a8_linear needs a CUDA GPU")
+    shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
+    ms = [int(v) for v in args.ms.split(",")]
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "argv": sys.argv,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if not args.no_ceilings:
+        meta["ceilings"] = ceilings()
+        print("ceilings:", {k: round(v, 2) for k, v in meta["ceilings"].items()}, flush=True)
+    if args.sweep:
+        rows = run_sweep(shapes, ms, args.jobs, args.rep)
+    else:
+        rows = run_table(shapes, ms, args.jobs, args.rep, eager=not args.no_eager)
+        print_table(rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""GPU tests for the fused Triton W8A8 kernel (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU (Triton W8A8 kernel)", allow_module_level=True)
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+
+from vlmq.runtime.kernels import triton_w8a8 as tk  # noqa: E402
+from vlmq.runtime.kernels.triton_w8a8 import KernelConfig, pick_config, quantize_rows, w8a8_int_gemm, w8a8_linear  # noqa: E402
+from vlmq.runtime.linear import W8A8Linear, quantize_per_token, quantize_static  # noqa: E402
+
+DEV = "cuda"
+# (M, N, K): decode, odd M/N, prefill, LM shapes
+SHAPES = [
+    (1, 2048, 2048),
+    (7, 256, 2048),
+    (16, 2560, 2048),
+    (33, 2048, 11008),
+    (64, 11008, 2048),
+    (300, 333, 200),
+    (2048, 2048, 2048),
+    (2051, 256, 2048),
+    (4096, 2048, 11008),
+]
+FORCED = [
+    KernelConfig(16, 32, 256, 1, fused=True),
+    KernelConfig(16, 64, 256, 8, fused=True),
+    KernelConfig(32, 16, 512, 4, fused=False),
+    KernelConfig(128, 256, 128, 1, 8, 8, 3, fused=False),
+    KernelConfig(128, 128, 128, 1, 8, 4, 4, fused=True),
+]
+
+
+def _gen(*key: int) -> torch.Generator:
+    return torch.Generator(device=DEV).manual_seed(hash(key) % (2**31))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _ref64(x: torch.Tensor, layer: W8A8Linear) -> torch.Tensor:
+    """float64 dequantized reference on the module's own quantized activations."""
+    q, s = layer.quantize_input(x)
+    acc = q.double() @ layer.weight.double().t()
+    s = s.double().reshape(-1, 1) if s.dim() else s.double()
+    y = acc * s * layer.weight_scale.double()[None, :]
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("cfg", [None, *FORCED], ids=lambda c: "auto" if c is None else repr(c)[13:60])
+def test_int32_accumulation_exact(m: int, n: int, k: int, cfg: KernelConfig | None) -> None:
+    g = _gen(m, n, k)
+    for _ in range(2):  # fresh inputs each check; also catches stale split-K workspace
+        a = torch.randint(-128, 128, (m, k), generator=g, device=DEV, dtype=torch.int8)
+        w = torch.randint(-128, 128, (n, k), generator=g, device=DEV, dtype=torch.int8)
+        out = w8a8_int_gemm(a, w, config=cfg)
+        ref = (a.double() @ w.double().t()).long()  # exact: |sum| < 2^53
+        assert torch.equal(out.long(), ref)
+
+
+def test_int32_extreme_values_exact() -> None:
+    k = 11008
+    a = torch.full((17, k), -128, device=DEV, dtype=torch.int8)
+    w = torch.full((40, k), -128, device=DEV, dtype=torch.int8)
+    for cfg in (None, KernelConfig(16, 16, 256, 8, fused=False)):
+        assert (w8a8_int_gemm(a, w, config=cfg) == 128 * 128 * k).all()
+
+
+def test_split_k_workspace_left_zero() -> None:
+    g = _gen(5)
+    a = torch.randint(-128, 128, (5, 2048), generator=g, device=DEV, dtype=torch.int8)
+    w = torch.randint(-128, 128, (2048, 2048), generator=g, device=DEV, dtype=torch.int8)
+    w8a8_int_gemm(a, w, config=KernelConfig(16, 32, 256, 8, fused=False))
+    torch.cuda.synchronize()
+    for ws, locks in tk._WORKSPACES.values():
+        assert not ws.any() and not locks.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_rows_matches_torch_exactly(dtype: torch.dtype) -> None:
+    g = _gen(1)
+    for k in (2048, 11008, 200):
+        x = (torch.randn(37, k, generator=g, device=DEV) * 3).to(dtype)
+        x[3, 5] = 80.0  # outlier
+        x[4] = 0.0  # all-zero row
+        pqs = torch.rand(k, generator=g, device=DEV) + 0.5
+        q, s = quantize_rows(x, None, pqs)
+        q_ref, s_ref = quantize_per_token(x.float() * pqs)
+        assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
+        sc = torch.tensor(0.05, device=DEV)
+        q2, _ = quantize_rows(x, sc, None)
+        assert torch.equal(q2, quantize_static(x.float(), sc))
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("static,smooth,bias", list(itertools.product([False, True], repeat=3)))
+def test_linear_matches_float64_reference(m: int, n: int, k: int, static: bool, smooth: bool, bias: bool) -> None:
+    g = _gen(m, n, k, static, smooth, bias)
+    w_q = torch.randint(-127, 128, (n, k), generator=g, device=DEV, dtype=torch.int8)
+    w_s = torch.rand(n, generator=g, device=DEV) * 1e-3 + 1e-4
+    b = torch.randn(n, generator=g, device=DEV).to(torch.bfloat16) if bias else None
+    pqs = torch.rand(k, generator=g, device=DEV) + 0.5 if smooth else None
+    in_s = 0.04 if static else None
+    layer = W8A8Linear.from_quantized(w_q, w_s, b, in_s, pqs, backend="triton")
+    cfgs = [None, *FORCED] if (m, n) in ((7, 256), (300, 333)) else [None]
+    for cfg in cfgs:
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 4e-3)):
+            x = (torch.randn(m, k, generator=g, device=DEV) * 2).to(dtype)
+            out = torch.full((m, n), float("nan"), device=DEV, dtype=dtype)  # poisoned
+            y = w8a8_linear(x, w_q, w_s, b, layer.input_scale, pqs, out=out, config=cfg)
+            assert y.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
+            ref = _ref64(x, layer)
+            # fp32 out: only fp32 epilogue rounding; bf16 out: bf16 rounding (2^-9)
+            assert _rel(out, ref) < tol, (cfg, dtype)
+
+
+def test_module_backend_and_3d_input() -> None:
+    g = _gen(9)
+    lin = torch.nn.Linear(2048, 256, bias=True, device=DEV)
+    layer = W8A8Linear.from_float(lin)
+    assert layer.backend == "auto"
+    x = torch.randn(2, 9, 2048, generator=g, device=DEV).to(torch.bfloat16)
+    y = layer(x)  # auto -> triton on CUDA
+    layer.backend = "int_mm"
+    y_ref = layer(x)
+    layer.backend = "reference"
+    y_64 = layer(x)
+    assert y.shape == (2, 9, 256) and y.dtype == torch.bfloat16
+    assert _rel(y, y_64) < 4e-3 and _rel(y_ref, y_64) < 4e-3
+    assert _rel(y.float(), lin(x.float())) < 0.1
+
+
+def test_deterministic_and_pick_config_buckets() -> None:
+    g = _gen(10)
+    x = torch.randn(48, 2048, generator=g, device=DEV).to(torch.bfloat16)
+    w_q = torch.randint(-128, 128, (2048, 2048), generator=g, device=DEV, dtype=torch.int8)
+    w_s = torch.rand(2048, generator=g, device=DEV) * 1e-3
+    a = w8a8_linear(x, w_q, w_s)
+    b = w8a8_linear(x, w_q, w_s)
+    assert torch.equal(a, b)
+    assert pick_config(1, 2048, 2048).block_m == 16
+    assert pick_config(8192, 2048, 2048).block_m >= 64
