@@ -72,7 +72,7 @@ class CalibConfig:
 class ExportConfig:
     dir: str = "models/qwen2_5_vl_3b_instruct/quantized/w8a8_int8_sq"
     formats: list[str] = field(default_factory=lambda: ["modelopt_hf", "compressed_tensors"])
-    activations: str = "static"
+    activations: str = "dynamic"
     smooth_o_proj: bool = True
 
 

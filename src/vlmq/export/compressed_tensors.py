@@ -32,10 +32,14 @@ def w8a8_scheme(activations: str, targets: list[str]):
 
 
 def ignore_list(model: nn.Module, family: Family, quantized: list[str]) -> list[str]:
-    """Every Linear not quantized, by its name in the saved checkpoint (vision tower, merger, lm_head)."""
+    """Every Linear not quantized (vision tower, merger, lm_head), by name.
+
+    Loaders match `ignore` against different names: transformers 5 against its in-memory modules
+    (`model.visual.blocks.0.attn.qkv`), vLLM against the checkpoint's (`visual.blocks.0.attn.qkv`,
+    mapped by its own prefix table). Each module is listed under both, so every loader finds it."""
     keep = set(quantized)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in keep]
-    return [to_checkpoint_name(n, family) for n in names]
+    return list(dict.fromkeys([to_checkpoint_name(n, family) for n in names] + names))
 
 
 def to_checkpoint_name(name: str, family: Family) -> str:
@@ -67,10 +71,7 @@ def fold_and_quantize(model: nn.Module, family: Family, act_amax: dict[str, torc
         ignore=ignore_list(model, family, quantized),
         quantization_status=QuantizationStatus.FROZEN,
     )
-    # compressed-tensors matches `ignore` against in-memory names; give it those for applying.
-    apply_cfg = qconfig.model_copy(deep=True)
-    apply_cfg.ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(quantized)]
-    apply_quantization_config(model, apply_cfg)
+    apply_quantization_config(model, qconfig)
     modules = dict(model.named_modules())
     for name in quantized:
         module = modules[name]

@@ -65,6 +65,14 @@ def _col_amax(*linears: nn.Linear) -> torch.Tensor:
     return torch.stack([lin.weight.detach().float().abs().amax(dim=0) for lin in linears]).amax(dim=0).cpu()
 
 
+def shared_factor(act_amax: torch.Tensor, linears: tuple[nn.Linear, ...], alpha: float) -> torch.Tensor:
+    """One factor for linears that read the same input: the mean of their own factors.
+
+    This is how ModelOpt's export re-smooths fused q/k/v and gate/up; measured on the outlier test
+    model it beats one factor from the group's joint weight maxima (docs/BENCHMARKS.md)."""
+    return torch.stack([smoothing_factor(act_amax, _col_amax(lin), alpha) for lin in linears]).mean(dim=0)
+
+
 @torch.no_grad()
 def fold_smoothquant(model: nn.Module, family: Family, act_amax: dict[str, torch.Tensor], alpha: float,
                      smooth_o_proj: bool = True) -> FoldResult:
@@ -82,8 +90,8 @@ def fold_smoothquant(model: nn.Module, family: Family, act_amax: dict[str, torch
         prefix = f"{family.layers}.{i}"
         attn, mlp = layer.self_attn, layer.mlp
         amax = {k: act_amax[f"{prefix}.{k}"] for k in family.linears}
-        s_qkv = smoothing_factor(amax["self_attn.q_proj"], _col_amax(attn.q_proj, attn.k_proj, attn.v_proj), alpha)
-        s_mlp = smoothing_factor(amax["mlp.gate_proj"], _col_amax(mlp.gate_proj, mlp.up_proj), alpha)
+        s_qkv = shared_factor(amax["self_attn.q_proj"], (attn.q_proj, attn.k_proj, attn.v_proj), alpha)
+        s_mlp = shared_factor(amax["mlp.gate_proj"], (mlp.gate_proj, mlp.up_proj), alpha)
         s_down = smoothing_factor(amax["mlp.down_proj"], _col_amax(mlp.down_proj), alpha)
         s_o = None
         if smooth_o_proj:

@@ -34,7 +34,9 @@ def export_modelopt_hf(model: nn.Module, processor, out_dir: Path, **_: object) 
     from modelopt.torch.export import export_hf_checkpoint
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    export_hf_checkpoint(model, export_dir=str(out_dir))
+    # Pass the dtype explicitly: ModelOpt reads config.torch_dtype, which may be a string.
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    export_hf_checkpoint(model, dtype=dtype, export_dir=str(out_dir))
     copy_processor_files(processor, getattr(model, "generation_config", None), out_dir)
     quant = json.loads((out_dir / "hf_quant_config.json").read_text())["quantization"]
     return {"format": "modelopt_hf", "path": out_dir.name, "quant_algo": quant.get("quant_algo"),

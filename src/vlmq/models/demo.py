@@ -146,3 +146,17 @@ def write_demo_snapshot(target: Path, dtype: torch.dtype = torch.bfloat16) -> Pa
 
 def is_demo_snapshot(path: Path) -> bool:
     return (Path(path) / "VLMQ_DEMO").is_file()
+
+
+@torch.no_grad()
+def inject_outliers(model, family_layers: str = "model.language_model.layers", channels: tuple[int, ...] = (3, 17, 42),
+                    factor: float = 80.0):
+    """Scale a few RMSNorm gain channels in every decoder layer, as real LLMs' massive activations do.
+
+    Makes SmoothQuant matter on a random-weight model (plain per-tensor INT8 then loses the small
+    channels to rounding)."""
+    for layer in model.get_submodule(family_layers):
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            idx = torch.tensor([c % norm.weight.numel() for c in channels])
+            norm.weight[idx] *= factor
+    return model

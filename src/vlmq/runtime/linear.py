@@ -2,11 +2,15 @@
 (static per-tensor or dynamic per-token), integer GEMM with int32 accumulation,
 dequantization in the epilogue.
 
-Numerics (shared by every backend, so results agree up to float rounding):
+Numerics (shared by every backend; the Triton kernel reproduces the int8 values bit for bit):
   x' = x * pre_quant_scale                      (fp32; SmoothQuant factor, optional)
   s_x = input_scale            (static)   or   amax(|x'|, -1) / 127 clamped >= MIN_SCALE  (dynamic)
-  q  = clamp(round_half_even(x' / s_x), -128, 127)
+  q  = clamp(round_half_even(x' * (1 / s_x)), -128, 127)
   y  = (q @ W_q^T) [int32] * s_x[:, None] * weight_scale[None, :] + bias     -> x.dtype
+
+Multiplying by the reciprocal scale is what ModelOpt's fake quantizer does
+(``round(x * (127 / amax))``), and it is cheap inside a GEMM prologue. Divisions are IEEE
+(tensor / tensor) so CPU, CUDA and Triton agree.
 
 Backends are registered with ``@register_backend(name)``; a backend maps
 ``(layer, x2d [M, K]) -> y2d [M, N]`` in ``x2d.dtype``.
@@ -71,15 +75,18 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     Returns ``(q int8 same shape as x, scale fp32 of shape x.shape[:-1])``.
     """
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1) / QMAX).clamp_min(MIN_SCALE)
-    q = torch.round(xf / scale.unsqueeze(-1)).clamp_(QMIN, QMAX).to(torch.int8)
+    # a 0-dim tensor on x's device: CUDA turns division by a Python scalar into a
+    # reciprocal multiply, which would differ from the kernel's IEEE division by 1 ulp
+    amax = xf.abs().amax(dim=-1)
+    scale = (amax / amax.new_full((), float(QMAX))).clamp_min(MIN_SCALE)
+    q = torch.round(xf * torch.reciprocal(scale).unsqueeze(-1)).clamp_(QMIN, QMAX).to(torch.int8)
     return q, scale
 
 
 def quantize_static(x: Tensor, scale: Tensor | float) -> Tensor:
     """Symmetric int8 quantization with one per-tensor scale."""
     s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    return torch.round(x.float() / s).clamp_(QMIN, QMAX).to(torch.int8)
+    return torch.round(x.float() * torch.reciprocal(s)).clamp_(QMIN, QMAX).to(torch.int8)
 
 
 def quantize_weight_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:

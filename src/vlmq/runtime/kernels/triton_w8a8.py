@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import torch
 import triton
@@ -38,8 +39,8 @@ A_INT8_ROWSCALE, A_INT8_SCALAR, A_FUSED_DYNAMIC, A_FUSED_STATIC = 0, 1, 2, 3
 
 
 @triton.jit
-def _quantize(x, scale):
-    q = tl.div_rn(x, scale)
+def _quantize(x, inv_scale):
+    q = x * inv_scale
     q = tl.minimum(tl.maximum(q, -128.0), 127.0)
     return ((q + _RNE_MAGIC) - _RNE_MAGIC).to(tl.int8)
 
@@ -49,32 +50,49 @@ def _quant_rows_kernel(
     x_ptr, q_ptr, s_ptr, pqs_ptr, static_ptr,
     K, stride_xm, stride_qm,
     BLOCK_K: tl.constexpr, STATIC: tl.constexpr, HAS_PQS: tl.constexpr,
+    SINGLE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the GEMM may launch now; it waits for our writes
     row = tl.program_id(0).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
-    if STATIC:
-        scale = tl.load(static_ptr)
+    q_row = q_ptr + row * stride_qm
+    if SINGLE:  # whole row in registers: one read of x, no dependent loop iterations
+        x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
+        if HAS_PQS:
+            x = x * tl.load(pqs_ptr + rk, mask=rk < K, other=0.0)
+        if STATIC:
+            inv = tl.div_rn(1.0, tl.load(static_ptr))
+        else:
+            scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), 127.0), MIN_SCALE)
+            tl.store(s_ptr + row, scale)
+            inv = tl.div_rn(1.0, scale)
+        tl.store(q_row + rk, _quantize(x, inv), mask=rk < K)
     else:
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        if STATIC:
+            inv = tl.div_rn(1.0, tl.load(static_ptr))
+        else:
+            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + rk
+                x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+                if HAS_PQS:
+                    x = x * tl.load(pqs_ptr + kk, mask=kk < K, other=0.0)
+                amax = tl.maximum(amax, tl.abs(x))
+            scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), 127.0), MIN_SCALE)
+            tl.store(s_ptr + row, scale)
+            inv = tl.div_rn(1.0, scale)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
             if HAS_PQS:
                 x = x * tl.load(pqs_ptr + kk, mask=kk < K, other=0.0)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), 127.0), MIN_SCALE)
-        tl.store(s_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-        if HAS_PQS:
-            x = x * tl.load(pqs_ptr + kk, mask=kk < K, other=0.0)
-        tl.store(q_ptr + row * stride_qm + kk, _quantize(x, scale), mask=kk < K)
+            tl.store(q_row + kk, _quantize(x, inv), mask=kk < K)
 
 
 @triton.jit
-def _load_a(a_ptrs, pqs_ptr, kk, k_lim, a_scale, A_MODE: tl.constexpr,
+def _load_a(a_ptrs, pqs_ptr, kk, k_lim, a_inv, A_MODE: tl.constexpr,
             HAS_PQS: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
     if EVEN_K:
         a = tl.load(a_ptrs)
@@ -85,9 +103,9 @@ def _load_a(a_ptrs, pqs_ptr, kk, k_lim, a_scale, A_MODE: tl.constexpr,
         if HAS_PQS:
             a = a * tl.load(pqs_ptr + kk, mask=kk < k_lim, other=0.0)[None, :]
         if A_MODE == 2:
-            a = _quantize(a, a_scale[:, None])
+            a = _quantize(a, a_inv[:, None])
         else:
-            a = _quantize(a, a_scale)
+            a = _quantize(a, a_inv)
     return a
 
 
@@ -99,7 +117,10 @@ def _w8a8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, A_MODE: tl.constexpr, HAS_PQS: tl.constexpr,
     HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, EVEN_K: tl.constexpr,
+    AMAX_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # launched early (PDL): wait until the producer's writes are visible
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -120,23 +141,23 @@ def _w8a8_gemm_kernel(
     a_rows = a_ptr + rm_l[:, None] * stride_am
     w_cols = w_ptr + rn_l[None, :] * stride_wn
 
-    if A_MODE == 2:
+    a_inv = 1.0
+    if A_MODE == 2:  # per-token amax over all of K, in wide chunks (few dependent loads)
+        rka = tl.arange(0, AMAX_K)
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            if EVEN_K:
-                x = tl.load(a_rows + kk[None, :]).to(tl.float32)
-            else:
-                x = tl.load(a_rows + kk[None, :], mask=(kk < K)[None, :], other=0.0)
-                x = x.to(tl.float32)
+        for k0 in range(0, K, AMAX_K):
+            kk = k0 + rka
+            x = tl.load(a_rows + kk[None, :], mask=(kk < K)[None, :], other=0.0).to(tl.float32)
             if HAS_PQS:
                 x = x * tl.load(pqs_ptr + kk, mask=kk < K, other=0.0)[None, :]
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         a_scale = tl.maximum(tl.div_rn(amax, 127.0), MIN_SCALE)
+        a_inv = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), a_scale)
     elif A_MODE == 0:
         a_scale = tl.load(a_scale_ptr + rm_l)
     else:
         a_scale = tl.load(a_scale_ptr)
+        a_inv = tl.div_rn(1.0, a_scale)
 
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
@@ -144,7 +165,7 @@ def _w8a8_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
-        a = _load_a(a_rows + kk[None, :], pqs_ptr, kk, k_end, a_scale, A_MODE, HAS_PQS, EVEN_K)
+        a = _load_a(a_rows + kk[None, :], pqs_ptr, kk, k_end, a_inv, A_MODE, HAS_PQS, EVEN_K)
         if EVEN_K:
             w = tl.load(w_cols + kk[:, None])
         else:
@@ -201,7 +222,8 @@ class KernelConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 4
-    fused: bool = True  # quantize activations in the GEMM prologue
+    fused: bool = True  # quantize activations in the GEMM prologue (else a separate row kernel)
+    pdl: bool = False  # unfused only: launch the GEMM early with programmatic dependent launch
 
 
 def _next_pow2(v: int) -> int:
@@ -226,6 +248,7 @@ def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
 
 
 _WORKSPACES: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+_SMEM_BUDGET = 200 * 1024  # H100 allows 227 KB per block; leave room for epilogue scratch
 
 
 def _workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tensor, Tensor]:
@@ -242,8 +265,12 @@ def _workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tensor, Te
     return ws, locks
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def quantize_rows(
-    x: Tensor, input_scale: Tensor | None = None, pre_quant_scale: Tensor | None = None
+    x: Tensor, input_scale: Tensor | None = None, pre_quant_scale: Tensor | None = None, pdl: bool = False
 ) -> tuple[Tensor, Tensor]:
     """x [M, K] -> (int8 [M, K], fp32 scale [M], or the static scalar)."""
     m, k = x.shape
@@ -251,25 +278,34 @@ def quantize_rows(
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     static = input_scale is not None
     s = input_scale.float() if static else torch.empty(m, dtype=torch.float32, device=x.device)
-    dummy = s
+    block = _next_pow2(k)
+    single = block <= 16384
     _quant_rows_kernel[(m,)](
-        x, q, s, pre_quant_scale if pre_quant_scale is not None else dummy, s,
+        x, q, s, pre_quant_scale if pre_quant_scale is not None else s, s,
         k, x.stride(0), q.stride(0),
-        BLOCK_K=min(2048, _next_pow2(k)), STATIC=static, HAS_PQS=pre_quant_scale is not None,
-        num_warps=4,
+        BLOCK_K=block if single else 4096, STATIC=static, HAS_PQS=pre_quant_scale is not None,
+        SINGLE=single, USE_PDL=pdl and not _interpreting(),
+        num_warps=max(4, min(16, block // 1024)) if single else 8,
     )  # fmt: skip
     return q, s
+
+
+def _stages(cfg: KernelConfig, a_bytes: int) -> int:
+    per_stage = cfg.block_k * (cfg.block_m * a_bytes + cfg.block_n)
+    return max(1, min(cfg.num_stages, _SMEM_BUDGET // per_stage))
 
 
 def _launch(
     a: Tensor, w: Tensor, out: Tensor, a_scale: Tensor, w_scale: Tensor,
     bias: Tensor | None, pqs: Tensor | None, a_mode: int, out_int32: bool, cfg: KernelConfig,
+    pdl: bool = False,
 ) -> None:  # fmt: skip
     m, k = a.shape
     n = w.shape[0]
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
     ws, locks = _workspace(a.device, m * n, tiles) if split > 1 else (out, out)
+    extra = {"launch_pdl": True} if pdl else {}
     _w8a8_gemm_kernel[(tiles, split)](
         a, w, out, a_scale, w_scale,
         bias if bias is not None else w_scale, pqs if pqs is not None else w_scale,
@@ -277,7 +313,8 @@ def _launch(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         A_MODE=a_mode, HAS_PQS=pqs is not None, HAS_BIAS=bias is not None,
         OUT_INT32=out_int32, EVEN_K=k % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        AMAX_K=min(_next_pow2(k), max(cfg.block_k, 16384 // cfg.block_m)), USE_PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=_stages(cfg, a.element_size()), **extra,
     )  # fmt: skip
 
 
@@ -307,12 +344,14 @@ def w8a8_linear(
     if m == 0:
         return out
     if cfg.fused:
-        a_mode = 3 if static else 2
+        a_mode = A_FUSED_STATIC if static else A_FUSED_DYNAMIC
         a_scale = input_scale.float() if static else weight_scale  # unused when dynamic
         _launch(x, weight, out, a_scale, weight_scale, bias, pre_quant_scale, a_mode, False, cfg)
     else:
-        q, s = quantize_rows(x, input_scale, pre_quant_scale)
-        _launch(q, weight, out, s, weight_scale, bias, None, 1 if static else 0, False, cfg)
+        pdl = cfg.pdl and not _interpreting()
+        q, s = quantize_rows(x, input_scale, pre_quant_scale, pdl=pdl)
+        a_mode = A_INT8_SCALAR if static else A_INT8_ROWSCALE
+        _launch(q, weight, out, s, weight_scale, bias, None, a_mode, False, cfg, pdl=pdl)
     return out
 
 
@@ -323,11 +362,5 @@ def w8a8_int_gemm(a: Tensor, weight: Tensor, config: KernelConfig | None = None)
     cfg = config or dataclasses.replace(pick_config(m, n, k), fused=False)
     out = torch.empty((m, n), dtype=torch.int32, device=a.device)
     dummy = torch.ones(max(m, 1), dtype=torch.float32, device=a.device)
-    _launch(a, weight, out, dummy, dummy, None, None, 0, True, cfg)
+    _launch(a, weight, out, dummy, dummy, None, None, A_INT8_ROWSCALE, True, cfg)
     return out
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,190 @@
+"""Load an exported W8A8 checkpoint (ModelOpt unified HF or compressed-tensors) into the stock
+transformers model, with `W8A8Linear` in place of the language model's linears.
+
+The format is read from `config.json`'s `quantization_config.quant_method`, never the path.
+A checkpoint whose tensors disagree with its config is refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from vlmq.models.families import Family, UnsupportedModelError, family_for
+from vlmq.runtime.linear import W8A8Linear
+
+FORMATS = {"modelopt": "modelopt_hf", "compressed-tensors": "compressed_tensors"}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is missing, unsupported or inconsistent (one line)."""
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    format: str  # modelopt_hf | compressed_tensors
+    family: Family
+    config: dict
+    activations: str  # static | dynamic
+    quantized: list[str]  # in-memory module names of the W8A8 linears
+    smoothing_scales: bool  # True when linears carry pre_quant_scale (ModelOpt format)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors in {path}")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+    return tensors
+
+
+def to_module_name(ckpt_name: str, family: Family) -> str:
+    """Checkpoint key prefix (transformers' legacy layout) -> in-memory module path."""
+    lm = family.ckpt_language_model + "."
+    if ckpt_name.startswith(lm):
+        return f"{family.language_model}.{ckpt_name[len(lm) :]}"
+    vision = family.ckpt_vision + "."
+    if ckpt_name.startswith(vision):
+        return f"{family.vision[0]}.{ckpt_name[len(vision) :]}"
+    return ckpt_name
+
+
+def inspect_checkpoint(path: Path, tensors: dict[str, torch.Tensor] | None = None) -> CheckpointInfo:
+    """Check format, family and that tensors agree with the config; no model is built."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"not a checkpoint directory (no config.json): {path}")
+    config = json.loads(config_file.read_text())
+    qcfg = config.get("quantization_config") or {}
+    fmt = FORMATS.get(qcfg.get("quant_method"))
+    if fmt is None:
+        raise CheckpointError(
+            f"{path}: quantization_config.quant_method is {qcfg.get('quant_method')!r}; "
+            "expected modelopt or compressed-tensors"
+        )
+    try:
+        family = family_for(config.get("model_type"))
+    except UnsupportedModelError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    tensors = tensors if tensors is not None else read_state_dict(path)
+    int8 = sorted(k[: -len(".weight")] for k, v in tensors.items() if k.endswith(".weight") and v.dtype == torch.int8)
+    if not int8:
+        raise CheckpointError(f"{path}: no int8 weights, but config says it is quantized")
+    vision_int8 = [k for k in int8 if k.startswith(family.ckpt_vision + ".")]
+    if vision_int8:
+        raise CheckpointError(f"{path}: vision tensor {vision_int8[0]}.weight is int8; the vision tower must stay bf16")
+    if fmt == "modelopt_hf":
+        algo = qcfg.get("quant_algo")
+        if algo != "W8A8_SQ_PER_CHANNEL":
+            raise CheckpointError(f"{path}: ModelOpt quant_algo {algo!r} is not W8A8_SQ_PER_CHANNEL")
+        activations, needs = "static", ("weight_scale", "input_scale", "pre_quant_scale")
+    else:
+        groups = list((qcfg.get("config_groups") or {}).values())
+        if len(groups) != 1 or (groups[0].get("weights") or {}).get("num_bits") != 8:
+            raise CheckpointError(f"{path}: expected one int8 W8A8 config group in quantization_config")
+        acts = groups[0].get("input_activations") or {}
+        if acts.get("num_bits") != 8 or acts.get("type") != "int":
+            raise CheckpointError(f"{path}: input activations are not int8 in quantization_config")
+        activations = "dynamic" if acts.get("dynamic") else "static"
+        needs = ("weight_scale", "input_scale") if activations == "static" else ("weight_scale",)
+        if activations == "dynamic":
+            extra = [k for k in int8 if f"{k}.input_scale" in tensors]
+            if extra:
+                raise CheckpointError(f"{path}: {extra[0]}.input_scale present but config says dynamic activations")
+    for name in int8:
+        for suffix in needs:
+            if f"{name}.{suffix}" not in tensors:
+                raise CheckpointError(f"{path}: {name}.{suffix} missing for int8 weight {name}.weight")
+    return CheckpointInfo(
+        path=path,
+        format=fmt,
+        family=family,
+        config=config,
+        activations=activations,
+        quantized=[to_module_name(n, family) for n in int8],
+        smoothing_scales=fmt == "modelopt_hf",
+    )
+
+
+def build_w8a8_model(
+    info: CheckpointInfo,
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    backend: str = "auto",
+) -> nn.Module:
+    """The stock transformers model with W8A8Linear modules, weights loaded from `tensors`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(info.path)
+    config.quantization_config = None
+    with init_empty_weights():
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    state: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        module_key = to_module_name(key, info.family)
+        state[module_key] = value
+    for name in info.quantized:
+        bias = state.pop(f"{name}.bias", None)
+        layer = W8A8Linear.from_quantized(
+            weight=state.pop(f"{name}.weight"),
+            weight_scale=state.pop(f"{name}.weight_scale").float(),
+            bias=bias.to(dtype) if bias is not None else None,
+            input_scale=state.pop(f"{name}.input_scale").float() if info.activations == "static" else None,
+            pre_quant_scale=state.pop(f"{name}.pre_quant_scale").float() if info.smoothing_scales else None,
+            backend=backend,
+        )
+        for stale in ("weight_zero_point", "input_zero_point"):
+            state.pop(f"{name}.{stale}", None)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    filled = tuple(f"{name}." for name in info.quantized)  # W8A8Linear buffers, set above
+    missing = [k for k in missing if not k.endswith("inv_freq") and not k.startswith(filled)]
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(f"{info.path}: tensors do not match the model ({what})")
+    _materialize_buffers(model, config)
+    return model.to(device).eval()
+
+
+def _materialize_buffers(model: nn.Module, config) -> None:
+    """Non-persistent buffers (rotary inv_freq) stay on meta under init_empty_weights: rebuild them."""
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
+            fresh = type(module)(module.config) if hasattr(module, "config") else None
+            if fresh is None:
+                fresh = type(module)(module.dim, module.theta) if hasattr(module, "theta") else None
+            if fresh is None:
+                raise CheckpointError(f"cannot rebuild rotary buffers of {type(module).__name__}")
+            for name, buf in fresh.named_buffers(recurse=False):
+                setattr(module, name, buf)
+
+
+def load_w8a8(path: Path, device: str = "auto", dtype: torch.dtype = torch.bfloat16, backend: str = "auto"):
+    """(model, processor, info) for an exported checkpoint directory."""
+    from transformers import AutoProcessor
+
+    from vlmq.models.load import pick_device
+
+    tensors = read_state_dict(Path(path))
+    info = inspect_checkpoint(Path(path), tensors)
+    model = build_w8a8_model(info, tensors, dtype, pick_device(device), backend)
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor, info
