@@ -22,10 +22,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from vlmq.export.atomic import ExportError
     from vlmq.models.families import UnsupportedModelError
     from vlmq.models.load import SnapshotError
+    from vlmq.calib import ImageRejected
     from vlmq.quantize.calibrate import CalibrationOOMError, QuantizationAuditError
+    from vlmq.runtime.loader import CheckpointError
 
     return (ConfigError, SnapshotError, CalibDataError, ExportError, UnsupportedModelError,
-            CalibrationOOMError, QuantizationAuditError, FileNotFoundError)
+            CalibrationOOMError, QuantizationAuditError, CheckpointError, ImageRejected, FileNotFoundError)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

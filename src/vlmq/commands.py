@@ -1,1 +1,89 @@
-"""Subcommands beyond quantize/fetch-model register here as they land (runtime, check, bench, verify)."""
+"""Subcommands that run or inspect an exported checkpoint: generate, verify."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vlmq.cli import register_command
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", required=True, type=Path, help="an export dir (either format) or a bf16 snapshot")
+    p.add_argument("--image", type=Path, help="an image for an image+text prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--backend", default="auto", help="W8A8 GEMM backend: auto, int_mm, reference, triton")
+    p.add_argument("prompt", help="the user's text")
+
+
+def load_any(model_dir: Path, device: str = "auto", backend: str = "auto"):
+    """(model, processor, label): W8A8 through vlmq.runtime, a bf16 snapshot through transformers."""
+    from vlmq.models.load import inspect_snapshot, load_model, load_processor
+    from vlmq.runtime.loader import CheckpointError, load_w8a8
+
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"not a checkpoint directory (no config.json): {model_dir}")
+    if json.loads(config_file.read_text()).get("quantization_config"):
+        model, processor, info = load_w8a8(model_dir, device, backend=backend)
+        return model, processor, f"W8A8 ({info.format}, {info.activations} activations)"
+    snapshot = inspect_snapshot(model_dir)
+    return load_model(snapshot, device=device), load_processor(model_dir), "bf16"
+
+
+def chat_inputs(processor, prompt: str, image=None) -> dict:
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    return dict(processor(text=[text], images=[image] if image is not None else None, return_tensors="pt"))
+
+
+def generate_text(model, processor, prompt: str, image=None, max_new_tokens: int = 32) -> tuple[str, list[int]]:
+    import torch
+
+    inputs = chat_inputs(processor, prompt, image)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return processor.tokenizer.decode(new_tokens, skip_special_tokens=True), new_tokens
+
+
+@register_command("generate", "generate from a W8A8 checkpoint (or bf16 snapshot) for a quick look")
+def cmd_generate(args: argparse.Namespace) -> int:
+    from vlmq.calib import load_rgb
+
+    image = None
+    if args.image is not None:
+        if not args.image.is_file():
+            raise FileNotFoundError(f"image not found: {args.image}")
+        image = load_rgb(args.image.absolute(), args.image.absolute().parent)
+    model, processor, label = load_any(args.model_dir, args.device, args.backend)
+    text, _ = generate_text(model, processor, args.prompt, image, args.max_new_tokens)
+    print(f"[{label}] {text}")
+    return 0
+
+
+cmd_generate.add_arguments = _generate_args  # type: ignore[attr-defined]
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", type=Path, help="an export root (with manifest.json) or one format's directory")
+
+
+@register_command("verify", "check a checkpoint against its manifest and its own config")
+def cmd_verify(args: argparse.Namespace) -> int:
+    from vlmq.verify import verify_export
+
+    problems, summary = verify_export(args.dir)
+    if problems:
+        print(f"FAIL {args.dir}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+        return 1
+    print(f"OK {args.dir}: {summary}")
+    return 0
+
+
+cmd_verify.add_arguments = _verify_args  # type: ignore[attr-defined]
