@@ -1,0 +1,89 @@
+"""Shared fixtures: run the real `vlmq` CLI as a subprocess, and one demo quantize per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLI_TIMEOUT_S = 300
+
+
+@dataclass
+class CliResult:
+    args: list[str]
+    rc: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+    @property
+    def stdout_lines(self) -> list[str]:
+        return [line for line in self.stdout.splitlines() if line.strip()]
+
+
+def cli_command() -> list[str]:
+    """The installed `vlmq` entry point beside this interpreter, else `python -m vlmq.cli`."""
+    script = Path(sys.executable).parent / "vlmq"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "vlmq.cli"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "200", "NO_COLOR": "1"})
+    env.pop("VLMQ_DEBUG", None)  # it turns internal errors into tracebacks
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = CLI_TIMEOUT_S) -> CliResult:
+    """Run `vlmq <args>` in `cwd` (use a tmp dir so relative default paths never hit the repo)."""
+    start = time.perf_counter()
+    proc = subprocess.run(cli_command() + list(args), cwd=cwd, env=env or cli_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    return CliResult(list(args), proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
+
+
+def describe(result: CliResult) -> str:
+    """Context for assertion messages."""
+    return f"vlmq {' '.join(result.args)} -> rc={result.rc}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+
+
+@dataclass
+class DemoRun:
+    result: CliResult
+    workdir: Path
+    log_root: Path
+    run_dir: Path
+    export_dir: Path
+    manifest: dict[str, Any]
+
+    @property
+    def modelopt_dir(self) -> Path:
+        return self.export_dir / "modelopt_hf"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """`vlmq quantize` on the built-in demo, once per session, in a tmp working directory."""
+    workdir = tmp_path_factory.mktemp("demo_quantize")
+    log_root, export_dir = workdir / "logs", workdir / "export"
+    result = run_cli(["quantize", f"log_root={log_root}", f"export.dir={export_dir}", "run_name=x"], cwd=workdir)
+    assert result.rc == 0, describe(result)
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    return DemoRun(result, workdir, log_root, log_root / "x", export_dir, manifest)
