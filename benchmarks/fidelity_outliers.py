@@ -54,8 +54,14 @@ def export_ct(fake, snapshot: Path, out: Path, alpha: float, activations: str, s
         clean, FAMILY, collect_act_amax(fake, names), names, alpha, activations, smooth_o_proj
     )
     save_compressed(clean, qconfig, out)
-    for name in ("preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja", "video_preprocessor_config.json"):
+    for name in (
+        "preprocessor_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "video_preprocessor_config.json",
+    ):
         if (snapshot / name).is_file():
             shutil.copy(snapshot / name, out / name)
     return AutoModelForImageTextToText.from_pretrained(out, dtype=torch.bfloat16).eval()
