@@ -12,11 +12,13 @@ indices to report, default all). An image request's prompt holds Qwen2.5-VL's
 placeholder ``<|vision_start|><|image_pad|><|vision_end|>`` with a single
 ``<|image_pad|>``: vLLM expands it to the image's token count itself.
 
-OUT.json: ``{"vllm_version", "model", "engine_start_s", "quantization",
-"linear_methods": {module: {"quant_method", "scheme", "weight_dtype"}},
-"log_lines": [quantization/kernel lines], "log_file", "results": [{"name", "prompt_token_ids" (as vLLM expanded them),
-"prompt_logprobs" ([i, token_id, logprob] of the actual token at prompt index i>0),
-"generated_token_ids", "generated_text", "generated_logprobs"}]}``.
+OUT.json: ``{"vllm_version", "torch_version", "model", "engine_start_s", "generate_s",
+"quantization", "dtype", "linear_methods": {module: {"module", "quant_method", "scheme",
+"weight_dtype"}}, "log_lines": [quantization/kernel lines], "log_file" (vLLM's full
+DEBUG log, OUT.vllm.log), "results": [{"name", "image", "prompt_token_ids" (as vLLM
+expanded them), "prompt_logprobs" ([i, token_id, logprob of that actual token given
+ids[:i]] for i >= 1), "generated_token_ids", "generated_text", "generated_logprobs"}]}``.
+Greedy generation (temperature 0), seed 0; logprobs are vLLM's raw (float32) ones.
 """
 
 from __future__ import annotations
