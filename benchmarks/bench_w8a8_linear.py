@@ -33,7 +33,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from vlmq.runtime.kernels.triton_w8a8 import KernelConfig, pick_config, w8a8_linear
+from vlmq.runtime.kernels import triton_w8a8 as tk
+from vlmq.runtime.kernels.triton_w8a8 import KernelConfig, pick_config, quantize_rows, w8a8_linear
 from vlmq.runtime.linear import W8A8Linear
 
 # name: (N, K, has_bias) -- Qwen2.5-VL-3B language model (q/k/v carry a bias)
@@ -126,26 +127,26 @@ def ceilings() -> dict[str, float]:
 def candidates(m: int, n: int, k: int) -> list[KernelConfig]:
     if m <= 64:
         out = []
-        for bm, bn, bk, fused in itertools.product(
-            sorted({16, max(16, triton.next_power_of_2(m))}), (16, 32, 64, 128), (256, 512), (True, False)
-        ):
+        tiles_bn = [(16, 256), (16, 512), (32, 256), (32, 512), (64, 256), (128, 256)]
+        for bm, (bn, bk) in itertools.product(sorted({16, max(16, triton.next_power_of_2(m))}), tiles_bn):
             tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
             s0 = 1
             while tiles * s0 < 132 and s0 < 16:
                 s0 *= 2
-            for split in sorted({1, s0, 2 * s0}):
-                if k // bk >= split:
-                    stages = max(2, min(5, (160 * 1024) // (bk * (bm + bn))))
-                    out.append(KernelConfig(bm, bn, bk, split, 8, 4, stages, fused))
+            for split in sorted({1, s0}):
+                if k // bk < split:
+                    continue
+                stages = max(2, min(5, (160 * 1024) // (bk * (bm + bn))))
+                for fused, pdl in ((True, False), (False, False), (False, True)):
+                    out.append(KernelConfig(bm, bn, bk, split, 8, 4, stages, fused, pdl))
         return out
     base = [
-        (128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3),
-        (128, 256, 64, 8, 4), (64, 256, 128, 4, 4), (128, 128, 64, 4, 5), (64, 128, 128, 4, 4),
+        (128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (256, 128, 128, 8, 4),
+        (128, 128, 128, 4, 4), (128, 128, 64, 4, 5), (256, 128, 64, 8, 4), (128, 256, 64, 8, 5),
+        (128, 128, 256, 8, 3), (64, 256, 128, 4, 4),
     ]  # fmt: skip
-    return [
-        KernelConfig(bm, bn, bk, 1, 8, w, s, fused)
-        for (bm, bn, bk, w, s), fused in itertools.product(base, (False, True))
-    ]
+    out = [KernelConfig(bm, bn, bk, 1, 8, w, st, False) for bm, bn, bk, w, st in base]
+    return out + [KernelConfig(128, 128, 128, 1, 8, 4, 4, True), KernelConfig(128, 256, 128, 1, 8, 8, 3, True)]
 
 
 def _warm_items(items: list[tuple]) -> int:
@@ -192,6 +193,7 @@ def _sweep_one(name: str, n: int, k: int, m: int, rep: int) -> dict:
     sets = make_sets(m, n, k, False, r)
     x, wb, wq, ws = sets["x"], sets["w_bf16"], sets["w_q"], sets["w_s"]
     t_bf16 = time_graph(lambda i: F.linear(x[i], wb[i]), r, rep)
+    t_quant = time_graph(lambda i: quantize_rows(x[i]), r, rep)
     res = []
     for cfg in candidates(m, n, k):
         try:
@@ -202,13 +204,35 @@ def _sweep_one(name: str, n: int, k: int, m: int, rep: int) -> dict:
         res.append((t, cfg))
     res.sort(key=lambda tc: tc[0])
     best_t, best_c = res[0]
+    # the GEMM alone on pre-quantized int8 A, with the best unfused config
+    best_u = next((c for _, c in res if not c.fused), None)
+    t_gemm = None
+    if best_u is not None:
+        qs = [quantize_rows(xi) for xi in x]
+        t_gemm = time_graph(lambda i: _gemm_only(qs[i], wq[i], ws[i], best_u), r, rep)
     print(
-        f"{name:14s} M={m:5d} bf16 {t_bf16:8.2f}us best {best_t:8.2f}us x{t_bf16 / best_t:.2f} {best_c}"
-        f" | heuristic {pick_config(m, n, k)}",
+        f"{name:14s} M={m:5d} bf16 {t_bf16:7.2f} best {best_t:7.2f} x{t_bf16 / best_t:.2f} quant {t_quant:6.2f}"
+        f" gemm {t_gemm or 0:7.2f} | {best_c}",
         flush=True,
     )
-    top = [{"us": t, **dataclasses.asdict(c)} for t, c in res[:8]]
-    return {"shape": name, "M": m, "N": n, "K": k, "bf16_us": t_bf16, "top": top}
+    allr = [{"us": t, **dataclasses.asdict(c)} for t, c in res]
+    return {
+        "shape": name,
+        "M": m,
+        "N": n,
+        "K": k,
+        "bf16_us": t_bf16,
+        "quant_us": t_quant,
+        "gemm_us": t_gemm,
+        "all": allr,
+    }
+
+
+def _gemm_only(q_s: tuple, wq: torch.Tensor, ws: torch.Tensor, cfg: KernelConfig) -> torch.Tensor:
+    q, s = q_s
+    out = torch.empty(q.shape[0], wq.shape[0], dtype=torch.bfloat16, device=q.device)
+    tk._launch(q, wq, out, s, ws, None, None, tk.A_INT8_ROWSCALE, False, cfg)
+    return out
 
 
 # -- table -------------------------------------------------------------------------------

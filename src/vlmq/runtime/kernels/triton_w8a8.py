@@ -232,23 +232,46 @@ def _next_pow2(v: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
-    """Heuristic config per (M bucket, N, K); tables from benchmarks/bench_w8a8_linear.py."""
+    """Config per (M bucket, N, K), from the H100 sweep in benchmarks/bench_w8a8_linear.py
+    (docs/KERNEL_NOTES.md). Prologue-fused quantization lost everywhere there (the in-loop
+    bf16 -> int8 conversion costs more than the separate row kernel), so it stays opt-in."""
+    del static  # same tiles for static and dynamic activation scales
+    pdl = _pdl_supported()
     if m <= 64:
         bm = max(16, _next_pow2(m))
-        bn = 32 if n <= 4096 else 64
-        bk = 256 if k >= 256 else max(32, _next_pow2(k))
-        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        split = 1
-        while split < 8 and tiles * split < 132 and k // (bk * split * 2) >= 2:
-            split *= 2
-        return KernelConfig(bm, bn, bk, split, 8, 4, 4, fused=static or m <= 16)
-    if m < 1024:
-        return KernelConfig(64, 128, 128, 1, 8, 4, 4, fused=static)
-    return KernelConfig(128, 256, 128, 1, 8, 8, 3, fused=False)
+        if k >= 8192:  # down_proj: few N tiles, long K -> split-K keeps all SMs streaming
+            if m <= 16:
+                return KernelConfig(16, 32, 256, 4, 8, 4, 5, False, pdl)
+            return KernelConfig(bm, 16, 512, 1, 8, 4, 4, False, pdl)
+        if n >= 8192:  # gate/up: wide N tiles
+            bn = 128 if n <= 12288 or m == 1 else 64
+            stages = 5 if bn == 64 else (3 if bm == 64 else 4)
+            return KernelConfig(bm, bn, 256, 1, 8, 4, stages, False, pdl)
+        bn = 16 if (n <= 1024 or bm > 16) and n <= 2048 else 32
+        bk = 512 if (bm == 16 and n > 1024) or bm == 64 else 256
+        return KernelConfig(bm, bn, bk, 1, 8, 4, 5 if bm < 64 else 4, False, pdl)
+    if m < 512:
+        return KernelConfig(64, 128, 128, 1, 8, 4, 4, False)
+    if n <= 512:
+        return KernelConfig(128, 128, 128, 1, 8, 4, 4, False)
+    if k >= 8192 and m < 4096:
+        return KernelConfig(128, 256, 128, 1, 8, 8, 3, False)
+    if (n >= 8192 or k >= 8192) and m >= 4096:
+        return KernelConfig(256, 128, 128, 1, 8, 8, 3, False)
+    return KernelConfig(128, 128, 64, 1, 8, 4, 5, False)
+
+
+@functools.lru_cache(maxsize=1)
+def _pdl_supported() -> bool:
+    """Programmatic dependent launch needs Hopper or newer (and real hardware)."""
+    if _interpreting() or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability() >= (9, 0)
 
 
 _WORKSPACES: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
 _SMEM_BUDGET = 200 * 1024  # H100 allows 227 KB per block; leave room for epilogue scratch
+_SMEM_BUDGET_WIDE_A = 160 * 1024  # bf16/fp32 A tiles are converted through extra scratch
 
 
 def _workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tensor, Tensor]:
@@ -292,7 +315,8 @@ def quantize_rows(
 
 def _stages(cfg: KernelConfig, a_bytes: int) -> int:
     per_stage = cfg.block_k * (cfg.block_m * a_bytes + cfg.block_n)
-    return max(1, min(cfg.num_stages, _SMEM_BUDGET // per_stage))
+    budget = _SMEM_BUDGET if a_bytes == 1 else _SMEM_BUDGET_WIDE_A
+    return max(1, min(cfg.num_stages, budget // per_stage))
 
 
 def _launch(
