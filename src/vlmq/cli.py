@@ -17,12 +17,11 @@ log.addHandler(logging.NullHandler())  # errors reach the terminal once, through
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from vlmq.calib import CalibDataError
+    from vlmq.calib import CalibDataError, ImageRejected
     from vlmq.config import ConfigError
     from vlmq.export.atomic import ExportError
     from vlmq.models.families import UnsupportedModelError
     from vlmq.models.load import SnapshotError
-    from vlmq.calib import ImageRejected
     from vlmq.quantize.calibrate import CalibrationOOMError, QuantizationAuditError
     from vlmq.runtime.loader import CheckpointError
 
@@ -47,13 +46,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_fetch_model(args: argparse.Namespace) -> int:
     from vlmq.config import load_config
-    from vlmq.console import console
     from vlmq.models.load import fetch_model, inspect_snapshot
 
     cfg = load_config(list(args.overrides))
     target = cfg.resolve_path(cfg.arch.snapshot)
     repo_id = cfg.arch.hub_id if args.source == "hf" else cfg.arch.modelscope_id
-    console.print(f"downloading {repo_id} from {args.source} into {target}")
+    print(f"downloading {repo_id} from {args.source} into {target}", flush=True)
     fetch_model(repo_id, target, args.source)
     inspect_snapshot(target)
     print(target)
@@ -74,7 +72,8 @@ def register_command(name: str, help_text: str) -> Callable:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import vlmq.commands  # noqa: F401  (registers the other subcommands)
+    import vlmq.bench  # noqa: F401  (these register their subcommands)
+    import vlmq.commands  # noqa: F401
 
     parser = argparse.ArgumentParser(prog="vlmq", description="W8A8 INT8 SmoothQuant for vision-language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,4 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy: subcommands register into vlmq.cli.COMMANDS.
+    from vlmq.cli import main as package_main
+
+    sys.exit(package_main())

@@ -66,6 +66,7 @@ class CalibConfig:
     batch_size: str = "auto"
     max_length: int = 1024
     instruction: str = "Describe this image in one sentence."
+    gpu_memory_fraction: float = 1.0
 
 
 @dataclass
@@ -141,6 +142,8 @@ def _check_values(cfg: Config) -> None:
         (cfg.quant.kv_cache in ("none", "fp8"), f"quant.kv_cache must be none or fp8, got {cfg.quant.kv_cache!r}"),
         (cfg.calib.num_samples >= 1, f"calib.num_samples must be >= 1, got {cfg.calib.num_samples}"),
         (cfg.calib.min_samples >= 1, f"calib.min_samples must be >= 1, got {cfg.calib.min_samples}"),
+        (0.01 <= cfg.calib.gpu_memory_fraction <= 1.0,
+         f"calib.gpu_memory_fraction must be in [0.01, 1], got {cfg.calib.gpu_memory_fraction}"),
         (cfg.calib.max_length >= 16, f"calib.max_length must be >= 16, got {cfg.calib.max_length}"),
         (cfg.calib.batch_size == "auto" or (cfg.calib.batch_size.isdigit() and int(cfg.calib.batch_size) >= 1),
          f"calib.batch_size must be a positive integer or auto, got {cfg.calib.batch_size!r}"),

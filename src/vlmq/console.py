@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -13,7 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(stderr=True, highlight=False)
+# Bound to the terminal's stderr now, so progress bars still show while library_chatter_to_log
+# sends the libraries' own stderr output (tqdm bars, notices) to the log file.
+console = Console(file=sys.stderr, highlight=False)
 
 
 @contextmanager
@@ -94,8 +97,10 @@ def library_chatter_to_log(name: str = "vlmq.lib") -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     logger = logging.getLogger(name)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(_LogWriter(logger)):
+    writer = _LogWriter(logger)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(writer), contextlib.redirect_stderr(writer):
         warnings.simplefilter("always")
         warnings.showwarning = lambda msg, cat, *_a, **_k: logger.warning("%s: %s", cat.__name__, msg)
         yield

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from vlmq.calib import CalibStats
-from vlmq.config import Config
+from vlmq.config import Config, ConfigError
 from vlmq.console import console, library_chatter_to_log, progress_bar
 from vlmq.models.load import Snapshot, inspect_snapshot
 
@@ -51,9 +51,8 @@ class RunContext:
 def resolve_inputs(cfg: Config, run_dir: Path) -> RunContext:
     """Decide demo vs real snapshot and where data and outputs live; no heavy work."""
     snapshot_dir = cfg.resolve_path(cfg.arch.snapshot)
-    demo = cfg.demo == "on" or (
-        cfg.demo == "auto" and not snapshot_dir.exists() and not cfg.overridden("arch.snapshot")
-    )
+    named = cfg.overridden("arch.snapshot") or cfg.overridden("arch") or cfg.overridden("model")
+    demo = cfg.demo == "on" or (cfg.demo == "auto" and not snapshot_dir.exists() and not named)
     calib_root = cfg.resolve_path(cfg.calib.root)
     export_dir = cfg.resolve_path(cfg.export.dir)
     if demo:
@@ -108,6 +107,9 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     from vlmq.quantize.calibrate import audit, forward_all, quantize, resolve_batch_size
     from vlmq.quantize.recipe import build_modelopt_config
 
+    if cfg.arch.quantized:
+        raise ConfigError(f"arch {cfg.arch.name} is a quantized checkpoint; `vlmq quantize` needs a bf16 snapshot "
+                          "(e.g. arch=qwen2_5_vl_3b_instruct.default)")
     ctx = resolve_inputs(cfg, run_dir)
     # Cheap checks first: output target, snapshot config, calibration data; then load weights.
     check_target(ctx.export_dir, cfg.force)
@@ -128,6 +130,9 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
                            cfg.arch.trust_remote_code)
         processor = load_processor(snapshot.path, cfg.arch.trust_remote_code)
     device = next(model.parameters()).device
+    if device.type == "cuda" and cfg.calib.gpu_memory_fraction < 1.0:
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.set_per_process_memory_fraction(cfg.calib.gpu_memory_fraction, index)
     batch_size = resolve_batch_size(cfg.calib.batch_size, device)
 
     calib_log = None
@@ -156,7 +161,8 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     exports: dict[str, dict] = {}
     manifest: dict[str, Any] = {}
     bf16_bytes = dir_bytes(snapshot.path, "*.safetensors")
-    with ctx.stage("export"), library_chatter_to_log(), atomic_directory(ctx.export_dir, cfg.force, needed_bytes=bf16_bytes) as staging:
+    export_ctx = atomic_directory(ctx.export_dir, cfg.force, needed_bytes=bf16_bytes)
+    with ctx.stage("export"), library_chatter_to_log(), export_ctx as staging:
         formats = [f for f in EXPORT_ORDER if f in cfg.export.formats]
         with progress_bar("exporting", len(formats)) as advance:
             for fmt in formats:
@@ -179,7 +185,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
             "modules": result_audit.to_dict(),
             "exports": exports,
             "sizes": {"bf16_safetensors_bytes": bf16_bytes},
-            "timings_s": dict(ctx.timings),
+            "timings_s": {**ctx.timings, "export": round(sum(e["seconds"] for e in exports.values()), 3)},
             "peak_memory": peak_memory(),
             "run_dir": str(run_dir),
             "export_dir": str(ctx.export_dir),

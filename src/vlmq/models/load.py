@@ -113,5 +113,5 @@ def fetch_model(repo_id: str, target: Path, source: str = "hf") -> Path:
         raise
     except Exception as err:  # network libraries raise many types; all mean "could not download"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SnapshotError(f"could not download {repo_id} from {source} (offline?): {first[:200]}") from None
+        raise SnapshotError(f"could not download {repo_id} from {source} (offline?): {first}") from None
     return target
