@@ -71,7 +71,7 @@ def measure_model(model, processor, batches: list[int], new_tokens: int, prompt_
             inputs = {k: v.to(device) for k, v in make_inputs(processor, kind, batch, prompt_tokens,
                                                                 image_size).items()}
 
-            def generate(n: int) -> None:
+            def generate(n: int, inputs: dict = inputs) -> None:
                 model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
             t_prefill = median_time(lambda: generate(1), device, iters=iters)

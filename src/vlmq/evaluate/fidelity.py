@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +69,3 @@ def fake_quant_copy(model: nn.Module, family: Family, quant: QuantConfig, batche
     return modelopt_quantize(copy.deepcopy(model), family, quant, batches, smoothquant)
 
 
-def score(ref_model: nn.Module, models: dict[str, nn.Module | Callable], batches: Sequence[dict]) -> dict[str, Fidelity]:
-    ref = batch_logits(ref_model, batches)
-    return {name: compare_logits(ref, batch_logits(m, batches), batches) for name, m in models.items()}
