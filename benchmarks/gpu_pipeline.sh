@@ -24,6 +24,11 @@ echo "rc=$?" >> "$OUT/quantize.txt"; tail -30 "$OUT/quantize.txt"
 cp $W/export/manifest.json "$OUT/manifest_3b.json" 2>/dev/null
 du -sb $W/export/* | tee "$OUT/export_sizes.txt"
 step verify; $VLMQ verify $W/export | tee "$OUT/verify.txt"
+for backend in ${BACKENDS:-int_mm triton}; do
+  step "bench $backend"
+  $VLMQ bench --baseline $W/snap3b --model-dir $W/export/compressed_tensors --backend $backend \
+    --batch-sizes 1,8 --new-tokens 32 --prompt-tokens 512 --iters 2 --out "$OUT/bench_$backend.json" 2>&1 | tail -14
+done
 if [ "${SKIP_OOM:-0}" != 1 ]; then
   step oom
   $VLMQ quantize arch.snapshot=$W/snap3b calib.root=$W/coco calib.num_samples=128 calib.batch_size=64 \
@@ -31,7 +36,4 @@ if [ "${SKIP_OOM:-0}" != 1 ]; then
     log_root=$OUT/logs run_name=oom_backoff > "$OUT/oom.txt" 2>&1; echo "rc=$?" >> "$OUT/oom.txt"
   $PY -c "import json; m=json.load(open('$W/export_oom/manifest.json')); print(m['calibration']['batch_size'], m['peak_memory'])" | tee -a "$OUT/oom.txt"
 fi
-step bench
-$VLMQ bench --baseline $W/snap3b --model-dir $W/export/compressed_tensors --backend ${BACKEND:-int_mm} \
-  --batch-sizes 1,8 --new-tokens 32 --prompt-tokens 512 --iters 2 --out "$OUT/bench_${BACKEND:-int_mm}.json" 2>&1 | tail -20
 step done
