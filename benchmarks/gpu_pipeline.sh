@@ -32,7 +32,7 @@ done
 if [ "${SKIP_OOM:-0}" != 1 ]; then
   step oom
   $VLMQ quantize arch.snapshot=$W/snap3b calib.root=$W/coco calib.num_samples=128 calib.batch_size=64 \
-    calib.gpu_memory_fraction=${OOM_FRACTION:-0.16} 'export.formats=[modelopt_hf]' export.dir=$W/export_oom \
+    calib.gpu_memory_fraction=${OOM_FRACTION:-0.12} 'export.formats=[modelopt_hf]' export.dir=$W/export_oom \
     log_root=$OUT/logs run_name=oom_backoff > "$OUT/oom.txt" 2>&1; echo "rc=$?" >> "$OUT/oom.txt"
   $PY -c "import json; m=json.load(open('$W/export_oom/manifest.json')); print(m['calibration']['batch_size'], m['peak_memory'])" | tee -a "$OUT/oom.txt"
 fi

@@ -61,7 +61,8 @@ def forward_all(model: nn.Module, samples: Sequence[Any], make_batches: Callable
             for batch in make_batches(chunk):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with torch.no_grad():
-                    model(**batch, use_cache=False)
+                    # lm_head stays bf16 and needs no statistics: skip the full-vocabulary logits
+                    model(**batch, use_cache=False, logits_to_keep=1)
                 record.batches += 1
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not is_oom(err):
