@@ -59,6 +59,8 @@ TOLERANCES: dict[tuple[str, str], tuple[float, float]] = {
     ("tiny_dynamic", "hf_ct"): (0.30, 0.08),
     ("vlmq_demo_static", "int8"): (0.03, 0.01),
     ("vlmq_demo_static", "hf_ct"): (0.03, 0.012),
+    ("vlmq_demo_dynamic", "int8"): (0.03, 0.01),
+    ("vlmq_demo_dynamic", "hf_ct"): (0.03, 0.012),
 }
 
 pytestmark = pytest.mark.slow
@@ -82,8 +84,8 @@ def vllm_python() -> Path:
     pytest.fail(msg + ", or set VLMQ_SKIP_VLLM=1 to skip this test locally", pytrace=False)
 
 
-def export_with_vlmq(out: Path) -> Path:
-    """`vlmq quantize` on the embedded demo, compressed-tensors only (static activations)."""
+def export_with_vlmq(out: Path, activations: str) -> Path:
+    """`vlmq quantize` on the embedded demo, compressed-tensors only."""
     cmd = [
         sys.executable,
         "-c",
@@ -92,7 +94,7 @@ def export_with_vlmq(out: Path) -> Path:
         "demo=on",
         f"export.dir={out}",
         "export.formats=[compressed_tensors]",
-        "export.activations=static",
+        f"export.activations={activations}",
         f"log_root={out.parent / 'logs'}",
         "force=true",
     ]
@@ -104,13 +106,13 @@ def export_with_vlmq(out: Path) -> Path:
     return out / "compressed_tensors"
 
 
-@pytest.fixture(scope="module", params=["vlmq_demo_static", "tiny_dynamic"])
+@pytest.fixture(scope="module", params=["vlmq_demo_dynamic", "vlmq_demo_static", "tiny_dynamic"])
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """(case, dir) of a W8A8 int-quantized compressed-tensors checkpoint of a tiny Qwen2.5-VL."""
     case: str = request.param
     out = tmp_path_factory.mktemp(case)
-    if case == "vlmq_demo_static":
-        return case, export_with_vlmq(out / "export")
+    if case.startswith("vlmq_demo_"):
+        return case, export_with_vlmq(out / "export", case.rsplit("_", 1)[1])
     _load_maker().write_checkpoint(out, "tiny", seed=0)
     return case, out
 
@@ -150,49 +152,19 @@ def reference_model(ckpt: Path, kind: str = "hf_ct") -> tuple[Any, Any]:
     """The checkpoint in transformers, computing its LM linears one of two ways.
 
     ``hf_ct``: transformers' own compressed-tensors load: int8 weights dequantized to bf16,
-    activations fake-quantized in bf16. ``int8``: each quantized linear replaced by the
-    project runtime's ``vlmq.runtime.W8A8Linear`` built from the checkpoint's int8 weights
-    and fp32 scales: per-token int8 activations, int32 GEMM, fp32 dequant, as vLLM does.
+    activations fake-quantized in bf16. ``int8``: vlmq's own runtime (``load_w8a8``): each
+    quantized linear a ``W8A8Linear`` on the checkpoint's int8 weights and fp32 scales, int8
+    activations, int32 GEMM, fp32 dequant, as vLLM does.
     """
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
     if kind == "int8":
-        swap_in_int8_linears(model, ckpt)
+        from vlmq.runtime.loader import load_w8a8
+
+        model, processor, _ = load_w8a8(ckpt, device="cpu", backend="int_mm")
+        return model, processor
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
     return model, AutoProcessor.from_pretrained(ckpt)
-
-
-def checkpoint_names(name: str) -> list[str]:
-    """In-memory module path -> candidate paths in the saved checkpoint (legacy layout)."""
-    return [name, name.replace("model.language_model.", "model.", 1), name.replace("model.visual.", "visual.", 1)]
-
-
-def swap_in_int8_linears(model: torch.nn.Module, ckpt: Path) -> int:
-    from safetensors.torch import load_file
-
-    from vlmq.runtime import W8A8Linear
-
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    swapped = 0
-    for name, module in list(model.named_modules()):
-        if getattr(module, "quantization_scheme", None) is None:
-            continue
-        ck = next(c for c in checkpoint_names(name) if tensors.get(f"{c}.weight", torch.empty(0)).dtype == torch.int8)
-        input_scale = tensors.get(f"{ck}.input_scale")
-        layer = W8A8Linear.from_quantized(
-            tensors[f"{ck}.weight"],
-            tensors[f"{ck}.weight_scale"].float().flatten(),
-            bias=tensors.get(f"{ck}.bias"),
-            input_scale=None if input_scale is None else input_scale.float().max(),
-            backend="int_mm",
-        )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-        swapped += 1
-    assert swapped, "no quantized linears found"
-    return swapped
 
 
 @torch.no_grad()
