@@ -50,3 +50,49 @@ def token_overlap(a: list[int], b: list[int]) -> float:
         return 1.0
     same = sum(x == y for x, y in zip(a, b, strict=False))
     return same / max(len(a), len(b))
+
+
+def generation_agreement(ref: list[int], test: list[int]) -> dict[str, float | bool]:
+    """Greedy-generation agreement: exact match of the token ids and positional token overlap."""
+    return {"exact_match": list(ref) == list(test), "token_overlap": token_overlap(list(ref), list(test))}
+
+
+def weighted_mean(values: list[float], weights: list[int]) -> float | None:
+    """Mean of `values` weighted by `weights` (e.g. per-sample means by token counts); None when empty."""
+    total = sum(weights)
+    if not values or total == 0:
+        return None
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / total
+
+
+def range_summary(amax: torch.Tensor) -> dict[str, float]:
+    """Per-channel activation maxima of one layer's input -> max, median and their ratio (outlier-ness)."""
+    a = amax.float().flatten()
+    top, med = float(a.max()), float(a.median())
+    return {"max": top, "median": med, "ratio": top / med if med > 0 else math.inf}
+
+
+def _significant(w: torch.Tensor, frac: float) -> torch.Tensor:
+    """Entries at least `frac` of their row's largest magnitude (small ones carry mostly rounding noise)."""
+    a = w.abs()
+    return a >= frac * a.amax(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def column_factors(w_ref: torch.Tensor, w_deq: torch.Tensor, frac: float = 0.3) -> torch.Tensor:
+    """Per-input-channel c with w_deq ~= w_ref / c (columns): recovers a smoothing factor folded into a
+    quantized weight, to within int8 rounding (median of |w_ref / w_deq| over a column's large entries).
+    Columns without large entries get 1."""
+    w_ref, w_deq = w_ref.float(), w_deq.float()
+    keep = _significant(w_ref, frac) & (w_deq != 0)
+    ratio = torch.where(keep, (w_ref / torch.where(keep, w_deq, 1.0)).abs(), torch.nan)
+    c = ratio.nanmedian(dim=0).values
+    return torch.nan_to_num(c, nan=1.0)
+
+
+def row_factors(w_ref: torch.Tensor, w_deq: torch.Tensor, col: torch.Tensor, frac: float = 0.3) -> torch.Tensor:
+    """Per-output-channel r with w_deq ~= diag(r) w_ref diag(1/col): the output-row scaling a producer
+    linear carries when the next linear's smoothing was folded into its rows (e.g. up_proj, v_proj)."""
+    w_ref, w_deq = w_ref.float(), w_deq.float() * col.float()[None, :]
+    keep = _significant(w_ref, frac) & (w_ref != 0)
+    ratio = torch.where(keep, (w_deq / torch.where(keep, w_ref, 1.0)).abs(), torch.nan)
+    return torch.nan_to_num(ratio.nanmedian(dim=1).values, nan=1.0)

@@ -1,0 +1,471 @@
+"""`vlmq check`: the bf16 baseline and the W8A8 checkpoint on the same inputs; metrics, gates, report.
+
+Inputs: the infer preset's text-only prompts, its image+text prompts (on held-out COCO images), and
+held-out COCO captions the calibration never used. Held-out = images outside the calibration
+selection, recomputed from the export manifest (root, splits, num_samples, seed) with the same loader.
+Exit codes: 0 pass (or no gates), 1 checkpoint rejected (verify failed) or a gate failed, 2 user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmq.cli import register_command
+from vlmq.config import Config, ConfigError
+from vlmq.evaluate.metrics import (
+    column_factors,
+    generation_agreement,
+    range_summary,
+    row_factors,
+    sequence_nll,
+    token_kl,
+    top1_agreement,
+    weighted_mean,
+)
+
+log = logging.getLogger(__name__)
+EXIT_GATE_FAILED = 1
+# flag -> (metric in results["metrics"], comparison that passes)
+GATES = {"max_kl": ("kl_mean", "<="), "min_top1": ("top1", ">="), "max_nll_delta": ("nll_delta", "<="),
+         "min_sqnr": ("sqnr_db_min", ">=")}
+
+
+class CheckError(ConfigError):
+    """A `vlmq check` invocation that cannot run (one line, exit code 2)."""
+
+
+@dataclass
+class Case:
+    id: str
+    kind: str                 # text | image | caption
+    prompt: str
+    image: Path | None = None
+    reference: str | None = None   # the held-out caption (kind == caption)
+    held_out: bool | None = None   # whether the image is outside the calibration selection
+
+
+@dataclass
+class Models:
+    baseline: Path
+    w8a8: Path
+    export_root: Path | None
+    manifest: dict[str, Any]
+    demo: bool
+
+
+# ---------------------------------------------------------------- resolution (cheap, before loading)
+
+def resolve_models(cfg: Config, run_dir: Path, model_dir: Path | None, baseline: Path | None) -> Models:
+    from vlmq.models.demo import is_demo_snapshot, write_demo_snapshot
+    from vlmq.pipeline import resolve_inputs
+
+    ctx = resolve_inputs(cfg, run_dir)
+    if model_dir is None:
+        if cfg.arch.quantized:
+            model_dir = cfg.resolve_path(cfg.arch.snapshot)
+        else:
+            found = [ctx.export_dir / f for f in cfg.export.formats if (ctx.export_dir / f / "config.json").is_file()]
+            if not found:
+                raise CheckError(f"no W8A8 checkpoint in {ctx.export_dir}: run `vlmq quantize` first "
+                                 "(or pass --model-dir)")
+            model_dir = found[0]
+    model_dir = Path(model_dir).absolute()
+    if not (model_dir / "config.json").is_file():
+        raise CheckError(f"not a checkpoint directory (no config.json): {model_dir}")
+    root = next((p for p in (model_dir, model_dir.parent) if (p / "manifest.json").is_file()), None)
+    manifest = json.loads((root / "manifest.json").read_text()) if root else {}
+    if baseline is None:
+        recorded = Path(manifest.get("snapshot") or "/nonexistent")
+        if (recorded / "config.json").is_file():
+            baseline = recorded
+        elif ctx.demo or manifest.get("demo"):
+            baseline = write_demo_snapshot(run_dir / "demo_snapshot")  # deterministic: same bytes as quantize's
+        elif not cfg.arch.quantized:
+            baseline = ctx.snapshot_dir
+        else:
+            raise CheckError("no bf16 baseline found: pass --baseline <snapshot dir>")
+    baseline = Path(baseline).absolute()
+    if not (baseline / "config.json").is_file():
+        raise CheckError(f"baseline snapshot not found: {baseline} (pass --baseline or run `vlmq fetch-model`)")
+    if json.loads((baseline / "config.json").read_text()).get("quantization_config"):
+        raise CheckError(f"--baseline {baseline} is a quantized checkpoint; it must be the bf16 snapshot")
+    return Models(baseline, model_dir, root, manifest, is_demo_snapshot(baseline))
+
+
+def calibration_selection(cfg: Config, manifest: dict[str, Any], demo: bool) -> dict[str, Any]:
+    """How the calibration picked its samples: from the export manifest, else from the config."""
+    from vlmq.calib import demo_coco_root
+
+    calib = dict(manifest.get("config", {}).get("calib") or cfg.to_dict()["calib"])
+    root = (manifest.get("calibration") or {}).get("root")
+    if root is None:
+        root = str(demo_coco_root() if demo and not cfg.overridden("calib.root") else cfg.resolve_path(cfg.calib.root))
+    return {"source": calib["source"], "root": root, "splits": list(calib["splits"]),
+            "num_samples": int(calib["num_samples"]), "seed": int(calib["seed"]), "instruction": calib["instruction"]}
+
+
+def select_heldout(sel: dict[str, Any], n: int) -> tuple[list, list, dict[str, Any]]:
+    """(held-out samples, calibration samples, info). Held-out = the next `n` images in the loader's seeded
+    order that are not in the calibration selection (a set difference, so disjoint by construction)."""
+    from vlmq.calib import CalibDataError, load_coco_captions
+
+    info = {**sel, "requested": n, "held_out": 0, "calibration_images": 0, "note": ""}
+    if sel["source"] != "coco2017":
+        info["note"] = f"calibration source {sel['source']} is not COCO: no held-out COCO captions"
+        return [], [], info
+    try:
+        args = (Path(sel["root"]), sel["splits"])
+        calib, _ = load_coco_captions(*args, sel["num_samples"], sel["seed"], sel["instruction"])
+        pool, _ = load_coco_captions(*args, sel["num_samples"] + max(n, 1), sel["seed"], sel["instruction"])
+    except CalibDataError as err:
+        info["note"] = f"no held-out COCO samples: {err}"
+        return [], [], info
+    used = {s.image for s in calib}
+    held = [s for s in pool if s.image not in used][:n]
+    info.update(held_out=len(held), calibration_images=len(calib),
+                prefix_stable=[s.image for s in pool[: len(calib)]] == [s.image for s in calib])
+    if len(held) < n:
+        info["note"] = (f"only {len(held)} of {n} held-out images: the calibration used {len(calib)} of the "
+                        f"images in {sel['root']}" + ("; image prompts reuse calibration images" if not held else ""))
+    return held, calib, info
+
+
+def build_cases(cfg: Config, held: list, calib: list) -> list[Case]:
+    cases = [Case(f"text-{i}", "text", p) for i, p in enumerate(cfg.infer.text_prompts)]
+    pictures = [(s.image, True) for s in held] or [(s.image, False) for s in calib]
+    if cfg.infer.image_prompts and not pictures:
+        log.warning("no COCO images available: image prompts skipped")
+    for i, prompt in enumerate(cfg.infer.image_prompts if pictures else []):
+        image, is_held = pictures[i % len(pictures)]
+        cases.append(Case(f"image-{i}", "image", prompt, image, held_out=is_held))
+    cases += [Case(f"caption-{i}", "caption", s.prompt, s.image, s.answer, True) for i, s in enumerate(held)]
+    return cases
+
+
+# ---------------------------------------------------------------- per-layer probe
+
+def smoothing_transform(ref: nn.Module, test: nn.Module, names: list[str], fmt: str, family) -> tuple[dict, dict]:
+    """(input factor c per linear, output row factor r per producer linear) so that
+    test_linear(x * c) / r ~= ref_linear(x). ModelOpt keeps c inside the layer (pre_quant_scale): no transform.
+    compressed-tensors folds c into the producers: recovered from the weights (metrics.column_factors)."""
+    if fmt == "modelopt_hf":
+        return {}, {}
+    mods_r, mods_t = dict(ref.named_modules()), dict(test.named_modules())
+
+    def deq(name: str) -> torch.Tensor:
+        m = mods_t[name]
+        return m.weight.float().cpu() * m.weight_scale.float().cpu()[:, None]
+
+    cols = {n: column_factors(mods_r[n].weight.float().cpu(), deq(n)) for n in names}
+    rows = {}
+    for group in (g for g in family.smooth_groups if g.kind != "norm"):
+        sibling = next((g for g in family.smooth_groups if g.kind == "norm" and group.producer in g.consumers), None)
+        if sibling is None:
+            continue
+        other = next(c for c in sibling.consumers if c != group.producer)
+        for n in names:
+            if n.endswith("." + group.producer):
+                prefix = n[: -len(group.producer)]
+                cols[n] = cols[prefix + other]
+                rows[n] = row_factors(mods_r[n].weight.float().cpu(), deq(n), cols[n])
+    return cols, rows
+
+
+class LayerProbe:
+    """Hooks the baseline's linears: records per-channel input amax and runs the matching test module on
+    the same input, accumulating the output SQNR (the test layer in isolation, no upstream error)."""
+
+    def __init__(self, ref: nn.Module, test: nn.Module, names: list[str], cols: dict | None = None,
+                 rows: dict | None = None) -> None:
+        self.names, self.cols, self.rows = names, cols or {}, rows or {}
+        self.ref_mods, test_mods = dict(ref.named_modules()), dict(test.named_modules())
+        self.test_mods = {n: test_mods[n] for n in names}
+        self.amax: dict[str, torch.Tensor] = {}
+        self.power = {n: [0.0, 0.0] for n in names}   # [signal, noise]
+        self.handles: list = []
+
+    def _hook(self, name: str):
+        def hook(_mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            x = args[0]
+            a = x.detach().abs().flatten(0, -2).amax(0).float().cpu()
+            self.amax[name] = torch.maximum(self.amax[name], a) if name in self.amax else a
+            test = self.test_mods[name]
+            dev = next(test.buffers(), next(test.parameters(), x)).device
+            xin = x.to(dev)
+            if name in self.cols:
+                xin = (xin.float() * self.cols[name].to(dev)).to(x.dtype)
+            with torch.no_grad():
+                y = test(xin).float()
+            if name in self.rows:
+                y = y / self.rows[name].to(dev)
+            ref_y = out.detach().float().to(dev)
+            self.power[name][0] += float(ref_y.pow(2).sum())
+            self.power[name][1] += float((ref_y - y).pow(2).sum())
+        return hook
+
+    def __enter__(self) -> LayerProbe:
+        self.handles = [self.ref_mods[n].register_forward_hook(self._hook(n)) for n in self.names]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def sqnr(self, name: str) -> float:
+        signal, noise = self.power[name]
+        return float("inf") if noise == 0 else 10 * torch.log10(torch.tensor(signal / noise)).item()
+
+
+# ---------------------------------------------------------------- scoring
+
+def _move(inputs: dict, model: nn.Module) -> dict:
+    dev = next(model.parameters()).device
+    return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def teacher_inputs(processor, case: Case, image, gen_tokens: list[int]) -> tuple[dict, int]:
+    """(inputs of the scored sequence, index of its first target token): caption = the held-out chat with
+    its reference answer; prompt = the prompt followed by the baseline's greedy continuation."""
+    from vlmq.commands import chat_inputs
+
+    prompt = chat_inputs(processor, case.prompt, image)
+    start = prompt["input_ids"].shape[1]
+    if case.kind == "caption":
+        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": case.prompt}]
+        chat = [{"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": case.reference}]}]
+        text = processor.apply_chat_template(chat, tokenize=False).rstrip("\n")
+        full = dict(processor(text=[text], images=[image] if image is not None else None, return_tensors="pt"))
+        if not torch.equal(full["input_ids"][0, :start], prompt["input_ids"][0]):
+            raise RuntimeError(f"{case.id}: the chat with the answer does not extend the prompt's tokens")
+        return full, start
+    extra = torch.tensor([gen_tokens], dtype=prompt["input_ids"].dtype)
+    for key, value in list(prompt.items()):   # per-token tensors: attention_mask, mm_token_type_ids (text = 0)
+        if key != "input_ids" and torch.is_tensor(value) and value.shape == (1, start):
+            fill = torch.ones_like(extra) if key == "attention_mask" else torch.zeros_like(extra)
+            prompt[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
+    prompt["input_ids"] = torch.cat([prompt["input_ids"], extra], dim=1)
+    return prompt, start
+
+
+@torch.no_grad()
+def score_case(ref: nn.Module, test: nn.Module, processor, case: Case, max_new_tokens: int,
+               probe: LayerProbe | None = None) -> dict[str, Any]:
+    from vlmq.calib import load_rgb
+    from vlmq.commands import generate_text
+
+    image = load_rgb(case.image, case.image.parent) if case.image is not None else None
+    ref_text, ref_tokens = generate_text(ref, processor, case.prompt, image, max_new_tokens)
+    test_text, test_tokens = generate_text(test, processor, case.prompt, image, max_new_tokens)
+    inputs, start = teacher_inputs(processor, case, image, ref_tokens)
+    if probe is not None:
+        with probe:
+            ref_logits = ref(**_move(inputs, ref), use_cache=False).logits.float().cpu()
+    else:
+        ref_logits = ref(**_move(inputs, ref), use_cache=False).logits.float().cpu()
+    test_logits = test(**_move(inputs, test), use_cache=False).logits.float().cpu()
+    ids = inputs["input_ids"]
+    mask = ids != getattr(processor, "image_token_id", -1)   # next-token positions outside the image pads
+    kl = token_kl(ref_logits, test_logits, mask).clamp_min(0)  # KL >= 0; negatives are float rounding
+    metrics: dict[str, Any] = {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "tokens": int(mask.sum()),
+                               "top1": top1_agreement(ref_logits, test_logits, mask),
+                               **generation_agreement(ref_tokens, test_tokens)}
+    target = torch.zeros_like(ids, dtype=torch.bool)
+    target[:, start:] = True
+    if case.kind == "caption" and ids.shape[1] - start > 0:
+        metrics.update(nll_baseline=sequence_nll(ref_logits, ids, target),
+                       nll_w8a8=sequence_nll(test_logits, ids, target), nll_tokens=int(ids.shape[1] - start))
+    return {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(case).items()},
+            "baseline": {"text": ref_text, "tokens": ref_tokens}, "w8a8": {"text": test_text, "tokens": test_tokens},
+            "metrics": metrics}
+
+
+def aggregate(samples: list[dict], layers: list[dict]) -> dict[str, Any]:
+    import math
+
+    m = [s["metrics"] for s in samples]
+    tokens = [x["tokens"] for x in m]
+    caps = [x for x in m if "nll_baseline" in x]
+    nll_b = weighted_mean([x["nll_baseline"] for x in caps], [x["nll_tokens"] for x in caps])
+    nll_q = weighted_mean([x["nll_w8a8"] for x in caps], [x["nll_tokens"] for x in caps])
+    finite = [x["sqnr_db"] for x in layers if x["sqnr_db"] is not None]
+    return {
+        "samples": len(m), "tokens": sum(tokens),
+        "kl_mean": weighted_mean([x["kl_mean"] for x in m], tokens),
+        "kl_max": max((x["kl_max"] for x in m), default=None),
+        "top1": weighted_mean([x["top1"] for x in m], tokens),
+        "generation_exact": sum(x["exact_match"] for x in m) / len(m) if m else None,
+        "generation_overlap": sum(x["token_overlap"] for x in m) / len(m) if m else None,
+        "caption_samples": len(caps), "nll_baseline": nll_b, "nll_w8a8": nll_q,
+        "nll_delta": None if nll_b is None else nll_q - nll_b,
+        "ppl_baseline": None if nll_b is None else math.exp(nll_b),
+        "ppl_w8a8": None if nll_q is None else math.exp(nll_q),
+        "ppl_delta": None if nll_b is None else math.exp(nll_q) - math.exp(nll_b),
+        "sqnr_db_mean": sum(finite) / len(finite) if finite else None,
+        "sqnr_db_min": min(finite) if finite else None,
+    }
+
+
+def layer_table(probe: LayerProbe, factors: dict[str, torch.Tensor], source: str) -> list[dict]:
+    out = []
+    for name in probe.names:
+        amax = probe.amax.get(name)
+        sq = probe.sqnr(name)
+        row: dict[str, Any] = {"name": name, "sqnr_db": None if sq == float("inf") else sq, "factor_source": source}
+        if amax is not None:
+            s = factors.get(name)
+            row["amax_before"] = range_summary(amax)
+            row["amax_after"] = range_summary(amax * s.float().cpu()) if s is not None else None
+        out.append(row)
+    return out
+
+
+def apply_gates(metrics: dict[str, Any], thresholds: dict[str, float | None]) -> tuple[list[dict], str]:
+    """Each set threshold -> a gate; a metric that could not be computed fails its gate."""
+    gates = []
+    for flag, limit in thresholds.items():
+        if limit is None:
+            continue
+        key, op = GATES[flag]
+        value = metrics.get(key)
+        passed = value is not None and (value <= limit if op == "<=" else value >= limit)
+        gates.append({"name": flag, "metric": key, "op": op, "threshold": limit, "value": value, "passed": passed})
+    verdict = "ungated" if not gates else ("pass" if all(g["passed"] for g in gates) else "fail")
+    return gates, verdict
+
+
+# ---------------------------------------------------------------- the command
+
+def run_check(cfg: Config, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from vlmq.commands import load_any
+    from vlmq.console import library_chatter_to_log
+    from vlmq.evaluate import lmms
+    from vlmq.export.manifest import package_versions
+    from vlmq.models.families import quantized_linear_names
+    from vlmq.runtime.loader import load_w8a8
+    from vlmq.verify import verify_export
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    models = resolve_models(cfg, run_dir, args.model_dir, args.baseline)
+    tasks = [t for t in (args.lmms_tasks or "").split(",") if t]
+    if tasks:
+        lmms.check_handoff(models.demo)
+    problems, summary = verify_export(models.w8a8)
+    if problems:
+        raise CheckRejected(f"{models.w8a8} failed `vlmq verify`: {problems[0]}")
+    sel = calibration_selection(cfg, models.manifest, models.demo)
+    held, calib, held_info = select_heldout(sel, cfg.infer.heldout_samples)
+    cases = build_cases(cfg, held, calib)
+    timings["prepare"] = round(time.perf_counter() - started, 3)
+
+    t = time.perf_counter()
+    with library_chatter_to_log():
+        ref, processor, ref_kind = load_any(models.baseline, cfg.device, args.backend)
+        test, _, info = load_w8a8(models.w8a8, cfg.device, backend=args.backend)
+    if ref_kind != "bf16":
+        raise CheckError(f"baseline {models.baseline} did not load as a bf16 snapshot ({ref_kind})")
+    timings["load"] = round(time.perf_counter() - t, 3)
+
+    t = time.perf_counter()
+    text_cfg = info.config.get("text_config", info.config)
+    names = [n for n in quantized_linear_names(info.family, text_cfg["num_hidden_layers"]) if n in info.quantized]
+    cols, rows = smoothing_transform(ref, test, names, info.format, info.family)
+    mods = dict(test.named_modules())
+    if info.format == "modelopt_hf":
+        factors = {n: mods[n].pre_quant_scale for n in names if mods[n].pre_quant_scale is not None}
+        source = "pre_quant_scale"
+    else:
+        factors, source = cols, "derived from the folded weights (int8-rounding accurate)"
+    probe = LayerProbe(ref, test, names, cols, rows)
+    samples = []
+    with library_chatter_to_log():
+        for case in cases:
+            samples.append(score_case(ref, test, processor, case, cfg.infer.max_new_tokens, probe))
+            log.info("%s: %s", case.id, samples[-1]["metrics"])
+    layers = layer_table(probe, factors, source)
+    metrics = aggregate(samples, layers)
+    timings["score"] = round(time.perf_counter() - t, 3)
+    device = str(next(test.parameters()).device)
+    del ref, test, probe
+
+    thresholds = {"max_kl": args.max_kl, "min_top1": args.min_top1, "max_nll_delta": args.max_nll_delta,
+                  "min_sqnr": args.min_sqnr}
+    lmms_result = None
+    if tasks:
+        t = time.perf_counter()
+        lmms_result = lmms.run_handoff(tasks, models.baseline, models.w8a8, run_dir / "lmms_eval", cfg.device,
+                                       args.lmms_limit)
+        timings["lmms_eval"] = round(time.perf_counter() - t, 3)
+    gates, verdict = apply_gates(metrics, thresholds)
+    return {
+        "schema_version": 1, "tool": "vlmq check", "label": args.label or run_dir.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command_line": " ".join(sys.argv),
+        "demo": models.demo, "device": device,
+        "baseline": {"path": str(models.baseline), "kind": ref_kind},
+        "model": {"path": str(models.w8a8), "format": info.format, "activations": info.activations,
+                  "quantized_linears": len(info.quantized), "verify": summary},
+        "versions": package_versions(), "config": cfg.to_dict(), "heldout": held_info,
+        "samples": samples, "metrics": metrics, "layers": layers, "gates": gates, "verdict": verdict,
+        "lmms_eval": lmms_result, "manifest": {k: v for k, v in models.manifest.items() if k != "files"},
+        "timings_s": timings, "run_dir": str(run_dir),
+    }
+
+
+class CheckRejected(Exception):
+    """The checkpoint failed `vlmq verify`: exit code 1, no metrics."""
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", type=Path, help="the W8A8 checkpoint (default: the export of this config)")
+    p.add_argument("--baseline", type=Path, help="the bf16 snapshot (default: the one the export was made from)")
+    p.add_argument("--label", help="names the run in the report (baseline / w8a8 / anything)")
+    p.add_argument("--max-kl", type=float, help="gate: mean per-token KL(bf16 || W8A8) in nats must be <= X")
+    p.add_argument("--min-top1", type=float, help="gate: top-1 agreement must be >= Y")
+    p.add_argument("--max-nll-delta", type=float, help="gate: held-out caption NLL delta (W8A8 - bf16) <= Z")
+    p.add_argument("--min-sqnr", type=float, help="gate: the worst layer's output SQNR in dB must be >= S")
+    p.add_argument("--lmms-tasks", help="hand both checkpoints to lmms-eval, e.g. mmmu_val,docvqa_val")
+    p.add_argument("--lmms-limit", type=int, help="lmms-eval --limit (examples per task)")
+    p.add_argument("--backend", default="auto", help="W8A8 GEMM backend: auto, int_mm, reference, triton")
+
+
+@register_command("check", "bf16 vs W8A8 on text and image+text prompts: metrics, gates, HTML+JSON report")
+def cmd_check(args: argparse.Namespace) -> int:
+    from vlmq.config import load_config
+    from vlmq.console import console, make_run_dir, setup_logging
+    from vlmq.evaluate.report import check_summary, write_outputs
+
+    for flag in ("max_kl", "min_top1", "max_nll_delta"):
+        value = getattr(args, flag)
+        if value is not None and (value != value or value < 0):
+            raise CheckError(f"--{flag.replace('_', '-')} must be a number >= 0, got {value}")
+    cfg = load_config(list(args.overrides))
+    run_dir = make_run_dir(cfg.log_root, cfg.run_name)
+    args.log_file = setup_logging(run_dir, "check.log")
+    try:
+        results = run_check(cfg, run_dir, args)
+    except CheckRejected as err:
+        print(f"vlmq: check: REJECTED {err}", file=sys.stderr)
+        return EXIT_GATE_FAILED
+    paths = write_outputs(results, run_dir)
+    console.print(check_summary(results))
+    failed = [g for g in results["gates"] if not g["passed"]]
+    for g in failed:
+        print(f"vlmq: check: gate {g['name']} failed: {g['metric']}={g['value']} (needs {g['op']} {g['threshold']})",
+              file=sys.stderr)
+    print(f"{results['verdict'].upper()} {paths['report']}")
+    return EXIT_GATE_FAILED if failed else 0
+
+
+cmd_check.add_arguments = _check_args  # type: ignore[attr-defined]
