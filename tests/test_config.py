@@ -39,10 +39,10 @@ def test_arch_selects_quantized_checkpoint():
     default = load_config([])
     cfg = load_config(["arch=qwen2_5_vl_3b_instruct.w8a8_int8_sq"])
     assert cfg.arch.quantized is True
-    assert cfg.arch.snapshot == "models/qwen2_5_vl_3b_instruct/quantized/w8a8_int8_sq/modelopt_hf"
+    assert cfg.arch.snapshot == "models/qwen2_5_vl_3b_instruct/quantized/w8a8_int8_sq/compressed_tensors"
     assert cfg.arch.snapshot != default.arch.snapshot
-    # It names the ModelOpt checkpoint that `vlmq quantize` writes under the default export dir.
-    assert cfg.arch.snapshot == f"{default.export.dir}/modelopt_hf"
+    # It names the deployable checkpoint that `vlmq quantize` writes under the default export dir.
+    assert cfg.arch.snapshot == f"{default.export.dir}/compressed_tensors"
     # Other groups are unaffected; the explicit default arch gives the default back.
     assert cfg.quant == default.quant and cfg.calib == default.calib
     assert load_config(["arch=qwen2_5_vl_3b_instruct.default"]).arch == default.arch
@@ -108,3 +108,14 @@ def test_missing_conf_dir_is_config_error(tmp_path, monkeypatch):
     monkeypatch.setenv("VLMQ_CONF_DIR", str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match="config tree not found"):
         load_config([])
+
+
+@pytest.mark.parametrize("model, hub", [("qwen2_5_vl_7b_instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
+                                        ("qwen2_5_vl_72b_instruct", "Qwen/Qwen2.5-VL-72B-Instruct")])
+def test_other_model_sizes_select_their_own_tree(model, hub):
+    cfg = load_config([f"model={model}"])
+    assert cfg.model == model and cfg.arch.name == model and cfg.arch.hub_id == hub
+    assert cfg.export.dir == f"models/{model}/quantized/w8a8_int8_sq"
+    assert cfg.log_root == f"tmp/{cfg.arch.short_name}_w8a8" and "3b" not in cfg.log_root
+    quantized = load_config([f"model={model}", f"arch={model}.w8a8_int8_sq"])
+    assert quantized.arch.quantized and quantized.arch.snapshot == f"{cfg.export.dir}/compressed_tensors"
