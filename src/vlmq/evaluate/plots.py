@@ -26,6 +26,17 @@ def _short(name: str) -> str:
     return parts[-1]
 
 
+def _width(n: int) -> float:
+    return min(24.0, max(6.0, 0.22 * n + 2))
+
+
+def _xticks(ax, names: list[str]) -> None:
+    """Every label up to 60 layers; beyond that every k-th (a 3B model has 252 linears)."""
+    step = max(1, len(names) // 60)
+    ticks = list(range(0, len(names), step))
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=7)
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -38,15 +49,15 @@ def plot_sqnr(layers: list[dict[str, Any]], path: Path) -> Path:
     plt = _pyplot()
     names = [_short(x["name"]) for x in layers]
     values = [SQNR_CAP_DB if x["sqnr_db"] is None else x["sqnr_db"] for x in layers]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(layers) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(_width(len(layers)), 3.6))
     bars = ax.bar(range(len(values)), values, color="#3b7dd8")
     for bar, x in zip(bars, layers, strict=True):
         if x["sqnr_db"] is None:
             bar.set_hatch("//")
             bar.set_color("#999999")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    _xticks(ax, names)
     ax.set_ylabel("output SQNR (dB)")
-    ax.set_title("Per-layer output SQNR of the W8A8 linears (same input as bf16; higher is better)")
+    ax.set_title("Per-layer output SQNR, W8A8 vs bf16 on the same input (higher is better)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -55,7 +66,7 @@ def plot_ranges(layers: list[dict[str, Any]], path: Path) -> Path:
     plt = _pyplot()
     rows = [x for x in layers if x.get("amax_before")]
     names = [_short(x["name"]) for x in rows]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.22 * len(rows) + 2), 5.6), sharex=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(_width(len(rows)), 5.6), sharex=True)
     xs = range(len(rows))
     ax1.plot(xs, [x["amax_before"]["max"] for x in rows], "o-", label="before smoothing (bf16 input)")
     after = [x["amax_after"]["max"] if x.get("amax_after") else float("nan") for x in rows]
@@ -72,19 +83,22 @@ def plot_ranges(layers: list[dict[str, Any]], path: Path) -> Path:
     ax2.set_ylabel("max / median channel amax")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
-    ax2.set_xticks(list(xs), names, rotation=90, fontsize=7)
+    _xticks(ax2, names)
     return _save(fig, path)
 
 
 def plot_kl(samples: list[dict[str, Any]], path: Path) -> Path:
     plt = _pyplot()
     colors = {"text": "#3b7dd8", "image": "#e07b39", "caption": "#4aa564"}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(samples) + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(min(24.0, max(6.0, 0.4 * len(samples) + 2)), 3.4))
     for i, s in enumerate(samples):
         ax.bar(i, s["metrics"]["kl_mean"], color=colors.get(s["kind"], "#777777"),
                label=s["kind"] if s["kind"] not in [x["kind"] for x in samples[:i]] else None)
         ax.plot([i], [s["metrics"]["kl_max"]], "k_", markersize=12)
     ax.set_xticks(range(len(samples)), [s["id"] for s in samples], rotation=60, fontsize=7)
+    top = max((s["metrics"]["kl_max"] for s in samples), default=0.0)
+    if top > 0:
+        ax.set_ylim(0, top * 1.15)
     ax.set_ylabel("KL(bf16 || W8A8), nats/token")
     ax.set_title("KL per sample (bar: mean over tokens, tick: max)")
     ax.legend(fontsize=8)
