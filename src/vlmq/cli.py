@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 log = logging.getLogger("vlmq")
 log.addHandler(logging.NullHandler())  # errors reach the terminal once, through main()
@@ -51,7 +53,7 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
     cfg = load_config(list(args.overrides))
     target = cfg.resolve_path(cfg.arch.snapshot)
     repo_id = cfg.arch.hub_id if args.source == "hf" else cfg.arch.modelscope_id
-    print(f"downloading {repo_id} from {args.source} into {target}", flush=True)
+    print(f"downloading {repo_id} from {args.source} into {target}", file=sys.stderr, flush=True)
     fetch_model(repo_id, target, args.source)
     inspect_snapshot(target)
     print(target)
@@ -92,16 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or `kill`), unwound like Ctrl-C so exports clean up their staging."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     args.log_file = None
     try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        previous = None
+    try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         where = f"; logs in {Path(args.log_file).parent}" if args.log_file else ""
-        print(f"vlmq: interrupted; no partial export was left behind{where}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        log.error("%s by signal", what)
+        print(f"vlmq: {what}; no partial export was left behind{where}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
     except _user_errors() as err:
         log.error("%s", err)
         print(f"vlmq: error: {err}", file=sys.stderr)
@@ -114,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("VLMQ_DEBUG"):
             raise
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

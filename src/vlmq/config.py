@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 CONFIG_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPORT_FORMATS = ("modelopt_hf", "compressed_tensors")
+CALIB_SOURCES = ("coco2017", "jsonl", "text_jsonl")
 DEFAULT_MODEL = "qwen2_5_vl_3b_instruct"  # the model whose files conf/config.yaml's defaults name
 
 
@@ -56,6 +57,15 @@ class QuantConfig:
 
 
 @dataclass
+class CalibMixPart:
+    """One extra calibration source mixed in by ratio (the main `calib.source` gets the rest)."""
+
+    source: str = "text_jsonl"  # coco2017, jsonl or text_jsonl
+    root: str = ""  # COCO root, or the JSONL file
+    ratio: float = 0.2  # share of calib.num_samples, in (0, 1)
+
+
+@dataclass
 class CalibConfig:
     source: str = "coco2017"
     root: str = "data/coco2017"
@@ -67,6 +77,7 @@ class CalibConfig:
     max_length: int = 1024
     instruction: str = "Describe this image in one sentence."
     gpu_memory_fraction: float = 1.0
+    mix: list[CalibMixPart] = field(default_factory=list)
 
 
 @dataclass
@@ -147,8 +158,15 @@ def _check_values(cfg: Config) -> None:
         (cfg.calib.max_length >= 16, f"calib.max_length must be >= 16, got {cfg.calib.max_length}"),
         (cfg.calib.batch_size == "auto" or (cfg.calib.batch_size.isdigit() and int(cfg.calib.batch_size) >= 1),
          f"calib.batch_size must be a positive integer or auto, got {cfg.calib.batch_size!r}"),
-        (cfg.calib.source in ("coco2017", "jsonl", "text_jsonl"),
+        (cfg.calib.source in CALIB_SOURCES,
          f"calib.source must be coco2017, jsonl or text_jsonl, got {cfg.calib.source!r}"),
+        *[(p.source in CALIB_SOURCES, f"calib.mix source must be coco2017, jsonl or text_jsonl, got {p.source!r}")
+          for p in cfg.calib.mix],
+        *[(bool(p.root), f"calib.mix entry for {p.source} needs a root") for p in cfg.calib.mix],
+        *[(0.0 < p.ratio < 1.0, f"calib.mix ratio must be in (0, 1), got {p.ratio}") for p in cfg.calib.mix],
+        (sum(p.ratio for p in cfg.calib.mix) < 1.0,
+         f"calib.mix ratios must sum below 1 (calib.source gets the rest), got "
+         f"{sum(p.ratio for p in cfg.calib.mix):g}"),
         (all(s in ("train2017", "val2017") for s in cfg.calib.splits) and cfg.calib.splits,
          f"calib.splits must be a non-empty subset of [train2017, val2017], got {list(cfg.calib.splits)}"),
         (bool(cfg.export.formats) and all(f in EXPORT_FORMATS for f in cfg.export.formats),

@@ -66,13 +66,64 @@ def resolve_inputs(cfg: Config, run_dir: Path) -> RunContext:
     return RunContext(cfg, run_dir, snapshot_dir, calib_root, export_dir, demo)
 
 
-def load_calibration_samples(cfg: Config, calib_root: Path) -> tuple[list, Any]:
+def load_text_jsonl(path: Path, num_samples: int, seed: int, instruction: str,
+                    min_samples: int) -> tuple[list, CalibStats]:
+    """A text-only JSONL source: like `jsonl`, but records with an image are skipped (counted)."""
+    from vlmq.calib import load_jsonl
+    from vlmq.calib.coco import check_counts
+
+    # Walk every record (same seeded order as `jsonl`), then keep the first text-only ones.
+    everything, stats = load_jsonl(path, None, 2**62, seed, instruction, 0)
+    for sample in everything:
+        if sample.image is not None:
+            stats.skip(sample.source, "image_in_text_source")
+    samples = [s for s in everything if s.image is None][:num_samples]
+    stats.requested = num_samples
+    stats.sources = [f"text_jsonl:{path}"]
+    check_counts(samples, stats, min_samples, str(path))
+    return samples, stats
+
+
+def load_source(cfg: Config, source: str, root: Path, min_samples: int) -> tuple[list, CalibStats]:
     from vlmq.calib import load_coco_captions, load_jsonl
 
     c = cfg.calib
-    if c.source == "coco2017":
-        return load_coco_captions(calib_root, c.splits, c.num_samples, c.seed, c.instruction, c.min_samples)
-    return load_jsonl(calib_root, None, c.num_samples, c.seed, c.instruction, c.min_samples)
+    if source == "coco2017":
+        return load_coco_captions(root, c.splits, c.num_samples, c.seed, c.instruction, min_samples)
+    if source == "jsonl":
+        return load_jsonl(root, None, c.num_samples, c.seed, c.instruction, min_samples)
+    if source == "text_jsonl":
+        return load_text_jsonl(root, c.num_samples, c.seed, c.instruction, min_samples)
+    raise ConfigError(f"unknown calibration source {source!r}")
+
+
+def load_calibration_samples(cfg: Config, calib_root: Path) -> tuple[list, CalibStats]:
+    """`calib.source` at `calib_root`, or, with `calib.mix`, that source plus the mix parts by ratio.
+
+    Every source goes through its own checks (hostile images, malformed lines); skips from all
+    of them are counted, and the mix as a whole must reach `calib.min_samples`."""
+    from vlmq.calib import mix_sources
+    from vlmq.calib.coco import check_counts
+
+    c = cfg.calib
+    if not c.mix:
+        return load_source(cfg, c.source, calib_root, c.min_samples)
+    parts = [(c.source, calib_root, 1.0 - sum(p.ratio for p in c.mix))]
+    parts += [(p.source, cfg.resolve_path(p.root), p.ratio) for p in c.mix]
+    total = CalibStats(requested=c.num_samples)
+    loaded = []
+    for source, root, ratio in parts:
+        samples, stats = load_source(cfg, source, root, 0)
+        for reason, count in stats.skipped.items():
+            total.skipped[reason] = total.skipped.get(reason, 0) + count
+        total.skipped_examples.extend(stats.skipped_examples[: max(0, 5 - len(total.skipped_examples))])
+        loaded.append((samples, ratio))
+    mixed = mix_sources(loaded, c.num_samples, c.seed)
+    picked = {id(s) for s in mixed}
+    total.sources = [f"{source}:{root} (ratio {ratio:.2f}, {sum(id(s) in picked for s in samples)} samples)"
+                     for (source, root, ratio), (samples, _) in zip(parts, loaded, strict=True)]
+    check_counts(mixed, total, c.min_samples, "the calibration mix " + ", ".join(str(r) for _, r, _ in parts))
+    return mixed, total
 
 
 def merge_stats(total: CalibStats, part: CalibStats) -> None:
@@ -97,11 +148,25 @@ def dir_bytes(path: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in Path(path).rglob(pattern) if p.is_file())
 
 
+def estimate_export_bytes(model: torch.nn.Module, quantized: list[str]) -> int:
+    """Bytes of one exported format's tensors: int8 weights plus fp32 scales for the quantized
+    linears, everything else at its own dtype; 2% slack for headers and stray buffers."""
+    targets = set(quantized)
+    total = 0
+    for name, param in model.named_parameters():
+        module, _, leaf = name.rpartition(".")
+        if module in targets and leaf == "weight" and param.dim() == 2:
+            total += param.numel() + 4 * (param.shape[0] + param.shape[1] + 1)
+        else:
+            total += param.numel() * param.element_size()
+    return int(total * 1.02)
+
+
 def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """The whole `vlmq quantize` job; returns the manifest body."""
     from vlmq.calib.batches import make_batches
     from vlmq.export import EXPORT_ORDER, get_exporter
-    from vlmq.export.atomic import atomic_directory, check_target
+    from vlmq.export.atomic import atomic_directory, check_free_space, check_target, clean_stale_staging
     from vlmq.export.manifest import package_versions, write_manifest
     from vlmq.models.load import load_model, load_processor
     from vlmq.quantize.calibrate import audit, forward_all, quantize, resolve_batch_size
@@ -112,6 +177,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
                           "(e.g. arch=qwen2_5_vl_3b_instruct.default)")
     ctx = resolve_inputs(cfg, run_dir)
     # Cheap checks first: output target, snapshot config, calibration data; then load weights.
+    clean_stale_staging(ctx.export_dir)  # staging dirs of killed runs (their pid is gone)
     check_target(ctx.export_dir, cfg.force)
     with ctx.stage("prepare"), library_chatter_to_log():
         samples, stats = load_calibration_samples(cfg, ctx.calib_root)
@@ -121,7 +187,12 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
             console.print("[yellow]No snapshot found: using the built-in DEMO model "
                           "(tiny random Qwen2.5-VL) and the demo COCO calibration set.[/yellow]")
             write_demo_snapshot(ctx.snapshot_dir)
-        snapshot: Snapshot = inspect_snapshot(ctx.snapshot_dir)
+        snapshot: Snapshot = inspect_snapshot(ctx.snapshot_dir, cfg.arch.trust_remote_code)
+        formats = [f for f in EXPORT_ORDER if f in cfg.export.formats]
+        bf16_bytes = dir_bytes(snapshot.path, "*.safetensors")
+        # Fail before hours of calibration when even the smallest possible export (int8 = half of
+        # bf16, per format) cannot fit; the exact estimate is checked again right before export.
+        check_free_space(ctx.export_dir.parent, len(formats) * bf16_bytes // 2)
     log.info("calibration: %d samples (%d images), skipped %s", stats.samples, stats.images,
              stats.skipped_summary())
 
@@ -160,10 +231,10 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     exports: dict[str, dict] = {}
     manifest: dict[str, Any] = {}
-    bf16_bytes = dir_bytes(snapshot.path, "*.safetensors")
-    export_ctx = atomic_directory(ctx.export_dir, cfg.force, needed_bytes=bf16_bytes)
+    other_files = dir_bytes(snapshot.path) - bf16_bytes  # processor, tokenizer, config: copied per format
+    estimate = len(formats) * (estimate_export_bytes(model, result_audit.quantized) + other_files)
+    export_ctx = atomic_directory(ctx.export_dir, cfg.force, needed_bytes=estimate)
     with ctx.stage("export"), library_chatter_to_log(), export_ctx as staging:
-        formats = [f for f in EXPORT_ORDER if f in cfg.export.formats]
         with progress_bar("exporting", len(formats)) as advance:
             for fmt in formats:
                 started = time.perf_counter()
@@ -184,7 +255,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
                             "batch_size": calib_log.__dict__ if calib_log else None},
             "modules": result_audit.to_dict(),
             "exports": exports,
-            "sizes": {"bf16_safetensors_bytes": bf16_bytes},
+            "sizes": {"bf16_safetensors_bytes": bf16_bytes, "export_estimate_bytes": estimate},
             "timings_s": {**ctx.timings, "export": round(sum(e["seconds"] for e in exports.values()), 3)},
             "peak_memory": peak_memory(),
             "run_dir": str(run_dir),

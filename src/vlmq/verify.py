@@ -1,23 +1,58 @@
 """`vlmq verify`: a checkpoint checked against its manifest (sha256) and its own config
-(tensors <-> quantization_config, every LM linear quantized, vision tower floating point)."""
+(tensors <-> quantization_config, every LM linear quantized, vision tower floating point).
+
+`verify_export` is the full check (the CLI, `vlmq check`); `manifest_problems` is the sha256 part
+for one format directory, which the runtime loader runs before it trusts a checkpoint's tensors.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from vlmq.export.manifest import MANIFEST_NAME, verify_hashes
+from vlmq.export.manifest import MANIFEST_NAME, file_hashes, verify_hashes
 from vlmq.models.families import quantized_linear_names
 from vlmq.runtime.loader import CheckpointError, inspect_checkpoint
 
 
-def _format_dirs(path: Path) -> tuple[Path | None, list[Path]]:
-    """(export root holding manifest.json or None, the format dirs to check)."""
-    if (path / MANIFEST_NAME).is_file():
-        return path, sorted(p for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file())
-    if (path.parent / MANIFEST_NAME).is_file():
-        return path.parent, [path]
-    return None, [path]
+def manifest_root(path: Path) -> Path | None:
+    """The export root whose manifest.json covers `path` (path itself or its parent), else None."""
+    path = Path(path)
+    for candidate in (path, path.parent):
+        if (candidate / MANIFEST_NAME).is_file():
+            return candidate
+    return None
+
+
+def manifest_problems(path: Path) -> list[str] | None:
+    """sha256/size problems of the files under `path` against the manifest beside or above it.
+
+    None when there is no manifest (nothing to check against); [] when every file matches."""
+    path = Path(path)
+    root = manifest_root(path)
+    if root is None:
+        return None
+    if root == path:
+        return verify_hashes(root)
+    try:
+        recorded = json.loads((root / MANIFEST_NAME).read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        return [f"{root / MANIFEST_NAME} is unreadable: {err}"]
+    prefix = path.name + "/"
+    recorded = {rel[len(prefix):]: v for rel, v in recorded.items() if rel.startswith(prefix)}
+    if not recorded:
+        return [f"{root / MANIFEST_NAME} lists no files under {path.name}/"]
+    actual = file_hashes(path)
+    problems = [f"missing file {prefix}{rel}" for rel in sorted(set(recorded) - set(actual))]
+    problems += [f"unlisted file {prefix}{rel}" for rel in sorted(set(actual) - set(recorded))]
+    problems += [f"sha256 mismatch {prefix}{rel}" for rel in sorted(set(recorded) & set(actual))
+                 if recorded[rel].get("sha256") != actual[rel]["sha256"]]
+    return problems
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def verify_export(path: Path) -> tuple[list[str], str]:
@@ -25,7 +60,11 @@ def verify_export(path: Path) -> tuple[list[str], str]:
     path = Path(path)
     if not path.is_dir():
         return [f"not a directory: {path}"], ""
-    root, dirs = _format_dirs(path)
+    root = manifest_root(path)
+    if root == path:
+        dirs = sorted(p for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file())
+    else:
+        dirs = [path]
     problems: list[str] = []
     exclude: set[str] = set()
     if root is None:
@@ -35,7 +74,7 @@ def verify_export(path: Path) -> tuple[list[str], str]:
         try:
             manifest = json.loads((root / MANIFEST_NAME).read_text())
             exclude = set(manifest.get("modules", {}).get("fallback_bf16", []))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, AttributeError) as err:
             problems.append(f"{MANIFEST_NAME} unreadable: {err}")
     if not dirs:
         problems.append(f"no checkpoint directories in {path}")
@@ -43,11 +82,15 @@ def verify_export(path: Path) -> tuple[list[str], str]:
     for fmt_dir in dirs:
         try:
             info = inspect_checkpoint(fmt_dir)
+            text = info.config.get("text_config", info.config)
+            num_layers = int(text["num_hidden_layers"])
         except CheckpointError as err:
             problems.append(str(err))
             continue
-        text = info.config.get("text_config", info.config)
-        expected = [n for n in quantized_linear_names(info.family, text["num_hidden_layers"]) if n not in exclude]
+        except Exception as err:  # unreadable config or tensors: a verdict, not a crash
+            problems.append(f"{fmt_dir.name}: unreadable checkpoint ({type(err).__name__}: {_first_line(err)})")
+            continue
+        expected = [n for n in quantized_linear_names(info.family, num_layers) if n not in exclude]
         missing = sorted(set(expected) - set(info.quantized))
         extra = sorted(set(info.quantized) - set(expected))
         if missing:

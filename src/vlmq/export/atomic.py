@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import logging
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Write failures that mean "the disk (or quota, or file-size limit) is full", not a bug.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class ExportError(RuntimeError):
@@ -75,6 +82,7 @@ def clean_stale_staging(target: Path) -> list[Path]:
             continue
         if not _pid_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
+            log.warning("removed %s, left by an interrupted export (pid %d)", path, pid)
             removed.append(path)
     return removed
 
@@ -120,7 +128,27 @@ def atomic_directory(target: Path, force: bool = False, needed_bytes: int = 0) -
         else:
             os.rename(staging, target)
         fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as err:
         if staging.exists() and staging != target:
             shutil.rmtree(staging, ignore_errors=True)
+        reason = out_of_space(err)
+        if reason:
+            kept = "the previous export is untouched" if target.exists() else "nothing was left there"
+            raise ExportError(f"could not write the export beside {target}: {reason}; {kept}") from None
         raise
+
+
+def out_of_space(err: BaseException | None) -> str | None:
+    """The OS's reason when `err` (or what caused it) is a full disk, quota or file-size limit.
+
+    Python raises OSError(ENOSPC); safetensors' Rust writer raises SafetensorError("... (os error 28)")."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return os.strerror(err.errno)
+        for code in _NO_SPACE:
+            if f"(os error {code})" in str(err):
+                return os.strerror(code)
+        err = err.__cause__ or err.__context__
+    return None

@@ -31,8 +31,8 @@ class Snapshot:
     is_demo: bool
 
 
-def inspect_snapshot(path: Path) -> Snapshot:
-    """Check a snapshot dir without reading weights: config, family, weight files."""
+def inspect_snapshot(path: Path, trust_remote_code: bool = False) -> Snapshot:
+    """Check a snapshot dir without reading weights: config, family, custom code, weight files."""
     from vlmq.models.demo import is_demo_snapshot
 
     path = Path(path)
@@ -45,21 +45,59 @@ def inspect_snapshot(path: Path) -> Snapshot:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SnapshotError(f"snapshot config is not valid JSON: {config_file}: {err}") from None
+    if not isinstance(config, dict):
+        raise SnapshotError(f"snapshot config is not a JSON object: {config_file}")
+    auto_map = config.get("auto_map")
     try:
         family = family_for(config.get("model_type"))
     except UnsupportedModelError as err:
-        raise SnapshotError(f"{path}: {err}") from None
-    if not any(path.glob("*.safetensors")):
+        custom = " (it ships its own model code via auto_map, which vlmq does not quantize)" if auto_map else ""
+        raise SnapshotError(f"{path}: {err}{custom}") from None
+    architectures = config.get("architectures") or []
+    if architectures and not set(architectures) & set(family.architectures):
+        raise SnapshotError(f"{path}: architecture {architectures[0]} is not a {family.name} model "
+                            f"(expected {', '.join(family.architectures)})")
+    if auto_map and not trust_remote_code:
+        first = next(iter(auto_map.values())) if isinstance(auto_map, dict) and auto_map else auto_map
+        raise SnapshotError(f"{path}: config.json asks to run the snapshot's own code (auto_map -> {first}); "
+                            "vlmq runs it only with arch.trust_remote_code=true")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" (found pickle weights {pickles[0]}; vlmq loads safetensors only)" if pickles else ""
         raise SnapshotError(f"snapshot has no *.safetensors weights: {path}{hint}")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise SnapshotError(f"snapshot index is not valid: {index}: {err}") from None
         missing = sorted(s for s in shards if not (path / s).is_file())
         if missing:
             raise SnapshotError(f"snapshot is incomplete: {path} lacks {missing[0]} (re-run `vlmq fetch-model`)")
+    for file in weights:
+        check_safetensors_complete(file)
     return Snapshot(path=path, config=config, family=family, is_demo=is_demo_snapshot(path))
+
+
+def check_safetensors_complete(file: Path) -> None:
+    """Refuse a truncated or corrupt .safetensors from its header alone (no tensor data is read)."""
+    size = file.stat().st_size
+    bad = f"snapshot is incomplete: {file} is truncated or corrupt (re-run `vlmq fetch-model`)"
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise SnapshotError(bad)
+        header_len = int.from_bytes(head, "little")
+        if header_len > min(size - 8, 100 * 2**20):
+            raise SnapshotError(bad)
+        try:
+            header = json.loads(fh.read(header_len))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
+            raise SnapshotError(bad) from None
+    if size < 8 + header_len + end:
+        raise SnapshotError(bad)
 
 
 def pick_device(device: str) -> str:

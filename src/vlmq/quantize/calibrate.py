@@ -68,8 +68,10 @@ def forward_all(model: nn.Module, samples: Sequence[Any], make_batches: Callable
             if not is_oom(err):
                 raise
             if batch_size == 1:
+                tried = "->".join(str(b) for b in [record.batch_size_start, *record.oom_backoffs])
                 raise CalibrationOOMError(
-                    "out of GPU memory at calib.batch_size=1; lower calib.max_length or use more GPUs"
+                    f"out of GPU memory even at calib.batch_size=1 (tried {tried}); "
+                    "lower calib.max_length, free the GPU, or shard over more GPUs (arch.max_memory)"
                 ) from None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

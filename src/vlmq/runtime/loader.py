@@ -177,12 +177,24 @@ def _materialize_buffers(model: nn.Module, config) -> None:
                 setattr(module, name, buf)
 
 
-def load_w8a8(path: Path, device: str = "auto", dtype: torch.dtype = torch.bfloat16, backend: str = "auto"):
-    """(model, processor, info) for an exported checkpoint directory."""
+def load_w8a8(path: Path, device: str = "auto", dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
+              verify: bool = True):
+    """(model, processor, info) for an exported checkpoint directory.
+
+    With `verify` (the default), a checkpoint that has a manifest.json beside or above it is first
+    checked against it (sha256 of every file) and refused on any difference."""
     from transformers import AutoProcessor
 
     from vlmq.models.load import pick_device
 
+    if verify:
+        from vlmq.verify import manifest_problems
+
+        problems = manifest_problems(Path(path))
+        if problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CheckpointError(f"{path}: does not match its manifest.json: {problems[0]}{more} "
+                                  "(re-export it, or load with verify=False)")
     tensors = read_state_dict(Path(path))
     info = inspect_checkpoint(Path(path), tensors)
     model = build_w8a8_model(info, tensors, dtype, pick_device(device), backend)
