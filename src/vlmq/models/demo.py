@@ -160,3 +160,33 @@ def inject_outliers(model, family_layers: str = "model.language_model.layers", c
             idx = torch.tensor([c % norm.weight.numel() for c in channels])
             norm.weight[idx] *= factor
     return model
+
+
+def write_demo_qwen2_vl_snapshot(target: Path, seed: int = DEMO_SEED) -> Path:
+    """A tiny random Qwen2-VL (the previous generation: different vision tower, same language model),
+    for tests of the family registry."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    base = json.loads(DEMO_CONFIG_PATH.read_text())
+    text = {k: v for k, v in base["text_config"].items() if k != "model_type"}
+    vision = dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    ids = {k: base[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
+    config.architectures = ["Qwen2VLForConditionalGeneration"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16).eval()
+    sizes = {"min_pixels": IMAGE_MIN_PIXELS, "max_pixels": IMAGE_MAX_PIXELS}
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=build_demo_tokenizer(),
+                                 video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=QWEN_VL_CHAT_TEMPLATE)
+    target = Path(target)
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    return target

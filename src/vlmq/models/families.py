@@ -53,6 +53,18 @@ def register(family: Family) -> Family:
 
 
 register(Family(
+    name="qwen2_vl",
+    model_types=("qwen2_vl",),
+    architectures=("Qwen2VLForConditionalGeneration",),
+    language_model="model.language_model",
+    layers="model.language_model.layers",
+    vision=("model.visual",),
+    keep_bf16=("model.language_model.embed_tokens", "lm_head"),
+    linears=QWEN_LINEARS,
+    smooth_groups=QWEN_SMOOTH_GROUPS,
+))
+
+register(Family(
     name="qwen2_5_vl",
     model_types=("qwen2_5_vl",),
     architectures=("Qwen2_5_VLForConditionalGeneration",),

@@ -1,0 +1,48 @@
+"""Model families beyond Qwen2.5-VL: tiny model end to end, quantize -> export -> verify -> runtime."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import describe, run_cli
+from vlmq.calib import demo_coco_root, load_rgb
+from vlmq.commands import generate_text
+from vlmq.models.demo import write_demo_qwen2_vl_snapshot
+from vlmq.models.families import FAMILIES, family_for
+from vlmq.runtime.linear import W8A8Linear
+from vlmq.runtime.loader import load_w8a8
+
+
+def test_registry_is_keyed_by_model_type_and_refuses_unknown():
+    assert family_for("qwen2_vl").name == "qwen2_vl" and family_for("qwen2_5_vl").name == "qwen2_5_vl"
+    with pytest.raises(ValueError, match="unsupported model_type 'llava'"):
+        family_for("llava")
+    assert all(f.vision for f in FAMILIES.values()), "every VLM family names its vision tower (kept bf16)"
+
+
+def test_qwen2_vl_end_to_end(tmp_path):
+    snapshot = write_demo_qwen2_vl_snapshot(tmp_path / "qwen2_vl")
+    export = tmp_path / "export"
+    wrong = run_cli(["quantize", f"arch.snapshot={snapshot}", f"calib.root={demo_coco_root()}",
+                     f"export.dir={export}", f"log_root={tmp_path / 'logs'}"], cwd=tmp_path)
+    assert wrong.rc == 2 and "is a qwen2_vl model but arch.family is qwen2_5_vl" in wrong.stderr, describe(wrong)
+    assert not export.exists()
+    result = run_cli(["quantize", f"arch.snapshot={snapshot}", f"calib.root={demo_coco_root()}",
+                      f"export.dir={export}", f"log_root={tmp_path / 'logs'}", "arch.family=qwen2_vl"], cwd=tmp_path)
+    assert result.rc == 0, describe(result)
+    assert "DEMO" not in result.stderr
+    verify = run_cli(["verify", str(export)], cwd=tmp_path)
+    assert verify.rc == 0 and verify.stdout.startswith("OK"), describe(verify)
+
+    image_path = sorted((demo_coco_root() / "val2017").glob("*.jpg"))[0]
+    image = load_rgb(image_path, image_path.parent)
+    for fmt in ("modelopt_hf", "compressed_tensors"):
+        model, processor, info = load_w8a8(export / fmt, device="cpu")
+        assert info.family.name == "qwen2_vl"
+        assert sum(isinstance(m, W8A8Linear) for m in model.modules()) == 14
+        assert not any(isinstance(m, W8A8Linear) for n, m in model.named_modules() if n.startswith("model.visual"))
+        assert model.get_submodule("model.visual.blocks.0.mlp.fc1").weight.dtype == torch.bfloat16
+        _, text_tokens = generate_text(model, processor, "Write a haiku about the sea.", max_new_tokens=4)
+        _, image_tokens = generate_text(model, processor, "Describe this image.", image, max_new_tokens=4)
+        assert text_tokens and image_tokens
