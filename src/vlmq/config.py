@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 @dataclass
 class ArchConfig:
     name: str = "qwen2_5_vl_3b_instruct"
+    short_name: str = "qwen2_5_vl_3b"
     family: str = "qwen2_5_vl"
     snapshot: str = "models/qwen2_5_vl_3b_instruct/checkpoints/Qwen2.5-VL-3B-Instruct"
     hub_id: str = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -132,7 +133,7 @@ def _expand_shorthands(overrides: list[str], root: Path) -> list[str]:
     out = []
     for o in overrides:
         key = o.split("=", 1)[0]
-        if key not in ("arch", "infer"):
+        if key not in ("arch", "infer", "model"):   # `model` is set after composing (see load_config)
             out.append(o)
     for group in ("arch", "infer"):
         choice = values.get(group, f"{model}.default")
@@ -200,6 +201,9 @@ def load_config(overrides: list[str] | None = None) -> Config:
     try:
         with initialize_config_dir(config_dir=str(root), version_base=None):
             composed: DictConfig = compose(config_name="config", overrides=hydra_overrides)
+        # conf/model/ is a folder of groups, so Hydra reads `model=` as a group choice; it is a plain key.
+        composed.model = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "model"),
+                              composed.model)
         schema = OmegaConf.structured(Config)
         merged = OmegaConf.merge(schema, composed)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]

@@ -188,6 +188,9 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
                           "(tiny random Qwen2.5-VL) and the demo COCO calibration set.[/yellow]")
             write_demo_snapshot(ctx.snapshot_dir)
         snapshot: Snapshot = inspect_snapshot(ctx.snapshot_dir, cfg.arch.trust_remote_code)
+        if not ctx.demo and snapshot.family.name != cfg.arch.family:
+            raise ConfigError(f"{snapshot.path} is a {snapshot.family.name} model but arch.family is "
+                              f"{cfg.arch.family}; pass arch.family={snapshot.family.name} if that is intended")
         formats = [f for f in EXPORT_ORDER if f in cfg.export.formats]
         bf16_bytes = dir_bytes(snapshot.path, "*.safetensors")
         # Fail before hours of calibration when even the smallest possible export (int8 = half of
