@@ -1,13 +1,23 @@
-"""`vlmq bench`: prefill latency, decode tokens/s and peak memory, bf16 vs W8A8, in one run.
+"""`vlmq bench`: linear-level and model-level speed and peak memory, bf16 vs W8A8, in one run.
 
-Both models see the same inputs and the same generation loop; ratios are W8A8 over bf16 for
-speed (higher is better) and for memory (lower is better). On CPU it is a smoke test.
+Models: a bf16 snapshot + a W8A8 export (``--baseline`` / ``--model-dir``), or an architecture
+shape with random weights (``--shape 3b|small|demo``): the bf16 model is built in memory, measured,
+then its language-model linears are quantized in place (per-channel int8 weights, dynamic per-token
+int8 activations: the compressed-tensors dynamic layout, without SmoothQuant, which changes no
+shape or kernel) and measured again.
+
+Loops: ``lean`` (default on CUDA) = `vlmq.runtime.decode.LeanDecoder` (static KV cache, CUDA-graph
+decode step and prefill, fused norm/act/rope kernels; the same loop for both models); ``hf`` =
+transformers ``generate``. Prefill = prompt to first token (vision tower included for image
+prompts); decode tokens/s = batch x (new_tokens - 1) / time of the decode steps. Ratios are W8A8
+over bf16 for speed (higher is better) and memory (lower is better). On CPU it is a smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import statistics
 import time
@@ -16,8 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from vlmq.cli import register_command
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def sync(device: torch.device) -> None:
@@ -36,6 +49,17 @@ def median_time(fn: Callable[[], Any], device: torch.device, warmup: int = 1, it
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _load_script(name: str):
+    """A module from the repository's benchmarks/ folder (None when running from an install)."""
+    path = REPO_ROOT / "benchmarks" / f"{name}.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(f"_vlmq_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
 
 
 def make_inputs(processor, kind: str, batch: int, prompt_tokens: int, image_size: tuple[int, int]) -> dict:
@@ -61,27 +85,106 @@ def make_inputs(processor, kind: str, batch: int, prompt_tokens: int, image_size
     return dict(processor(text=[chat] * batch, images=images, padding=True, return_tensors="pt"))
 
 
+# ---------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------
+
+
 @torch.no_grad()
-def measure_model(model, processor, batches: list[int], new_tokens: int, prompt_tokens: int,
-                  image_size: tuple[int, int], iters: int) -> dict[str, Any]:
+def quantize_language_model(model: nn.Module, backend: str = "auto") -> list[str]:
+    """Replace the LM's nn.Linear layers (not lm_head) by dynamic per-token W8A8Linear, in place."""
+    from vlmq.runtime.linear import W8A8Linear
+
+    done = []
+    lm = model.model.language_model
+    for name, module in list(lm.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, child_name, W8A8Linear.from_float(child, backend=backend))
+                done.append(f"{name}.{child_name}")
+    return done
+
+
+def random_model(shape: str, device: torch.device):
+    """(bf16 model, processor) of an architecture shape with random weights."""
+    if shape == "demo":
+        from vlmq.models.demo import build_demo_model, build_demo_processor
+
+        return build_demo_model().to(device), build_demo_processor()
+    snap = _load_script("make_random_snapshot")
+    if snap is None:
+        raise FileNotFoundError("--shape needs benchmarks/make_random_snapshot.py (run from the repository)")
+    return snap.build(shape, device.type)
+
+
+def model_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------
+# model-level measurement
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def measure_hf(model, inputs: dict, batch: int, new_tokens: int, device: torch.device, iters: int) -> dict:
+    def generate(n: int) -> None:
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    t_prefill = median_time(lambda: generate(1), device, iters=iters)
+    t_full = median_time(lambda: generate(new_tokens), device, iters=iters)
+    return {"prefill_ms": t_prefill * 1e3, "decode_tok_s": batch * (new_tokens - 1) / max(t_full - t_prefill, 1e-9)}
+
+
+@torch.no_grad()
+def measure_lean(model, inputs: dict, batch: int, new_tokens: int, device: torch.device, iters: int,
+                 fused_ops: bool | None) -> dict:
+    from vlmq.runtime.decode import LeanDecoder
+
+    t = inputs["input_ids"].shape[1]
+    max_len = (t + new_tokens + 63) // 64 * 64
+    dec = LeanDecoder(model, batch, max_len, graph_prefill=device.type == "cuda", fused_ops=fused_ops)
+    t_prefill = median_time(lambda: dec.prefill(**inputs), device, iters=iters)
+    out: dict[str, Any] = {"prefill_ms": t_prefill * 1e3}
+    if "pixel_values" in inputs:
+        embed = inputs["input_ids"].to(device), inputs["pixel_values"], inputs["image_grid_thw"]
+        out["vision_ms"] = median_time(lambda: dec.embed_inputs(*embed), device, iters=iters) * 1e3
+    times = []
+    for _ in range(max(1, iters)):
+        dec.prefill(**inputs)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            dec.step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    out["decode_tok_s"] = batch * (new_tokens - 1) / max(statistics.median(times), 1e-9)
+    out["tokens"] = dec.tokens[0, : min(new_tokens, 8)].tolist()
+    out["graphs"] = dec.use_graphs
+    out["fused_ops"] = dec.fused_ops
+    return out
+
+
+def measure_model(model, processor, loop: str, batches: list[int], new_tokens: int, prompt_tokens: int,
+                  image_size: tuple[int, int], iters: int, fused_ops: bool | None = None) -> dict[str, Any]:
     device = next(model.parameters()).device
     out: dict[str, Any] = {}
     for kind in ("text", "image"):
         for batch in batches:
             inputs = {k: v.to(device) for k, v in make_inputs(processor, kind, batch, prompt_tokens,
                                                                 image_size).items()}
-
-            def generate(n: int, inputs: dict = inputs) -> None:
-                model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-            t_prefill = median_time(lambda: generate(1), device, iters=iters)
-            t_full = median_time(lambda: generate(new_tokens), device, iters=iters)
-            decode_s = max(t_full - t_prefill, 1e-9)
-            out[f"{kind}_b{batch}"] = {
-                "prompt_tokens": int(inputs["input_ids"].shape[1]),
-                "prefill_ms": round(t_prefill * 1e3, 3),
-                "decode_tok_s": round(batch * (new_tokens - 1) / decode_s, 2),
-            }
+            if loop == "lean":
+                r = measure_lean(model, inputs, batch, new_tokens, device, iters, fused_ops)
+            else:
+                r = measure_hf(model, inputs, batch, new_tokens, device, iters)
+            r = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+            out[f"{kind}_b{batch}"] = {"prompt_tokens": int(inputs["input_ids"].shape[1]), **r}
+            gc.collect()
     return out
 
 
@@ -89,29 +192,106 @@ def peak_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
 
 
-def run_bench(baseline: Path, w8a8: Path, device: str = "auto", backend: str = "auto", batches=(1, 8),
-              new_tokens: int = 32, prompt_tokens: int = 256, image_size=(640, 480), iters: int = 3) -> dict:
-    from vlmq.commands import load_any
+def _reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---------------------------------------------------------------------------
+# linear-level table (CUDA)
+# ---------------------------------------------------------------------------
+
+
+def linear_table(cfg, ms: list[int], rep: int = 30) -> list[dict]:
+    """bf16 cuBLAS vs W8A8 (activation quant included) vs W8A8 GEMM on pre-quantized input (what
+    the fused loop runs), per LM linear shape; CUDA graphs over rotating weight sets."""
+    lb = _load_script("bench_w8a8_linear")
+    if lb is None:
+        return []
+    import torch.nn.functional as F
+
+    from vlmq.runtime.kernels.triton_w8a8 import quantize_rows, w8a8_gemm_prequant, w8a8_linear
+
+    h, i, nq, nkv = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or h // nq
+    shapes = {"qkv (fused)": (hd * (nq + 2 * nkv), h, True), "o_proj": (h, h, False),
+              "gate_up (fused)": (2 * i, h, False), "down_proj": (h, i, False)}
+    rows = []
+    for name, (n, k, bias) in shapes.items():
+        for m in ms:
+            r = lb.n_rot(m, n, k)
+            st = lb.make_sets(m, n, k, bias, r)
+            x, wb, wq, ws, b = (st[key] for key in ("x", "w_bf16", "w_q", "w_s", "b"))
+            pre = [quantize_rows(xi) for xi in x]
+            fns = {
+                "bf16_us": lambda j, x=x, wb=wb, b=b: F.linear(x[j], wb[j], b[j]),
+                "w8a8_us": lambda j, x=x, wq=wq, ws=ws, b=b: w8a8_linear(x[j], wq[j], ws[j], b[j]),
+                "w8a8_prequant_us": lambda j, p=pre, wq=wq, ws=ws, b=b: w8a8_gemm_prequant(
+                    p[j][0], p[j][1], wq[j], ws[j], b[j]),
+            }
+            row: dict[str, Any] = {"shape": name, "N": n, "K": k, "M": m}
+            for key, fn in fns.items():
+                row[key] = lb.time_graph(fn, r, rep)
+            row["speedup"] = row["bf16_us"] / row["w8a8_us"]
+            row["speedup_prequant"] = row["bf16_us"] / row["w8a8_prequant_us"]
+            rows.append({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------
+
+
+def run_bench(baseline: Path | None = None, w8a8: Path | None = None, shape: str | None = None,
+              device: str = "auto", backend: str = "auto", loop: str | None = None, batches=(1, 8),
+              new_tokens: int = 32, prompt_tokens: int = 256, image_size=(640, 480), iters: int = 3,
+              linear_ms: list[int] | None = None, fused_ops: bool | None = None) -> dict:
     from vlmq.export.manifest import package_versions
     from vlmq.models.load import pick_device
 
     dev = torch.device(pick_device(device))
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                               "versions": package_versions(), "new_tokens": new_tokens,
-                               "prompt_tokens": prompt_tokens, "image_size": list(image_size), "backend": backend}
-    for label, path in (("bf16", baseline), ("w8a8", w8a8)):
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-        model, processor, kind = load_any(path, dev.type, backend)
-        weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-        results[label] = {"model": kind, "path": str(path), "weight_bytes": weights,
-                          **measure_model(model, processor, list(batches), new_tokens, prompt_tokens,
-                                          image_size, iters)}
-        results[label]["peak_gib"] = peak_gib(dev)
+    loop = loop or ("lean" if dev.type == "cuda" else "hf")
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"), "versions": package_versions(), "loop": loop, "backend": backend,
+        "source": f"shape={shape}" if shape else {"baseline": str(baseline), "w8a8": str(w8a8)},
+        "new_tokens": new_tokens, "prompt_tokens": prompt_tokens, "image_size": list(image_size),
+        "batch_sizes": list(batches), "iters": iters,
+    }
+    args = (loop, list(batches), new_tokens, prompt_tokens, image_size, iters, fused_ops)
+    if shape:
+        _reset_peak(dev)
+        torch.manual_seed(0)
+        model, processor = random_model(shape, dev)
+        results["bf16"] = {"model": f"bf16 random {shape}", "weight_bytes": model_bytes(model),
+                           **measure_model(model, processor, *args), "peak_gib": peak_gib(dev)}
+        if linear_ms and dev.type == "cuda":
+            results["linear"] = linear_table(model.config.get_text_config(), linear_ms)
+        quantize_language_model(model, backend)
+        _reset_peak(dev)
+        results["w8a8"] = {"model": "W8A8 dynamic per-token (weights quantized in memory)",
+                           "weight_bytes": model_bytes(model), **measure_model(model, processor, *args)}
+        results["w8a8"]["peak_gib"] = peak_gib(dev)
+        results["w8a8"]["resident_gib"] = round(torch.cuda.memory_allocated(dev) / 2**30, 3) \
+            if dev.type == "cuda" else None
         del model
-    ratios = {}
+    else:
+        from vlmq.commands import load_any
+
+        for label, path in (("bf16", baseline), ("w8a8", w8a8)):
+            _reset_peak(dev)
+            model, processor, kind = load_any(path, dev.type, backend)
+            results[label] = {"model": kind, "path": str(path), "weight_bytes": model_bytes(model),
+                              **measure_model(model, processor, *args)}
+            results[label]["peak_gib"] = peak_gib(dev)
+            if label == "bf16" and linear_ms and dev.type == "cuda":
+                results["linear"] = linear_table(model.config.get_text_config(), linear_ms)
+            del model
+    ratios: dict[str, Any] = {}
     for key, value in results["w8a8"].items():
         if isinstance(value, dict):
             base = results["bf16"][key]
@@ -129,7 +309,17 @@ def print_table(results: dict) -> None:
 
     from vlmq.console import console
 
-    table = Table(title=f"vlmq bench on {results['device']} (W8A8 backend {results['backend']})")
+    if results.get("linear"):
+        table = Table(title="linear (us, CUDA graph, rotating weights): bf16 vs W8A8")
+        for col in ("shape", "M", "bf16", "w8a8 (+quant)", "x", "w8a8 prequant", "x"):
+            table.add_column(col)
+        for r in results["linear"]:
+            table.add_row(f"{r['shape']} {r['N']}x{r['K']}", str(r["M"]), f"{r['bf16_us']:.1f}",
+                          f"{r['w8a8_us']:.1f}", f"{r['speedup']:.2f}", f"{r['w8a8_prequant_us']:.1f}",
+                          f"{r['speedup_prequant']:.2f}")
+        console.print(table)
+    table = Table(title=f"vlmq bench on {results['device']} (loop {results['loop']}, W8A8 backend "
+                        f"{results['backend']})")
     for col in ("case", "prompt tok", "bf16 prefill ms", "w8a8 prefill ms", "prefill x",
                 "bf16 tok/s", "w8a8 tok/s", "decode x"):
         table.add_column(col)
@@ -141,27 +331,37 @@ def print_table(results: dict) -> None:
                       f"{r['prefill_speedup']:.2f}", f"{b['decode_tok_s']:.1f}", f"{w['decode_tok_s']:.1f}",
                       f"{r['decode_speedup']:.2f}")
     console.print(table)
-    console.print(f"peak memory bf16 {results['bf16']['peak_gib']} GiB, w8a8 {results['w8a8']['peak_gib']} GiB; "
+    console.print(f"peak memory bf16 {results['bf16']['peak_gib']} GiB, w8a8 {results['w8a8']['peak_gib']} GiB "
+                  f"(ratio {results['ratios'].get('peak_memory_ratio')}); "
                   f"weights ratio {results['ratios']['weight_bytes_ratio']}")
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--baseline", type=Path, required=True, help="the bf16 snapshot")
-    p.add_argument("--model-dir", type=Path, required=True, help="the W8A8 export (either format)")
+    p.add_argument("--baseline", type=Path, help="the bf16 snapshot")
+    p.add_argument("--model-dir", type=Path, help="the W8A8 export (either format)")
+    p.add_argument("--shape", choices=("3b", "small", "demo"),
+                   help="random weights of this architecture instead of checkpoints")
+    p.add_argument("--loop", choices=("lean", "hf"), help="decode loop (default: lean on CUDA, hf on CPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--backend", default="auto")
+    p.add_argument("--no-fused-ops", action="store_true", help="lean loop: eager torch norm/act/rope")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--linear-ms", default="1,8,64,2048,8192", help="linear table M values (CUDA); '' = skip")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
 
 
 @register_command("bench", "prefill/decode speed and peak memory, bf16 vs W8A8, same run")
 def cmd_bench(args: argparse.Namespace) -> int:
+    if not args.shape and not (args.baseline and args.model_dir):
+        raise SystemExit("vlmq bench: give --shape, or both --baseline and --model-dir")
     batches = tuple(int(b) for b in args.batch_sizes.split(","))
-    results = run_bench(args.baseline, args.model_dir, args.device, args.backend, batches, args.new_tokens,
-                        args.prompt_tokens, iters=args.iters)
+    linear_ms = [int(m) for m in args.linear_ms.split(",") if m.strip()]
+    results = run_bench(args.baseline, args.model_dir, args.shape, args.device, args.backend, args.loop, batches,
+                        args.new_tokens, args.prompt_tokens, iters=args.iters, linear_ms=linear_ms,
+                        fused_ops=False if args.no_fused_ops else None)
     print_table(results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -388,3 +388,26 @@ def w8a8_int_gemm(a: Tensor, weight: Tensor, config: KernelConfig | None = None)
     dummy = torch.ones(max(m, 1), dtype=torch.float32, device=a.device)
     _launch(a, weight, out, dummy, dummy, None, None, A_INT8_ROWSCALE, True, cfg)
     return out
+
+
+def w8a8_gemm_prequant(
+    q: Tensor,
+    q_scale: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: KernelConfig | None = None,
+) -> Tensor:
+    """Activations already quantized upstream (int8 [M, K] + fp32 per-row scale [M]) -> [M, N]
+    ``out_dtype``: the int8 GEMM with the dequant + bias epilogue, no quantization pass."""
+    m, k = q.shape
+    n = weight.shape[0]
+    if q.dtype != torch.int8 or weight.shape[1] != k or q_scale.numel() != m:
+        raise ValueError(f"bad pre-quantized operands: q {q.dtype} {tuple(q.shape)}, w {tuple(weight.shape)}")
+    cfg = config or pick_config(m, n, k)
+    out = torch.empty((m, n), dtype=out_dtype, device=q.device)
+    if m:
+        _launch(q, weight, out, q_scale, weight_scale, bias, None, A_INT8_ROWSCALE, False,
+                dataclasses.replace(cfg, fused=False, pdl=False))
+    return out

@@ -1,0 +1,416 @@
+"""A lean greedy decode loop for Qwen2.5-VL, the same for bf16 and W8A8 models.
+
+`LeanDecoder` runs the language model from the HF module's own weights with its own small
+forward (RMSNorm, fused q/k/v and gate/up linears, multimodal RoPE, SDPA against a static KV
+cache with a validity mask, residuals) so that one decode step has fixed shapes and no
+host-side work: on CUDA it is captured once in a CUDA graph and replayed per token, with the
+greedy argmax, position/cache counters and the token record all updated inside the graph.
+
+Prefill: text-only or image+text. The vision tower + merger run eagerly through the HF module
+(bf16 in both models); 3-D mrope positions are computed here like HF's ``get_rope_index``
+(text tokens sequential, image tokens on their t/h/w grid); the LM prefill runs eagerly or,
+with ``graph_prefill=True``, from a CUDA graph captured per prompt length. After an image,
+every decode token uses position ``max(prefill positions) + 1 + step`` on all three rope
+sections (HF's ``rope_deltas``).
+
+The q/k/v and gate/up weights are concatenated once per layer and the HF modules are rebound to
+views of the concatenation, so HF's forward still works and no weight memory is duplicated.
+Batches must be left-padded (or unpadded); padded keys are masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlmq.runtime.linear import W8A8Linear
+
+# ---------------------------------------------------------------------------
+# weight fusion (views: no extra memory)
+# ---------------------------------------------------------------------------
+
+
+def _can_fuse(mods: list[nn.Module]) -> bool:
+    if all(type(m) is nn.Linear for m in mods):
+        return len({m.weight.dtype for m in mods}) == 1 and len({m.bias is None for m in mods}) == 1
+    if all(isinstance(m, W8A8Linear) for m in mods):
+        first = mods[0]
+        same_bias = len({m.bias is None for m in mods}) == 1
+        dyn = all(m.input_scale is None and m.pre_quant_scale is None for m in mods)
+        static = all(
+            m.input_scale is not None and torch.equal(m.input_scale, first.input_scale)
+            and (m.pre_quant_scale is None) == (first.pre_quant_scale is None)
+            and (m.pre_quant_scale is None or torch.equal(m.pre_quant_scale, first.pre_quant_scale))
+            for m in mods
+        )
+        return same_bias and (dyn or static) and len({m.backend for m in mods}) == 1
+    return False
+
+
+def _rebind(mod: nn.Module, name: str, value: Tensor) -> None:
+    if isinstance(mod, nn.Linear):
+        setattr(mod, name, nn.Parameter(value, requires_grad=False))
+    else:
+        setattr(mod, name, value)
+
+
+@torch.no_grad()
+def fuse_linears(mods: list[nn.Module]) -> nn.Module:
+    """One linear over the concatenated outputs of ``mods``; each module keeps a view of it."""
+    if not _can_fuse(mods):
+        return _Concat(mods)
+    sizes = [m.out_features for m in mods]
+    names = ["weight", "bias"] + (["weight_scale"] if isinstance(mods[0], W8A8Linear) else [])
+    cat = {n: torch.cat([getattr(m, n) for m in mods]) for n in names if getattr(mods[0], n) is not None}
+    for n, t in cat.items():
+        for m, part in zip(mods, t.split(sizes), strict=True):
+            _rebind(m, n, part)
+    first = mods[0]
+    if isinstance(first, nn.Linear):
+        fused = nn.Linear(first.in_features, sum(sizes), bias=first.bias is not None, device="meta")
+        fused.weight = nn.Parameter(cat["weight"], requires_grad=False)
+        if first.bias is not None:
+            fused.bias = nn.Parameter(cat["bias"], requires_grad=False)
+        return fused
+    fused = W8A8Linear(first.in_features, sum(sizes), bias=first.bias is not None, static=first.is_static,
+                       pre_quant_scale=first.pre_quant_scale is not None, device="meta", backend=first.backend)
+    for n, t in cat.items():
+        setattr(fused, n, t)
+    for n in ("input_scale", "pre_quant_scale"):
+        if getattr(first, n) is not None:
+            setattr(fused, n, getattr(first, n))
+    return fused
+
+
+class _Concat(nn.Module):
+    """Fallback when the parts cannot share one GEMM (e.g. different static input scales)."""
+
+    def __init__(self, mods: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(mods)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([m(x) for m in self.parts], dim=-1)
+
+
+# ---------------------------------------------------------------------------
+# reference ops (the fused module may replace them on CUDA)
+# ---------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Exactly HF's Qwen2_5_VLRMSNorm."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class ReferenceOps:
+    """The eager torch version of the loop's fusable steps (HF's op order and roundings)."""
+
+    def add_norm_linear(self, h: Tensor, delta: Tensor | None, weight: Tensor, eps: float,
+                        linear: nn.Module) -> tuple[Tensor, Tensor]:
+        """(h + delta, linear(RMSNorm(h + delta)))."""
+        if delta is not None:
+            h = h + delta
+        return h, linear(rms_norm(h, weight, eps))
+
+    def act_linear(self, gate_up: Tensor, linear: nn.Module) -> Tensor:
+        g, u = gate_up.chunk(2, dim=-1)
+        return linear(F.silu(g) * u)
+
+    def rope_cache(self, qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                   slots: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Tensor:
+        """Rotate q/k, write k/v into cache ``slots``; returns q [B, H, T, D]."""
+        b, t, _ = qkv.shape
+        q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+        q = q.view(b, t, n_heads, head_dim).transpose(1, 2)
+        k = k.view(b, t, n_kv, head_dim).transpose(1, 2)
+        v = v.view(b, t, n_kv, head_dim).transpose(1, 2)
+        k_cache.index_copy_(2, slots, k * cos + rotate_half(k) * sin)
+        v_cache.index_copy_(2, slots, v)
+        return q * cos + rotate_half(q) * sin
+
+
+@dataclass
+class _Layer:
+    ln1: Tensor
+    qkv: nn.Module
+    o: nn.Module
+    ln2: Tensor
+    gate_up: nn.Module
+    down: nn.Module
+
+
+def mrope_positions(input_ids: Tensor, attention_mask: Tensor, image_grid_thw: Tensor | None,
+                    image_token_id: int, merge: int) -> tuple[Tensor, Tensor]:
+    """(positions [3, B, T] long, next position [B] long) like HF's get_rope_index for images."""
+    b, t = input_ids.shape
+    pos = torch.zeros(3, b, t, dtype=torch.long)
+    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    nxt = torch.zeros(b, dtype=torch.long)
+    ids_all, mask_all = input_ids.cpu(), attention_mask.cpu().bool()
+    for row in range(b):
+        ids = ids_all[row][mask_all[row]]
+        is_img = (ids == image_token_id).tolist()
+        parts, cur, i = [], 0, 0
+        while i < len(ids):
+            j = i
+            while j < len(ids) and is_img[j] == is_img[i]:
+                j += 1
+            if not is_img[i]:
+                parts.append(torch.arange(j - i).view(1, -1).expand(3, -1) + cur)
+                cur += j - i
+                i = j
+                continue
+            gt, gh, gw = next(grids)
+            gh, gw = gh // merge, gw // merge
+            n = gt * gh * gw
+            tt, hh, ww = torch.meshgrid(torch.arange(gt), torch.arange(gh), torch.arange(gw), indexing="ij")
+            parts.append(torch.stack([tt, hh, ww]).reshape(3, -1) + cur)
+            cur += max(gt, gh, gw)
+            i += n  # a run may hold several consecutive images
+        cat = torch.cat(parts, dim=1)
+        pos[:, row, mask_all[row]] = cat
+        nxt[row] = cat.max() + 1
+    return pos.to(input_ids.device), nxt.to(input_ids.device)
+
+
+class LeanDecoder:
+    """Greedy generation for one batch size with a static KV cache of ``max_len`` tokens."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, graphs: bool | None = None,
+                 graph_prefill: bool = False, fused_ops: bool | None = None) -> None:
+        self.model = model
+        mm = model.model
+        lm = mm.language_model
+        cfg = model.config.get_text_config()
+        self.device = lm.embed_tokens.weight.device
+        self.dtype = lm.embed_tokens.weight.dtype
+        self.batch, self.max_len = batch, max_len
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.head_dim**-0.5
+        rot = lm.rotary_emb
+        self.inv_freq = rot.inv_freq.float().to(self.device)
+        self.rope_scaling = float(getattr(rot, "attention_scaling", 1.0))
+        rp = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        self.mrope_section = list(getattr(rot, "mrope_section", None) or rp.get("mrope_section") or [])
+        self.embed, self.norm_w, self.lm_head = lm.embed_tokens, lm.norm.weight, model.lm_head
+        self.image_token_id = model.config.image_token_id
+        self.merge = model.config.vision_config.spatial_merge_size
+        self.layers = []
+        for layer in lm.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            self.layers.append(_Layer(layer.input_layernorm.weight, fuse_linears([at.q_proj, at.k_proj, at.v_proj]),
+                                      at.o_proj, layer.post_attention_layernorm.weight,
+                                      fuse_linears([mlp.gate_proj, mlp.up_proj]), mlp.down_proj))
+        self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        dev, n_layers = self.device, len(self.layers)
+        shape = (n_layers, batch, self.n_kv, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=dev)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=dev)
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=dev)
+        self.kidx = torch.arange(max_len, device=dev)
+        # decode state, all on the device so one graph replay advances everything
+        self.tok = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=dev)  # rope position of `tok`
+        self.cur = torch.zeros(1, dtype=torch.long, device=dev)  # cache slot of `tok`
+        self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(batch, max_len, dtype=torch.long, device=dev)
+        self.logits = torch.zeros(batch, self.lm_head.weight.shape[0], dtype=torch.float32, device=dev)
+        self.use_graphs = (self.device.type == "cuda") if graphs is None else graphs
+        self.graph_prefill = graph_prefill and self.use_graphs
+        self._graph: Any = None
+        self._prefill_graphs: dict[int, tuple[Any, dict[str, Tensor]]] = {}
+        self._pool: Any = None
+        self.ops: Any = ReferenceOps()
+        self.fused_ops = (self.device.type == "cuda") if fused_ops is None else fused_ops
+        if self.fused_ops:
+            from vlmq.runtime.fused import FusedOps
+
+            self.ops = FusedOps(self.ops)
+
+    # -- building blocks ------------------------------------------------------
+
+    def rope(self, pos3: Tensor) -> tuple[Tensor, Tensor]:
+        """pos3 [3, B, T] -> cos, sin [B, 1, T, D] in the model dtype (HF's mrope recomposition)."""
+        freqs = pos3[..., None].float() * self.inv_freq
+        if self.mrope_section:
+            chunks = freqs.split(self.mrope_section, dim=-1)
+            freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
+        else:
+            freqs = freqs[0]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
+        return cos.to(self.dtype).unsqueeze(1), sin.to(self.dtype).unsqueeze(1)
+
+    def _group_mask(self, mask: Tensor) -> Tensor:
+        """[B, 1, T, S] -> [B, 1, G*T, S]: GQA runs as Hkv heads of G*T grouped queries."""
+        b, _, t, s = mask.shape
+        g = self.n_heads // self.n_kv
+        return mask.unsqueeze(2).expand(b, 1, g, t, s).reshape(b, 1, g * t, s)
+
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, gmask: Tensor) -> Tensor:
+        """q [B, H, T, D] against k/v [B, Hkv, S, D] -> [B, T, H*D]."""
+        b, h, t, d = q.shape
+        qg = q.reshape(b, self.n_kv, (h // self.n_kv) * t, d)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=gmask, scale=self.scale)
+        return out.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
+
+    def _layers(self, h: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, mask: Tensor, kv_len: int | None) -> Tensor:
+        """All decoder layers over h [B, T, H]; writes K/V at cache ``slots`` [T]; attends to the
+        first ``kv_len`` cache slots (None = all) under ``mask`` [B, 1, T, S]; returns the final
+        residual stream (before the last norm)."""
+        ops, gmask, delta = self.ops, self._group_mask(mask), None
+        for i, layer in enumerate(self.layers):
+            h, qkv = ops.add_norm_linear(h, delta, layer.ln1, self.eps, layer.qkv)
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            q = ops.rope_cache(qkv, cos, sin, kc, vc, slots, self.n_heads, self.n_kv, self.head_dim)
+            if kv_len is not None:
+                kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
+            h, gate_up = ops.add_norm_linear(h, layer.o(self._attention(q, kc, vc, gmask)), layer.ln2, self.eps,
+                                             layer.gate_up)
+            delta = ops.act_linear(gate_up, layer.down)
+        return h + delta
+
+    def _head(self, h_last: Tensor) -> None:
+        """Final norm + lm_head on [B, H]; logits and the greedy token into the static buffers."""
+        logits = self.lm_head(rms_norm(h_last, self.norm_w, self.eps)).float()
+        self.logits.copy_(logits)
+        self.tok.copy_(logits.argmax(-1))
+        self.tokens.index_copy_(1, self.step_idx, self.tok[:, None])
+
+    # -- decode step ------------------------------------------------------------
+
+    def _decode_step(self) -> None:
+        self.pos.add_(1)
+        self.cur.add_(1)
+        self.step_idx.add_(1)
+        self.key_valid.index_fill_(1, self.cur, True)
+        mask = (self.key_valid & (self.kidx <= self.cur))[:, None, None, :]
+        cos, sin = self.rope(self.pos.view(1, -1, 1).expand(3, -1, 1))
+        h = self.embed(self.tok)[:, None]
+        h = self._layers(h, cos, sin, self.cur, mask, None)
+        self._head(h[:, -1])
+
+    def _capture(self) -> None:
+        self._pool = self._pool or torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # JIT compiles, cuBLAS handles, split-K workspaces: outside the capture
+                self._decode_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._decode_step()
+        torch.cuda.synchronize(self.device)
+        self._graph = graph
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One greedy token for every row (state stays on the device)."""
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._decode_step()
+
+    # -- prefill ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor | None = None,
+                     image_grid_thw: Tensor | None = None) -> Tensor:
+        """Token embeddings with the vision tower's merged features scattered into image tokens."""
+        emb = self.embed(input_ids)
+        if pixel_values is None:
+            return emb
+        out = self.model.model.get_image_features(pixel_values.to(self.device), image_grid_thw.to(self.device))
+        feats = getattr(out, "pooler_output", None)
+        if feats is None:  # versions that return the merged features directly (or as last_hidden_state)
+            feats = getattr(out, "last_hidden_state", out)
+        if isinstance(feats, (list, tuple)):
+            feats = torch.cat(list(feats))
+        mask = input_ids == self.image_token_id
+        if int(mask.sum()) != feats.shape[0]:
+            raise ValueError(f"{int(mask.sum())} image tokens but {feats.shape[0]} image features")
+        return emb.masked_scatter(mask[..., None], feats.to(emb.dtype))
+
+    def _prefill_lm(self, emb: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> None:
+        t = emb.shape[1]
+        h = self._layers(emb, cos, sin, self.kidx[:t], mask, t)
+        self._head(h[:, -1])
+
+    def _prefill_graphed(self, emb: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> None:
+        t = emb.shape[1]
+        if t not in self._prefill_graphs:
+            self._pool = self._pool or torch.cuda.graph_pool_handle()
+            static = {"emb": emb.clone(), "cos": cos.clone(), "sin": sin.clone(), "mask": mask.clone()}
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._prefill_lm(**static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._prefill_lm(**static)
+            self._prefill_graphs[t] = (graph, static)
+        graph, static = self._prefill_graphs[t]
+        for name, value in (("emb", emb), ("cos", cos), ("sin", sin), ("mask", mask)):
+            static[name].copy_(value)
+        graph.replay()
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
+                image_grid_thw: Tensor | None = None, **_: Any) -> Tensor:
+        """Run the prompt; returns the greedy first token [B] (also in ``tokens[:, 0]``)."""
+        input_ids = input_ids.to(self.device)
+        b, t = input_ids.shape
+        if b != self.batch:
+            raise ValueError(f"this decoder was built for batch {self.batch}, got {b}")
+        if t >= self.max_len:
+            raise ValueError(f"prompt of {t} tokens does not fit a cache of {self.max_len}")
+        am = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)).bool()
+        if not bool(am[:, -1].all()):
+            raise ValueError("LeanDecoder needs left padding (the last prompt token of every row must be real)")
+        if self.use_graphs and self._graph is None:
+            self._capture()  # before the state below is set: the warm-up steps scribble on it
+        emb = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
+        pos3, nxt = mrope_positions(input_ids, am, image_grid_thw, self.image_token_id, self.merge)
+        cos, sin = self.rope(pos3)
+        self.key_valid.zero_()
+        self.key_valid[:, :t] = am
+        causal = self.kidx[:t, None] >= self.kidx[None, :t]
+        mask = (causal[None] & am[:, None, :]) | torch.eye(t, dtype=torch.bool, device=self.device)[None]
+        mask = mask[:, None]
+        self.step_idx.zero_()
+        if self.graph_prefill:
+            self._prefill_graphed(emb, cos, sin, mask)
+        else:
+            self._prefill_lm(emb, cos, sin, mask)
+        self.pos.copy_(nxt - 1)  # the step adds one before using it
+        self.cur.fill_(t - 1)
+        return self.tok.clone()
+
+    @torch.no_grad()
+    def generate(self, inputs: dict[str, Tensor], max_new_tokens: int) -> Tensor:
+        """Greedy tokens [B, max_new_tokens] (no stopping at EOS)."""
+        t = inputs["input_ids"].shape[1]
+        if t + max_new_tokens > self.max_len:
+            raise ValueError(f"{t} + {max_new_tokens} tokens exceed the cache of {self.max_len}")
+        self.prefill(**inputs)
+        for _ in range(max_new_tokens - 1):
+            self.step()
+        return self.tokens[:, :max_new_tokens].clone()
+
+

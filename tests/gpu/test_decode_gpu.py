@@ -1,0 +1,102 @@
+"""GPU tests for the lean decode loop and its fused kernels (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("triton")
+
+from test_decode_loop import N_NEW, assert_greedy_equivalent, hf_run, make_inputs, sharpened_model  # noqa: E402
+from vlmq.bench import quantize_language_model  # noqa: E402
+from vlmq.models.demo import build_demo_processor  # noqa: E402
+from vlmq.runtime import fused as FU  # noqa: E402
+from vlmq.runtime.decode import LeanDecoder, ReferenceOps, rms_norm  # noqa: E402
+from vlmq.runtime.linear import quantize_per_token  # noqa: E402
+
+DEV = "cuda"
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+
+
+@pytest.mark.parametrize("m", [1, 7, 300])
+def test_add_rms_norm_and_quant(m):
+    h, d = (torch.randn(m, 2048, device=DEV).bfloat16() for _ in range(2))
+    w = (torch.rand(2048, device=DEV) + 0.5).bfloat16()
+    hn, y = FU.add_rms_norm(h, d, w, 1e-6, quant=False)
+    assert torch.equal(hn, h + d)
+    ref = rms_norm(h + d, w, 1e-6)
+    assert ulps(y, ref).max() <= 1 and (y == ref).float().mean() > 0.99  # rsqrt vs 1/sqrt_rn
+    _, (q, s) = FU.add_rms_norm(h, d, w, 1e-6, quant=True)
+    qr, sr = quantize_per_token(y)  # quantization of the kernel's own bf16 output: exact
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+
+
+@pytest.mark.parametrize("m", [1, 7, 300])
+def test_silu_mul_and_quant(m):
+    gu = torch.randn(m, 2 * 11008, device=DEV).bfloat16()
+    g, u = gu.chunk(2, -1)
+    ref = torch.nn.functional.silu(g) * u
+    y = FU.silu_mul(gu, False)
+    assert ulps(y, ref).max() <= 1 and (y == ref).float().mean() > 0.99
+    q, s = FU.silu_mul(gu, True)
+    qr, sr = quantize_per_token(y)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+
+
+@pytest.mark.parametrize("b,t", [(1, 1), (8, 1), (2, 37)])
+def test_rope_cache(b, t):
+    nh, nkv, d, s = 16, 2, 128, 64
+    qkv = torch.randn(b, t, (nh + 2 * nkv) * d, device=DEV).bfloat16()
+    pos = torch.randint(0, 5000, (b, t), device=DEV)
+    freqs = pos[..., None].float() / (1e6 ** (torch.arange(0, d, 2, device=DEV).float() / d))
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().bfloat16()[:, None], emb.sin().bfloat16()[:, None]
+    slots = torch.randperm(s, device=DEV)[:t]
+    kc1 = torch.full((3, b, nkv, s, d), float("nan"), device=DEV).bfloat16()
+    vc1, kc2, vc2 = kc1.clone(), kc1.clone(), kc1.clone()
+    q1 = FU.rope_cache(qkv, cos, sin, kc1[1], vc1[1], slots, nh, nkv, d)
+    q2 = ReferenceOps().rope_cache(qkv, cos, sin, kc2[1], vc2[1], slots, nh, nkv, d)
+    assert torch.equal(q1, q2)
+    assert torch.equal(kc1.nan_to_num(7.0), kc2.nan_to_num(7.0)) and torch.equal(vc1.nan_to_num(7.0),
+                                                                                 vc2.nan_to_num(7.0))
+
+
+@pytest.fixture(scope="module")
+def processor():
+    proc = build_demo_processor()
+    proc.tokenizer.padding_side = "left"
+    return proc
+
+
+def lean(model, inputs, graphs: bool, fused: bool, graph_prefill: bool = False):
+    b = inputs["input_ids"].shape[0]
+    dec = LeanDecoder(model, b, 128, graphs=graphs, fused_ops=fused, graph_prefill=graph_prefill)
+    dec.prefill(**inputs)
+    logits = [dec.logits.clone()]
+    for _ in range(N_NEW - 1):
+        dec.step()
+        logits.append(dec.logits.clone())
+    return dec.tokens[:, :N_NEW].clone(), torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("w8a8", [False, True], ids=["bf16", "w8a8"])
+@pytest.mark.parametrize("rows", [["text"], ["image", "text"]], ids=["text", "image_text_b2"])
+def test_graph_loop_matches_hf(processor, w8a8, rows):
+    model = sharpened_model(torch.bfloat16).to(DEV)
+    if w8a8:
+        quantize_language_model(model, backend="triton")
+    inputs = {k: v.to(DEV) for k, v in make_inputs(processor, rows).items()}
+    ref_tokens, ref_logits = hf_run(model, inputs)
+    eager_tokens, eager_logits = lean(model, inputs, graphs=False, fused=True)
+    graph_tokens, graph_logits = lean(model, inputs, graphs=True, fused=True, graph_prefill=True)
+    # graph replay runs the very same kernels as the eager fused loop
+    assert torch.equal(graph_tokens, eager_tokens)
+    assert torch.allclose(graph_logits, eager_logits, rtol=0, atol=1e-6)
+    assert_greedy_equivalent(graph_tokens, ref_tokens, graph_logits, ref_logits, 2e-2, exact=False)
+    plain_tokens, plain_logits = lean(model, inputs, graphs=True, fused=False)
+    assert_greedy_equivalent(plain_tokens, ref_tokens, plain_logits, ref_logits, 2e-2, exact=False)

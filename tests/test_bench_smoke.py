@@ -1,0 +1,66 @@
+"""`vlmq bench` CPU smoke test: demo snapshot + demo export, and the random-shape path; JSON schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import describe, run_cli
+from vlmq.models.demo import write_demo_snapshot
+
+CASES = {"text_b1", "text_b2", "image_b1", "image_b2"}
+
+
+def check_results(data: dict, loop: str) -> None:
+    assert data["loop"] == loop and data["device"] == "cpu"
+    for key in ("versions", "date", "new_tokens", "prompt_tokens", "batch_sizes", "ratios"):
+        assert key in data
+    for label in ("bf16", "w8a8"):
+        res = data[label]
+        assert res["weight_bytes"] > 0 and "peak_gib" in res
+        assert CASES <= set(res)
+        for case in CASES:
+            r = res[case]
+            assert r["prompt_tokens"] > 0 and r["prefill_ms"] > 0 and r["decode_tok_s"] > 0
+            if loop == "lean":
+                assert r["graphs"] is False and len(r["tokens"]) == data["new_tokens"]
+        assert res["image_b1"]["prompt_tokens"] != res["text_b1"]["prompt_tokens"]
+        if loop == "lean":
+            assert res["image_b1"]["vision_ms"] > 0
+    ratios = data["ratios"]
+    for case in CASES:  # the hf loop's decode time is a difference of two timings: noisy on CPU
+        assert ratios[case]["prefill_speedup"] > 0 and ratios[case]["decode_speedup"] >= (0 if loop == "hf" else 1e-6)
+    assert 0.3 < ratios["weight_bytes_ratio"] < 0.9  # int8 LM linears, bf16 embeddings + vision
+
+
+ARGS = ["--batch-sizes", "1,2", "--new-tokens", "3", "--prompt-tokens", "16", "--iters", "1", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("loop", ["lean", "hf"])
+def test_bench_on_demo_checkpoints(demo_run, tmp_path, loop):
+    snapshot = write_demo_snapshot(tmp_path / "snap")
+    export = demo_run.export_dir / "compressed_tensors"
+    if not export.is_dir():
+        export = demo_run.modelopt_dir
+    out = tmp_path / "bench.json"
+    result = run_cli(["bench", "--baseline", str(snapshot), "--model-dir", str(export), "--loop", loop,
+                      *ARGS, "--out", str(out)], cwd=tmp_path)
+    assert result.rc == 0, describe(result)
+    data = json.loads(out.read_text())
+    check_results(data, loop)
+    assert "decode x" in result.stdout + result.stderr
+
+
+def test_bench_random_shape(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli(["bench", "--shape", "demo", "--loop", "lean", *ARGS, "--out", str(out)], cwd=tmp_path)
+    assert result.rc == 0, describe(result)
+    data = json.loads(out.read_text())
+    check_results(data, "lean")
+    assert data["source"] == "shape=demo" and "W8A8" in data["w8a8"]["model"]
+
+
+def test_bench_needs_a_model(tmp_path):
+    result = run_cli(["bench", "--device", "cpu"], cwd=tmp_path)
+    assert result.rc != 0
