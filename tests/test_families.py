@@ -18,7 +18,9 @@ def test_registry_is_keyed_by_model_type_and_refuses_unknown():
     assert family_for("qwen2_vl").name == "qwen2_vl" and family_for("qwen2_5_vl").name == "qwen2_5_vl"
     with pytest.raises(ValueError, match="unsupported model_type 'llava'"):
         family_for("llava")
-    assert all(f.vision for f in FAMILIES.values()), "every VLM family names its vision tower (kept bf16)"
+    vlms = [f for f in FAMILIES.values() if f.auto_class == "AutoModelForImageTextToText"]
+    assert vlms and all(f.vision for f in vlms), "every VLM family names its vision tower (kept bf16)"
+    assert family_for("llama").vision == () and family_for("qwen3").layers == "model.layers"
 
 
 def test_qwen2_vl_end_to_end(tmp_path):
@@ -46,3 +48,31 @@ def test_qwen2_vl_end_to_end(tmp_path):
         _, text_tokens = generate_text(model, processor, "Write a haiku about the sea.", max_new_tokens=4)
         _, image_tokens = generate_text(model, processor, "Describe this image.", image, max_new_tokens=4)
         assert text_tokens and image_tokens
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+def test_text_only_llm_end_to_end(tmp_path, family):
+    import json
+
+    from vlmq.models.demo import write_demo_text_snapshot
+
+    snapshot = write_demo_text_snapshot(tmp_path / family, family)
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tell me fact {i} about the sea.",
+                                        "answer": f"The sea covers {i + 60} percent of something."}) + "\n"
+                            for i in range(12)))
+    export = tmp_path / "export"
+    result = run_cli(["quantize", f"arch.snapshot={snapshot}", f"arch.family={family}", "calib.source=text_jsonl",
+                      f"calib.root={data}", f"export.dir={export}", f"log_root={tmp_path / 'logs'}"], cwd=tmp_path)
+    assert result.rc == 0, describe(result)
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["calibration"]["samples"] == 12 and manifest["calibration"]["images"] == 0
+    assert len(manifest["modules"]["quantized"]) == 14
+    verify = run_cli(["verify", str(export)], cwd=tmp_path)
+    assert verify.rc == 0, describe(verify)
+    for fmt in ("modelopt_hf", "compressed_tensors"):
+        model, tokenizer, info = load_w8a8(export / fmt, device="cpu")
+        assert info.family.name == family
+        assert sum(isinstance(m, W8A8Linear) for m in model.modules()) == 14
+        _, tokens = generate_text(model, tokenizer, "Write a haiku about the sea.", max_new_tokens=4)
+        assert tokens

@@ -49,7 +49,8 @@ def generate_text(model, processor, prompt: str, image=None, max_new_tokens: int
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
-    return processor.tokenizer.decode(new_tokens, skip_special_tokens=True), new_tokens
+    tokenizer = getattr(processor, "tokenizer", processor)   # text-only models: the processor is the tokenizer
+    return tokenizer.decode(new_tokens, skip_special_tokens=True), new_tokens
 
 
 @register_command("generate", "generate from a W8A8 checkpoint (or bf16 snapshot) for a quick look")

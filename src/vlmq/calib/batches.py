@@ -30,6 +30,11 @@ from vlmq.calib.images import DEFAULT_MAX_PIXELS, ImageRejected, load_rgb
 _SHORTEN_TRIES = 4
 
 
+def _tokenizer(processor: Any) -> Any:
+    """A VLM processor's tokenizer; a text-only model's "processor" is the tokenizer itself."""
+    return getattr(processor, "tokenizer", processor)
+
+
 def to_messages(sample: CalibSample) -> list[dict[str, Any]]:
     """The chat for one sample; the assistant turn is left out when there is no answer."""
     user: list[dict[str, Any]] = [{"type": "image"}] if sample.image is not None else []
@@ -56,7 +61,7 @@ def _image_tokens(processor: Any, image: Image.Image) -> int:
 
 def _rendered_length(processor: Any, sample: CalibSample, image: Image.Image | None) -> tuple[str, int]:
     text = processor.apply_chat_template(to_messages(sample), tokenize=False)
-    length = len(processor.tokenizer(text)["input_ids"])
+    length = len(_tokenizer(processor)(text)["input_ids"])
     if image is not None:
         length += _image_tokens(processor, image) - 1  # one <|image_pad|> becomes N of them
     return text, length
@@ -70,11 +75,11 @@ def _fit(processor: Any, sample: CalibSample, image: Image.Image | None, max_len
     for _ in range(_SHORTEN_TRIES):
         if length <= max_length:
             return text, length, shortened
-        ids = processor.tokenizer(getattr(sample, field), add_special_tokens=False)["input_ids"]
+        ids = _tokenizer(processor)(getattr(sample, field), add_special_tokens=False)["input_ids"]
         keep = len(ids) - (length - max_length)
         if keep < 1:
             break
-        cut = processor.tokenizer.decode(ids[:keep], skip_special_tokens=True).strip()
+        cut = _tokenizer(processor).decode(ids[:keep], skip_special_tokens=True).strip()
         if not cut:
             break
         sample = replace(sample, **{field: cut})
@@ -121,13 +126,9 @@ def make_batches(
     for start in range(0, len(prepared), batch_size):
         chunk = prepared[start : start + batch_size]
         images = [p.image for p in chunk if p.image is not None]
-        out = processor(
-            text=[p.text for p in chunk],
-            images=images or None,
-            padding=True,
-            padding_side="right",
-            return_tensors="pt",
-        )
+        image_kwargs = {"images": images} if images else {}   # a text-only model's processor is a tokenizer
+        out = processor(text=[p.text for p in chunk], padding=True, padding_side="right", return_tensors="pt",
+                        **image_kwargs)
         batch = dict(out)
         _check_batch(processor, batch, chunk, len(images), max_length)
         stats.tokens += int(batch["attention_mask"].sum())

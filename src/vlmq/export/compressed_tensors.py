@@ -8,6 +8,7 @@ from calibration) or dynamic per-token. Written with compressed-tensors' own API
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +49,18 @@ def to_checkpoint_name(name: str, family: Family) -> str:
     if name.startswith(lm_prefix):
         return f"{family.ckpt_language_model}.{name[len(lm_prefix):]}"
     for vision in family.vision:
-        if name == vision or name.startswith(vision + "."):
+        if family.ckpt_vision and (name == vision or name.startswith(vision + ".")):
             return family.ckpt_vision + name[len(vision):]
     return name
 
 
 @torch.no_grad()
 def fold_and_quantize(model: nn.Module, family: Family, act_amax: dict[str, torch.Tensor], quantized: list[str],
-                      alpha: float, activations: str = "static", smooth_o_proj: bool = True):
+                      alpha: float | Mapping[str, float], activations: str = "static", smooth_o_proj: bool = True):
     """Fold SmoothQuant into the bf16 `model`, then attach and fill the W8A8 scheme on `quantized`.
+
+    `alpha` is one value or per linear (quant.alpha_search); LM linears not in `quantized` (the
+    sensitivity fallback's) stay bf16 and are named in the `ignore` list.
 
     Returns (model, QuantizationConfig); weights are still floating point until compressed."""
     from compressed_tensors.quantization import (
@@ -96,11 +100,12 @@ def save_compressed(model: nn.Module, qconfig, out_dir: Path) -> None:
     compressor.update_config(str(out_dir))
 
 
-def load_clean_copy(snapshot: Path, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+def load_clean_copy(snapshot: Path, dtype: torch.dtype = torch.bfloat16, family: Family | None = None) -> nn.Module:
     """A fresh unquantized copy of the snapshot on CPU (ModelOpt has changed the live model)."""
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(snapshot, dtype=dtype, use_safetensors=True)
+    model_class = family.model_class() if family is not None else AutoModelForImageTextToText
+    model = model_class.from_pretrained(snapshot, dtype=dtype, use_safetensors=True)
     return model.to("cpu").eval()
 
 
@@ -108,8 +113,9 @@ def load_clean_copy(snapshot: Path, dtype: torch.dtype = torch.bfloat16) -> nn.M
 def export_compressed_tensors(model: nn.Module, processor, out_dir: Path, *, cfg: Any, family: Family,
                               audit: Any, snapshot: Path, **_: object) -> dict:
     act_amax = collect_act_amax(model, audit.quantized)
-    clean = load_clean_copy(snapshot)
-    clean, qconfig, fold = fold_and_quantize(clean, family, act_amax, audit.quantized, cfg.quant.alpha,
+    clean = load_clean_copy(snapshot, family=family)
+    alpha = getattr(audit, "alphas", None) or cfg.quant.alpha   # per linear after quant.alpha_search
+    clean, qconfig, fold = fold_and_quantize(clean, family, act_amax, audit.quantized, alpha,
                                              cfg.export.activations, cfg.export.smooth_o_proj)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_compressed(clean, qconfig, out_dir)

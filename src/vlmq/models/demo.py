@@ -190,3 +190,24 @@ def write_demo_qwen2_vl_snapshot(target: Path, seed: int = DEMO_SEED) -> Path:
     model.save_pretrained(target)
     processor.save_pretrained(target)
     return target
+
+
+def write_demo_text_snapshot(target: Path, family: str = "qwen2", seed: int = DEMO_SEED) -> Path:
+    """A tiny random text-only causal LM (Qwen2, Qwen3 or Llama) with the demo tokenizer."""
+    import transformers
+
+    base = json.loads(DEMO_CONFIG_PATH.read_text())["text_config"]
+    text = {k: v for k, v in base.items() if k not in ("model_type", "rope_parameters")}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0}
+    classes = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+               "llama": ("LlamaConfig", "LlamaForCausalLM")}
+    config_cls, model_cls = (getattr(transformers, name) for name in classes[family])
+    config = config_cls(**text)
+    config.architectures = [model_cls.__name__]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config).to(torch.bfloat16).eval()
+    target = Path(target)
+    model.save_pretrained(target)
+    build_demo_tokenizer().save_pretrained(target)
+    return target

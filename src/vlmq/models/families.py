@@ -30,6 +30,12 @@ class Family:
     # Checkpoint key prefixes as saved by `save_pretrained` (transformers' legacy layout).
     ckpt_language_model: str = "model"
     ckpt_vision: str = "visual"
+    auto_class: str = "AutoModelForImageTextToText"   # the transformers Auto class that loads it
+
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.auto_class)
 
 
 QWEN_LINEARS = (
@@ -75,6 +81,20 @@ register(Family(
     linears=QWEN_LINEARS,
     smooth_groups=QWEN_SMOOTH_GROUPS,
 ))
+
+
+# Text-only causal LMs: the decoder is `model`, there is no vision tower.
+for _name, _types, _archs in (
+    ("qwen2", ("qwen2",), ("Qwen2ForCausalLM",)),
+    ("qwen3", ("qwen3",), ("Qwen3ForCausalLM",)),
+    ("llama", ("llama",), ("LlamaForCausalLM",)),
+):
+    register(Family(
+        name=_name, model_types=_types, architectures=_archs, language_model="model", layers="model.layers",
+        vision=(), keep_bf16=("model.embed_tokens", "lm_head"), linears=QWEN_LINEARS,
+        smooth_groups=QWEN_SMOOTH_GROUPS, ckpt_language_model="model", ckpt_vision="",
+        auto_class="AutoModelForCausalLM",
+    ))
 
 
 class UnsupportedModelError(ValueError):

@@ -110,16 +110,14 @@ def pick_device(device: str) -> str:
 
 def load_model(snapshot: Snapshot, dtype: str = "bfloat16", device: str = "auto",
                max_memory: dict[str, str] | None = None, trust_remote_code: bool = False):
-    """Load the VLM in `dtype`: on CPU, one GPU, or sharded over several with device_map."""
-    from transformers import AutoModelForImageTextToText
-
+    """Load the model in `dtype`: on CPU, one GPU, or sharded over several with device_map."""
     device = pick_device(device)
     kwargs: dict = {"dtype": DTYPES[dtype], "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if device == "cuda":
         kwargs["device_map"] = "auto" if torch.cuda.device_count() > 1 or max_memory else {"": 0}
         if max_memory:
             kwargs["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
-    model = AutoModelForImageTextToText.from_pretrained(snapshot.path, **kwargs)
+    model = snapshot.family.model_class().from_pretrained(snapshot.path, **kwargs)
     if device == "cpu":
         model = model.to("cpu")
     return model.eval()

@@ -54,7 +54,7 @@ def to_module_name(ckpt_name: str, family: Family) -> str:
     if ckpt_name.startswith(lm):
         return f"{family.language_model}.{ckpt_name[len(lm) :]}"
     vision = family.ckpt_vision + "."
-    if ckpt_name.startswith(vision):
+    if family.ckpt_vision and ckpt_name.startswith(vision):
         return f"{family.vision[0]}.{ckpt_name[len(vision) :]}"
     return ckpt_name
 
@@ -81,7 +81,7 @@ def inspect_checkpoint(path: Path, tensors: dict[str, torch.Tensor] | None = Non
     int8 = sorted(k[: -len(".weight")] for k, v in tensors.items() if k.endswith(".weight") and v.dtype == torch.int8)
     if not int8:
         raise CheckpointError(f"{path}: no int8 weights, but config says it is quantized")
-    vision_int8 = [k for k in int8 if k.startswith(family.ckpt_vision + ".")]
+    vision_int8 = [k for k in int8 if family.ckpt_vision and k.startswith(family.ckpt_vision + ".")]
     if vision_int8:
         raise CheckpointError(f"{path}: vision tensor {vision_int8[0]}.weight is int8; the vision tower must stay bf16")
     if fmt == "modelopt_hf":
@@ -126,12 +126,12 @@ def build_w8a8_model(
 ) -> nn.Module:
     """The stock transformers model with W8A8Linear modules, weights loaded from `tensors`."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(info.path)
     config.quantization_config = None
     with init_empty_weights():
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+        model = info.family.model_class().from_config(config, dtype=dtype)
     state: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         module_key = to_module_name(key, info.family)
