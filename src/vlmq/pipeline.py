@@ -9,7 +9,7 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,9 +139,19 @@ def merge_stats(total: CalibStats, part: CalibStats) -> None:
 def peak_memory() -> dict[str, float]:
     out = {"cpu_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
     if torch.cuda.is_available():
-        out["gpu_peak_allocated_gib"] = round(
-            sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30, 3)
+        per_gpu = [round(torch.cuda.max_memory_allocated(i) / 2**30, 3) for i in range(torch.cuda.device_count())]
+        out["gpu_peak_allocated_gib"] = round(sum(per_gpu), 3)
+        if len(per_gpu) > 1:
+            out["gpu_peak_allocated_gib_per_device"] = per_gpu
     return out
+
+
+def placement(model: torch.nn.Module) -> dict[str, int]:
+    """How many parameters sit on each device (several GPUs: accelerate's device_map)."""
+    counts: dict[str, int] = {}
+    for param in model.parameters():
+        counts[str(param.device)] = counts.get(str(param.device), 0) + param.numel()
+    return counts
 
 
 def dir_bytes(path: Path, pattern: str = "*") -> int:
@@ -162,6 +172,41 @@ def estimate_export_bytes(model: torch.nn.Module, quantized: list[str]) -> int:
     return int(total * 1.02)
 
 
+def calibration_and_held_out(cfg: Config, calib_root: Path) -> tuple[list, list, CalibStats]:
+    """`calib.num_samples` samples to calibrate on plus `quant.kl_samples` held out for KL (the
+    sensitivity fallback and `vlmq sensitivity`), loaded together so they are disjoint. When the
+    data has no more than calib.num_samples samples, KL is measured on the last ones calibrated on."""
+    import dataclasses
+
+    n, k = cfg.calib.num_samples, cfg.quant.kl_samples
+    more = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, num_samples=n + k))
+    everything, stats = load_calibration_samples(more, calib_root)
+    stats.requested = n
+    if len(everything) > n:
+        return everything[:n], everything[n:], stats
+    log.warning("only %d calibration samples: KL is measured on %d of them (not held out)", len(everything),
+                min(k, len(everything)))
+    return everything, everything[-k:], stats
+
+
+def make_forward_loop(samples: list, processor: Any, cfg: Config, batch_size: int,
+                      stats: CalibStats) -> Callable[[torch.nn.Module], None]:
+    """A ModelOpt forward loop over `samples` (the full VLM, OOM back-off), counting into `stats`."""
+    from vlmq.calib.batches import make_batches
+    from vlmq.quantize.calibrate import forward_all
+
+    def loop(m: torch.nn.Module) -> None:
+        stats.samples = stats.images = stats.tokens = stats.truncated = 0
+        pending: list[CalibStats] = []
+
+        def batches_for(chunk: list) -> list[dict]:
+            pending[:] = [CalibStats(requested=len(chunk))]
+            return make_batches(processor, chunk, len(chunk), cfg.calib.max_length, pending[0])
+
+        forward_all(m, samples, batches_for, batch_size, lambda n: merge_stats(stats, pending[0]))
+    return loop
+
+
 def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """The whole `vlmq quantize` job; returns the manifest body."""
     from vlmq.calib.batches import make_batches
@@ -169,8 +214,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     from vlmq.export.atomic import atomic_directory, check_free_space, check_target, clean_stale_staging
     from vlmq.export.manifest import package_versions, write_manifest
     from vlmq.models.load import load_model, load_processor
-    from vlmq.quantize.calibrate import audit, forward_all, quantize, resolve_batch_size
-    from vlmq.quantize.recipe import build_modelopt_config
+    from vlmq.quantize.calibrate import audit, forward_all, quantize_lm, resolve_batch_size
 
     if cfg.arch.quantized:
         raise ConfigError(f"arch {cfg.arch.name} is a quantized checkpoint; `vlmq quantize` needs a bf16 snapshot "
@@ -180,7 +224,11 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     clean_stale_staging(ctx.export_dir)  # staging dirs of killed runs (their pid is gone)
     check_target(ctx.export_dir, cfg.force)
     with ctx.stage("prepare"), library_chatter_to_log():
-        samples, stats = load_calibration_samples(cfg, ctx.calib_root)
+        held_out: list = []
+        if cfg.quant.max_kl is not None:
+            samples, held_out, stats = calibration_and_held_out(cfg, ctx.calib_root)
+        else:
+            samples, stats = load_calibration_samples(cfg, ctx.calib_root)
         if ctx.demo:
             from vlmq.models.demo import write_demo_snapshot
 
@@ -203,6 +251,8 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
         model = load_model(snapshot, cfg.arch.dtype, cfg.device, cfg.arch.max_memory,
                            cfg.arch.trust_remote_code)
         processor = load_processor(snapshot.path, cfg.arch.trust_remote_code)
+    params_per_device = placement(model)
+    log.info("parameters per device: %s", params_per_device)
     device = next(model.parameters()).device
     if device.type == "cuda" and cfg.calib.gpu_memory_fraction < 1.0:
         for index in range(torch.cuda.device_count()):
@@ -226,11 +276,23 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 advance(n)
             calib_log = forward_all(m, samples, batches_for, batch_size, done)
 
+    probe = None
+    if cfg.quant.max_kl is not None:
+        from vlmq.quantize.sensitivity import KLProbe
+
+        with ctx.stage("reference_logits"):
+            probe = KLProbe.capture(model, make_batches(processor, held_out, batch_size, cfg.calib.max_length))
     with ctx.stage("calibrate_quantize"), library_chatter_to_log():
-        recipe = build_modelopt_config(cfg.quant, snapshot.family)
-        model = quantize(model, recipe, forward_loop)
+        model, lmq = quantize_lm(model, snapshot.family, cfg.quant, forward_loop)
     num_layers = len(model.get_submodule(snapshot.family.layers))
-    result_audit = audit(model, snapshot.family, num_layers)
+    fallback_report: dict[str, Any] | None = None
+    exclude: list[str] = []
+    if probe is not None:
+        model, lmq, exclude, fallback_report = sensitivity_fallback(
+            ctx, cfg, snapshot, model, lmq, probe, forward_loop, num_layers)
+    recipe = lmq.recipe
+    result_audit = audit(model, snapshot.family, num_layers, exclude=exclude)
+    result_audit.alphas = lmq.alphas
 
     exports: dict[str, dict] = {}
     manifest: dict[str, Any] = {}
@@ -257,10 +319,15 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
             "calibration": {**stats.to_dict(), "root": str(ctx.calib_root),
                             "batch_size": calib_log.__dict__ if calib_log else None},
             "modules": result_audit.to_dict(),
+            "smoothquant": {"alpha_search": cfg.quant.alpha_search,
+                            "alpha": None if cfg.quant.alpha_search else cfg.quant.alpha,
+                            "search": lmq.search.to_dict() if lmq.search is not None else None},
+            "sensitivity_fallback": fallback_report,
             "exports": exports,
             "sizes": {"bf16_safetensors_bytes": bf16_bytes, "export_estimate_bytes": estimate},
             "timings_s": {**ctx.timings, "export": round(sum(e["seconds"] for e in exports.values()), 3)},
             "peak_memory": peak_memory(),
+            "params_per_device": params_per_device,
             "run_dir": str(run_dir),
             "export_dir": str(ctx.export_dir),
         }
@@ -268,3 +335,34 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     manifest["timings_s"] = dict(ctx.timings)
     (run_dir / "manifest.json").write_text((ctx.export_dir / "manifest.json").read_text())
     return manifest
+
+
+def sensitivity_fallback(ctx: RunContext, cfg: Config, snapshot: Snapshot, model: torch.nn.Module, lmq: Any,
+                         probe: Any, forward_loop: Any, num_layers: int) -> tuple:
+    """`quant.max_kl`: rank the linears on the calibrated model, pick the fewest most sensitive to
+    keep bf16, then quantize a fresh bf16 model without them (same alphas). Returns
+    (model, LMQuantization, exclude, report for the manifest)."""
+    import gc
+
+    from vlmq.models.families import quantized_linear_names
+    from vlmq.models.load import load_model
+    from vlmq.quantize.calibrate import quantize_lm
+    from vlmq.quantize.sensitivity import choose_fallback, rank_linears
+
+    names = quantized_linear_names(snapshot.family, num_layers)
+    with ctx.stage("sensitivity"), progress_bar("sensitivity", len(names)) as advance:
+        sens = rank_linears(model, names, probe, advance)
+        fallback = choose_fallback(model, sens, probe, cfg.quant.max_kl)
+    log.info("sensitivity fallback: %d linears bf16 for KL <= %g: %s", len(fallback.exclude), cfg.quant.max_kl,
+             fallback.exclude)
+    if fallback.exclude:
+        del model
+        gc.collect()
+        with ctx.stage("requantize"), library_chatter_to_log():
+            model = load_model(snapshot, cfg.arch.dtype, cfg.device, cfg.arch.max_memory, cfg.arch.trust_remote_code)
+            model, lmq = quantize_lm(model, snapshot.family, cfg.quant, forward_loop, exclude=fallback.exclude,
+                                     alphas=lmq.alphas)
+    fallback.kl_final = probe.kl(model)
+    report = {**fallback.to_dict(), "kl_samples": sum(int(b["input_ids"].shape[0]) for b in probe.batches),
+              "tokens": probe.tokens, "sensitivity": sens.to_dict()}
+    return model, lmq, fallback.exclude, report
