@@ -4,9 +4,11 @@ selection, results.json against its schema, exit codes from the gates, lmms-eval
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +40,13 @@ class CheckRun:
         return json.loads((self.run_dir / "results.json").read_text())
 
 
-@pytest.fixture(scope="session")
-def check_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A demo export whose calibration left 4 COCO images out."""
+@functools.lru_cache(maxsize=1)
+def _check_export() -> Path:
+    """A demo export whose calibration left 4 COCO images out (built once per process: shared with
+    test_report_browser, which imports these fixtures)."""
     from vlmq.cli import main
 
-    work = tmp_path_factory.mktemp("check_quantize")
+    work = Path(tempfile.mkdtemp(prefix="vlmq-check-quantize-"))
     rc = main(["quantize", f"log_root={work / 'logs'}", f"export.dir={work / 'export'}", "run_name=q",
                f"calib.num_samples={CALIB_N}"])  # in process: the subprocess CLI is exercised by check_pass
     assert rc == 0
@@ -64,14 +67,26 @@ def _overrides(log_root: Path, run: str) -> list[str]:
     return [f"log_root={log_root}", f"run_name={run}", f"infer.max_new_tokens={NEW_TOKENS}", "infer.heldout_samples=3"]
 
 
-@pytest.fixture(scope="session")
-def check_pass(check_export: Path, tmp_path_factory: pytest.TempPathFactory) -> CheckRun:
-    """`vlmq check` of the compressed-tensors export with lenient gates (the browser test reads its report)."""
-    work = tmp_path_factory.mktemp("check_pass")
-    result = run_cli(["check", "--model-dir", str(check_export / "compressed_tensors"), "--label", "w8a8",
+@functools.lru_cache(maxsize=1)
+def _check_pass() -> CheckRun:
+    export = _check_export()
+    work = Path(tempfile.mkdtemp(prefix="vlmq-check-pass-"))
+    result = run_cli(["check", "--model-dir", str(export / "compressed_tensors"), "--label", "w8a8",
                       "--max-kl", "1", "--min-top1", "0.5", "--max-nll-delta", "1", "--min-sqnr", "10",
                       *_overrides(work / "logs", "pass")], cwd=work)
-    return CheckRun(result, work / "logs" / "pass", check_export, work / "logs")
+    return CheckRun(result, work / "logs" / "pass", export, work / "logs")
+
+
+@pytest.fixture(scope="session")
+def check_export() -> Path:
+    return _check_export()
+
+
+@pytest.fixture(scope="session")
+def check_pass() -> CheckRun:
+    """`vlmq check` (subprocess) of the compressed-tensors export with lenient gates; the browser test
+    reads its report."""
+    return _check_pass()
 
 
 # ---------------------------------------------------------------- metrics on constructed cases

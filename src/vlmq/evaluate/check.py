@@ -24,6 +24,7 @@ from torch import nn
 from vlmq.cli import register_command
 from vlmq.config import Config, ConfigError
 from vlmq.evaluate.metrics import (
+    aggregate_fidelity,
     column_factors,
     generation_agreement,
     range_summary,
@@ -31,7 +32,6 @@ from vlmq.evaluate.metrics import (
     sequence_nll,
     token_kl,
     top1_agreement,
-    weighted_mean,
 )
 
 log = logging.getLogger(__name__)
@@ -291,32 +291,6 @@ def score_case(ref: nn.Module, test: nn.Module, processor, case: Case, max_new_t
             "metrics": metrics}
 
 
-def aggregate(samples: list[dict], layers: list[dict]) -> dict[str, Any]:
-    import math
-
-    m = [s["metrics"] for s in samples]
-    tokens = [x["tokens"] for x in m]
-    caps = [x for x in m if "nll_baseline" in x]
-    nll_b = weighted_mean([x["nll_baseline"] for x in caps], [x["nll_tokens"] for x in caps])
-    nll_q = weighted_mean([x["nll_w8a8"] for x in caps], [x["nll_tokens"] for x in caps])
-    finite = [x["sqnr_db"] for x in layers if x["sqnr_db"] is not None]
-    return {
-        "samples": len(m), "tokens": sum(tokens),
-        "kl_mean": weighted_mean([x["kl_mean"] for x in m], tokens),
-        "kl_max": max((x["kl_max"] for x in m), default=None),
-        "top1": weighted_mean([x["top1"] for x in m], tokens),
-        "generation_exact": sum(x["exact_match"] for x in m) / len(m) if m else None,
-        "generation_overlap": sum(x["token_overlap"] for x in m) / len(m) if m else None,
-        "caption_samples": len(caps), "nll_baseline": nll_b, "nll_w8a8": nll_q,
-        "nll_delta": None if nll_b is None else nll_q - nll_b,
-        "ppl_baseline": None if nll_b is None else math.exp(nll_b),
-        "ppl_w8a8": None if nll_q is None else math.exp(nll_q),
-        "ppl_delta": None if nll_b is None else math.exp(nll_q) - math.exp(nll_b),
-        "sqnr_db_mean": sum(finite) / len(finite) if finite else None,
-        "sqnr_db_min": min(finite) if finite else None,
-    }
-
-
 def layer_table(probe: LayerProbe, factors: dict[str, torch.Tensor], source: str) -> list[dict]:
     out = []
     for name in probe.names:
@@ -395,7 +369,7 @@ def run_check(cfg: Config, run_dir: Path, args: argparse.Namespace) -> dict[str,
             samples.append(score_case(ref, test, processor, case, cfg.infer.max_new_tokens, probe))
             log.info("%s: %s", case.id, samples[-1]["metrics"])
     layers = layer_table(probe, factors, source)
-    metrics = aggregate(samples, layers)
+    metrics = aggregate_fidelity(samples, layers)
     timings["score"] = round(time.perf_counter() - t, 3)
     device = str(next(test.parameters()).device)
     del ref, test, probe

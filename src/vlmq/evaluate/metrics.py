@@ -96,3 +96,28 @@ def row_factors(w_ref: torch.Tensor, w_deq: torch.Tensor, col: torch.Tensor, fra
     keep = _significant(w_ref, frac) & (w_ref != 0)
     ratio = torch.where(keep, (w_deq / torch.where(keep, w_ref, 1.0)).abs(), torch.nan)
     return torch.nan_to_num(ratio.nanmedian(dim=1).values, nan=1.0)
+
+
+def aggregate_fidelity(samples: list[dict], layers: list[dict]) -> dict:
+    """Run-level metrics from per-sample metrics (token-weighted) and the per-layer table of `vlmq check`."""
+    m = [s["metrics"] for s in samples]
+    tokens = [x["tokens"] for x in m]
+    caps = [x for x in m if "nll_baseline" in x]
+    nll_b = weighted_mean([x["nll_baseline"] for x in caps], [x["nll_tokens"] for x in caps])
+    nll_q = weighted_mean([x["nll_w8a8"] for x in caps], [x["nll_tokens"] for x in caps])
+    finite = [x["sqnr_db"] for x in layers if x["sqnr_db"] is not None]
+    return {
+        "samples": len(m), "tokens": sum(tokens),
+        "kl_mean": weighted_mean([x["kl_mean"] for x in m], tokens),
+        "kl_max": max((x["kl_max"] for x in m), default=None),
+        "top1": weighted_mean([x["top1"] for x in m], tokens),
+        "generation_exact": sum(x["exact_match"] for x in m) / len(m) if m else None,
+        "generation_overlap": sum(x["token_overlap"] for x in m) / len(m) if m else None,
+        "caption_samples": len(caps), "nll_baseline": nll_b, "nll_w8a8": nll_q,
+        "nll_delta": None if nll_b is None else nll_q - nll_b,
+        "ppl_baseline": None if nll_b is None else math.exp(nll_b),
+        "ppl_w8a8": None if nll_q is None else math.exp(nll_q),
+        "ppl_delta": None if nll_b is None else math.exp(nll_q) - math.exp(nll_b),
+        "sqnr_db_mean": sum(finite) / len(finite) if finite else None,
+        "sqnr_db_min": min(finite) if finite else None,
+    }
