@@ -21,13 +21,15 @@ from vlmq.bench import make_inputs, quantize_language_model  # noqa: E402
 from vlmq.runtime.decode import LeanDecoder  # noqa: E402
 
 
-def compare(model, inputs, n: int) -> dict:
+def hf(model, inputs, n: int):
     out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
                          return_dict_in_generate=True)
-    ref_tok = out.sequences[:, inputs["input_ids"].shape[1]:]
-    ref_logits = torch.stack(out.logits, 1).float()
-    dec = LeanDecoder(model, inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + n + 64,
-                      graph_prefill=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1).float()
+
+
+def compare(model, inputs, n: int, ref, **kw) -> dict:
+    ref_tok, ref_logits = ref
+    dec = LeanDecoder(model, inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + n + 64, **kw)
     dec.prefill(**inputs)
     logits = [dec.logits.clone()]
     for _ in range(n - 1):
@@ -44,10 +46,32 @@ def compare(model, inputs, n: int) -> dict:
             "lean": tok[0].tolist(), "hf": ref_tok[0].tolist()}
 
 
+def profile_step(model, processor, label: str) -> None:
+    """Kernel time of one decode step (eager launch, fused ops) at batch 1: where the step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = {k: v.cuda() for k, v in make_inputs(processor, "text", 1, 512, (448, 336)).items()}
+    dec = LeanDecoder(model, 1, 640, graphs=False)
+    with torch.no_grad():
+        dec.prefill(**inputs)
+        for _ in range(3):
+            dec.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            dec.step()
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events)
+    print(f"== {label} decode step kernels: {total / 1e3:.3f} ms GPU time (b=1, S=640)")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
+        print(f"  {e.self_device_time_total / 1e3:8.3f} ms {e.count:5d}x  {e.key[:90]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, processor = build("3b", "cuda")
@@ -58,8 +82,14 @@ def main() -> None:
         for kind in ("text", "image"):
             inputs = {k: v.cuda() for k, v in make_inputs(processor, kind, 1, 128, (448, 336)).items()}
             with torch.no_grad():
-                results[f"{label}_{kind}"] = r = compare(model, inputs, args.new_tokens)
-            print(label, kind, {k: v for k, v in r.items() if k not in ("lean", "hf")}, flush=True)
+                ref = hf(model, inputs, args.new_tokens)
+                for name, kw in (("graph_fused", {"graph_prefill": True}),
+                                 ("eager_reference_ops", {"graphs": False, "fused_ops": False})):
+                    results[f"{label}_{kind}_{name}"] = r = compare(model, inputs, args.new_tokens, ref, **kw)
+                    print(label, kind, name, {k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()
+                                              if k not in ("lean", "hf")}, flush=True)
+        if args.profile:
+            profile_step(model, processor, label)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

@@ -10,11 +10,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,power.limit --
 $PY -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 step() { echo "== $1 $(date +%T)"; }
 step tests
-timeout ${T_TESTS:-150} $PY -m pytest -q -p no:cacheprovider tests/gpu/test_decode_gpu.py -x 2>&1 | tail -25 | tee "$OUT/tests.txt"
+timeout ${T_TESTS:-150} $PY -m pytest -q -p no:cacheprovider tests/gpu/test_decode_gpu.py 2>&1 | tail -40 | tee "$OUT/tests.txt"
 step bench
 timeout ${T_BENCH:-260} $PY -m vlmq bench --shape 3b --batch-sizes ${BATCHES:-1,8} --new-tokens ${NEW:-64} \
   --prompt-tokens ${PROMPT:-512} --iters ${ITERS:-3} --linear-ms ${LINEAR_MS:-1,8,2048,8192} \
   ${BENCH_EXTRA:-} --out "$OUT/bench_3b.json" 2>&1 | tail -40 | tee "$OUT/bench.txt"
 step check3b
-timeout ${T_CHECK:-120} $PY benchmarks/check_decode_3b.py --out "$OUT/check_3b.json" 2>&1 | grep -v Warn | tail -8
+timeout ${T_CHECK:-120} $PY benchmarks/check_decode_3b.py --profile --out "$OUT/check_3b.json" 2>&1 | grep -v Warn | tail -50 | tee "$OUT/check.txt"
 step done

@@ -173,6 +173,14 @@ FUSED_SCRIPT = textwrap.dedent("""
     assert torch.equal(a[0], b[0])
     # the interpreter truncates the GEMM's bf16 output (the GPU rounds): one bf16 ulp
     assert ((a[1].float() - b[1].float()).abs() <= a[1].float().abs() * 2**-7 + 1e-6).all()
+    # decode attention (fp16 here: the interpreter's bf16 dot is broken; the GPU test covers bf16)
+    q = torch.randn(2, 4, 1, 32).half()
+    kc, vc = torch.randn(2, 2, 128, 32).half(), torch.randn(2, 2, 128, 32).half()
+    valid = torch.rand(2, 128) > 0.2
+    cur = torch.tensor([77])
+    o1 = FU.decode_attention(q, kc, vc, valid, cur, 32**-0.5)
+    o2 = FU.decode_attention_reference(q, kc, vc, valid, cur, 32**-0.5)
+    assert ((o1.float() - o2.float()).norm() / o2.float().norm()).item() < 2e-3
     print("FUSED-OK")
 """)
 

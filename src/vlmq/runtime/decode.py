@@ -63,6 +63,9 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module:
     """One linear over the concatenated outputs of ``mods``; each module keeps a view of it."""
     if not _can_fuse(mods):
         return _Concat(mods)
+    cached = getattr(mods[0], "_lean_fused", None)  # a second decoder on the same model: no new copy
+    if cached is not None and cached[1] == tuple(m.weight.data_ptr() for m in mods):
+        return cached[0]
     sizes = [m.out_features for m in mods]
     names = ["weight", "bias"] + (["weight_scale"] if isinstance(mods[0], W8A8Linear) else [])
     cat = {n: torch.cat([getattr(m, n) for m in mods]) for n in names if getattr(mods[0], n) is not None}
@@ -75,7 +78,7 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module:
         fused.weight = nn.Parameter(cat["weight"], requires_grad=False)
         if first.bias is not None:
             fused.bias = nn.Parameter(cat["bias"], requires_grad=False)
-        return fused
+        return _remember(mods, fused)
     fused = W8A8Linear(first.in_features, sum(sizes), bias=first.bias is not None, static=first.is_static,
                        pre_quant_scale=first.pre_quant_scale is not None, device="meta", backend=first.backend)
     for n, t in cat.items():
@@ -83,6 +86,11 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module:
     for n in ("input_scale", "pre_quant_scale"):
         if getattr(first, n) is not None:
             setattr(fused, n, getattr(first, n))
+    return _remember(mods, fused)
+
+
+def _remember(mods: list[nn.Module], fused: nn.Module) -> nn.Module:
+    object.__setattr__(mods[0], "_lean_fused", (fused, tuple(m.weight.data_ptr() for m in mods)))
     return fused
 
 
@@ -259,7 +267,9 @@ class LeanDecoder:
         """[B, 1, T, S] -> [B, 1, G*T, S]: GQA runs as Hkv heads of G*T grouped queries."""
         b, _, t, s = mask.shape
         g = self.n_heads // self.n_kv
-        return mask.unsqueeze(2).expand(b, 1, g, t, s).reshape(b, 1, g * t, s)
+        m = mask.unsqueeze(2).expand(b, 1, g, t, s).reshape(b, 1, g * t, s)
+        # additive once per forward, not a bool -> float conversion inside every layer's SDPA
+        return torch.zeros(m.shape, dtype=self.dtype, device=m.device).masked_fill_(~m, float("-inf"))
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, gmask: Tensor) -> Tensor:
         """q [B, H, T, D] against k/v [B, Hkv, S, D] -> [B, T, H*D]."""
@@ -272,15 +282,20 @@ class LeanDecoder:
         """All decoder layers over h [B, T, H]; writes K/V at cache ``slots`` [T]; attends to the
         first ``kv_len`` cache slots (None = all) under ``mask`` [B, 1, T, S]; returns the final
         residual stream (before the last norm)."""
-        ops, gmask, delta = self.ops, self._group_mask(mask), None
+        ops, delta = self.ops, None
+        kernel_attn = kv_len is None and h.shape[1] == 1 and hasattr(ops, "decode_attention")
+        gmask = None if kernel_attn else self._group_mask(mask)
         for i, layer in enumerate(self.layers):
             h, qkv = ops.add_norm_linear(h, delta, layer.ln1, self.eps, layer.qkv)
             kc, vc = self.k_cache[i], self.v_cache[i]
             q = ops.rope_cache(qkv, cos, sin, kc, vc, slots, self.n_heads, self.n_kv, self.head_dim)
-            if kv_len is not None:
-                kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
-            h, gate_up = ops.add_norm_linear(h, layer.o(self._attention(q, kc, vc, gmask)), layer.ln2, self.eps,
-                                             layer.gate_up)
+            if kernel_attn:  # decode: split-S Triton attention over the valid cache slots <= cur
+                attn = ops.decode_attention(q, kc, vc, self.key_valid, self.cur, self.scale)
+            else:
+                if kv_len is not None:
+                    kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
+                attn = self._attention(q, kc, vc, gmask)
+            h, gate_up = ops.add_norm_linear(h, layer.o(attn), layer.ln2, self.eps, layer.gate_up)
             delta = ops.act_linear(gate_up, layer.down)
         return h + delta
 

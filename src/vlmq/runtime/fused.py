@@ -112,6 +112,96 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, kc_ptr, vc_p
         tl.store(dst + HALF + d, o2)
 
 
+@triton.jit
+def _decode_attn_partial(q_ptr, kc_ptr, vc_ptr, valid_ptr, cur_ptr, ws_ptr, scale,
+                         n_heads, n_kv, S, kc_sb, kc_sh, per_split,
+                         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                         SPLITS: tl.constexpr):  # fmt: skip
+    """One (batch row, kv head, S split): online softmax of its G query heads over the split's keys."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // n_kv
+    kvh = pid % n_kv
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (b * n_heads + kvh * G + g)[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
+    n_keys = tl.load(cur_ptr) + 1
+    start = split * per_split
+    end = tl.minimum(start + per_split, n_keys)
+    m_i = tl.full([GP], -1e30, tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    base = b.to(tl.int64) * kc_sb + kvh * kc_sh
+    for s0 in range(start, end, BLOCK_S):
+        offs = s0 + tl.arange(0, BLOCK_S)
+        ok = offs < end
+        ok = ok & (tl.load(valid_ptr + b * S + offs, mask=ok, other=0) != 0)
+        k = tl.load(kc_ptr + base + offs[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(vc_ptr + base + offs[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        sc = tl.dot(q, tl.trans(k)) * scale
+        sc = tl.where(ok[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    row = (pid * SPLITS + split) * GP + g
+    tl.store(ws_ptr + row * (D + 2) + D, m_i)
+    tl.store(ws_ptr + row * (D + 2) + D + 1, l_i)
+    tl.store(ws_ptr + row[:, None] * (D + 2) + d[None, :], acc)
+
+
+@triton.jit
+def _decode_attn_combine(ws_ptr, out_ptr, n_kv, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                         SPLITS: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0)  # b * n_kv + kvh
+    g = tl.program_id(1)
+    d = tl.arange(0, D)
+    sp = tl.arange(0, SPLITS)
+    rows = (pid * SPLITS + sp) * GP + g
+    m = tl.load(ws_ptr + rows * (D + 2) + D)
+    l_ = tl.load(ws_ptr + rows * (D + 2) + D + 1)
+    w = tl.exp(m - tl.max(m, axis=0))
+    acc = tl.load(ws_ptr + rows[:, None] * (D + 2) + d[None, :])
+    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_ * w, axis=0)
+    b = pid // n_kv
+    head = (pid % n_kv) * G + g
+    tl.store(out_ptr + (b * n_kv * G + head) * D + d, o.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, cur: Tensor,
+                     scale: float, splits: int = 16, block_s: int = 64) -> Tensor:
+    """q [B, H, 1, D] against cache slots ``<= cur`` that ``key_valid`` [B, S] marks -> [B, 1, H*D].
+    Caches [B, Hkv, S, D] with contiguous slots; GQA heads share their kv head's loads."""
+    b, h, t, d = q.shape
+    n_kv, s = k_cache.shape[1], k_cache.shape[2]
+    assert t == 1 and k_cache.stride(2) == d and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
+    g = h // n_kv
+    gp = max(16, _next_pow2(g))
+    per_split = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
+    ws = torch.empty(b * n_kv * splits * gp * (d + 2), dtype=torch.float32, device=q.device)
+    out = torch.empty((b, 1, h * d), dtype=q.dtype, device=q.device)
+    q = q.contiguous()
+    _decode_attn_partial[(b * n_kv, splits)](
+        q, k_cache, v_cache, key_valid.view(torch.uint8), cur, ws, scale, h, n_kv, s,
+        k_cache.stride(0), k_cache.stride(1), per_split,
+        G=g, GP=gp, D=d, BLOCK_S=block_s, SPLITS=splits, num_warps=4,
+    )  # fmt: skip
+    _decode_attn_combine[(b * n_kv, g)](ws, out, n_kv, G=g, GP=gp, D=d, SPLITS=splits, num_warps=1)
+    return out
+
+
+def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, cur: Tensor,
+                               scale: float) -> Tensor:
+    b, h, _, d = q.shape
+    n_kv, s = k_cache.shape[1], k_cache.shape[2]
+    valid = key_valid & (torch.arange(s, device=q.device) <= cur)
+    sc = (q.reshape(b, n_kv, h // n_kv, d).float() @ k_cache.float().transpose(-1, -2)) * scale
+    p = sc.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)
+    return (p @ v_cache.float()).reshape(b, 1, h * d).to(q.dtype)
+
+
 def _warps(block: int) -> int:
     return max(1, min(16, block // 512))
 
@@ -211,3 +301,9 @@ class FusedOps:
         if not _on_device(qkv) or not qkv.is_contiguous():
             return self.ref.rope_cache(qkv, cos, sin, k_cache, v_cache, slots, n_heads, n_kv, head_dim)
         return rope_cache(qkv, cos, sin, k_cache, v_cache, slots, n_heads, n_kv, head_dim)
+
+    def decode_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, cur: Tensor,
+                         scale: float) -> Tensor:
+        if not _on_device(q):
+            return decode_attention_reference(q, k_cache, v_cache, key_valid, cur, scale)
+        return decode_attention(q, k_cache, v_cache, key_valid, cur, scale)
