@@ -25,6 +25,8 @@ from vlmq.models.load import Snapshot, inspect_snapshot
 log = logging.getLogger(__name__)
 
 DEMO_EXPORT_DIR = "models/vlmq_demo/quantized/w8a8_int8_sq"
+# The demo COCO set has 16 images: calibrate on 12 so `vlmq check` has 4 held-out captions.
+DEMO_CALIB_SAMPLES = 12
 
 
 @dataclass
@@ -63,6 +65,8 @@ def resolve_inputs(cfg: Config, run_dir: Path) -> RunContext:
             calib_root = demo_coco_root()
         if not cfg.overridden("export.dir"):
             export_dir = cfg.resolve_path(DEMO_EXPORT_DIR)
+        if not cfg.overridden("calib.num_samples") and not cfg.overridden("calib.root"):
+            cfg.calib.num_samples = min(cfg.calib.num_samples, DEMO_CALIB_SAMPLES)
     return RunContext(cfg, run_dir, snapshot_dir, calib_root, export_dir, demo)
 
 
