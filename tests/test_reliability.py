@@ -70,24 +70,52 @@ def popen(cmd: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+class MissedExport(Exception):
+    """The export completed before it could be frozen (a scheduling race, not a vlmq fault)."""
+
+
+def _holds_a_file(staging: Path) -> bool:
+    try:
+        return any(p.is_file() for p in staging.rglob("*"))
+    except OSError:  # renamed away while we looked
+        return False
+
+
 def freeze_mid_export(proc: subprocess.Popen, target: Path, timeout: float = MID_EXPORT_TIMEOUT_S) -> Path:
     """SIGSTOP `proc` once its staging dir beside `target` holds a file; return that dir.
 
-    Fails (rather than passes by luck) if the export finished or the process died first."""
+    Raises MissedExport if the run finished first, and fails if it died any other way: a kill
+    that did not land mid-write never passes as one that did."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             out, err = proc.communicate()
-            pytest.fail(f"process ended (rc {proc.returncode}) before its export was caught mid-write\n{err}")
+            if proc.returncode == 0:
+                raise MissedExport
+            pytest.fail(f"process failed (rc {proc.returncode}) before its export began\n{err[-3000:]}")
         for staging in staging_dirs(target):
-            if any(p.is_file() for p in staging.rglob("*")):
+            if _holds_a_file(staging):
                 os.kill(proc.pid, signal.SIGSTOP)
-                # Frozen now: the staging dir must still be there, i.e. the rename has not happened.
-                assert staging.is_dir(), "export finished between detection and SIGSTOP"
-                return staging
+                # Frozen now: the staging dir must still be there, i.e. the swap has not happened.
+                if staging.is_dir():
+                    return staging
+                os.kill(proc.pid, signal.SIGCONT)
         time.sleep(0.002)
     proc.kill()
     pytest.fail("no staging dir with a file appeared")
+
+
+def start_frozen_mid_export(cmd: list[str], cwd: Path, target: Path, restore: Path,
+                            attempts: int = 3) -> tuple[subprocess.Popen, Path]:
+    """Start `cmd` and freeze it mid-export; if a run slips through, put `restore` back and retry."""
+    for _ in range(attempts):
+        proc = popen(cmd, cwd)
+        try:
+            return proc, freeze_mid_export(proc, target)
+        except MissedExport:
+            shutil.rmtree(target)
+            shutil.copytree(restore, target)
+    pytest.fail(f"the export finished before it could be frozen, {attempts} times")
 
 
 def finish(proc: subprocess.Popen, args: list[str], start: float) -> CliResult:
@@ -143,8 +171,8 @@ def killed_then_rerun(demo_run, tmp_path_factory) -> KilledThenRerun:
     before = tree(export_dir)
     assert verify_export(export_dir)[0] == []
 
-    proc = popen(quantize_cmd(work, export_dir, "killed", *FAST, "--force"), work)
-    staging = freeze_mid_export(proc, export_dir)
+    proc, staging = start_frozen_mid_export(quantize_cmd(work, export_dir, "killed", *FAST, "--force"), work,
+                                            export_dir, demo_run.export_dir)
     assert f".tmp-{proc.pid}-" in staging.name  # the staging dir of the process we froze
     frozen_files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
     assert tree(export_dir) == before  # frozen mid-write: the final path is still the old export
@@ -280,8 +308,14 @@ def test_signal_leaves_previous_export_and_says_where_logs_are(demo_run, tmp_pat
     before = tree(export_dir)
     args = quantize_cmd(tmp_path, export_dir, "r", *FAST, "--force")
     start = time.perf_counter()
-    proc = popen(args, tmp_path)
     run_dir = tmp_path / "logs" / "r"
+    if when == "export":
+        proc, _ = start_frozen_mid_export(args, tmp_path, export_dir, demo_run.export_dir)
+        assert tree(export_dir) == before
+        os.kill(proc.pid, sig)
+        os.kill(proc.pid, signal.SIGCONT)
+    else:
+        proc = popen(args, tmp_path)
     if when == "calibration":
         wait_for_log(proc, run_dir / "quantize.log", "stage calibrate_quantize: start")
         time.sleep(0.3)  # inside the forward loop
@@ -289,11 +323,6 @@ def test_signal_leaves_previous_export_and_says_where_logs_are(demo_run, tmp_pat
     elif when == "load":
         wait_for_log(proc, run_dir / "quantize.log", "stage load: start")
         os.kill(proc.pid, sig)
-    else:
-        freeze_mid_export(proc, export_dir)
-        assert tree(export_dir) == before
-        os.kill(proc.pid, sig)
-        os.kill(proc.pid, signal.SIGCONT)
     result = finish(proc, args, start)
     assert result.rc == rc, describe(result)
     assert "Traceback" not in result.stderr + result.stdout, describe(result)

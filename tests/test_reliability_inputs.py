@@ -164,7 +164,7 @@ def test_mix_by_ratio_and_its_errors(tmp_path):
     ("[{source:parquet,root:/a,ratio:0.2}]", "calib.mix source must be coco2017, jsonl or text_jsonl"),
     ("[{source:jsonl,ratio:0.2}]", "calib.mix entry for jsonl needs a root"),
     ("[{source:jsonl,root:/a,share:0.2}]", "Key 'share' not in 'CalibMixPart'"),
-])
+], ids=["ratio-1", "ratios-sum-over-1", "unknown-source", "no-root", "unknown-key"])
 def test_bad_mix_config_is_one_line(mix, message):
     with pytest.raises(ConfigError) as err:
         load_config([f"calib.mix={mix}"])
