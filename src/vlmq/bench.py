@@ -264,9 +264,9 @@ def run_bench(baseline: Path | None = None, w8a8: Path | None = None, shape: str
     }
     args = (loop, list(batches), new_tokens, prompt_tokens, image_size, iters, fused_ops)
     if shape:
-        _reset_peak(dev)
         torch.manual_seed(0)
         model, processor = random_model(shape, dev)
+        _reset_peak(dev)  # inference peak: the fp32 -> bf16 random construction is not inference
         results["bf16"] = {"model": f"bf16 random {shape}", "weight_bytes": model_bytes(model),
                            **measure_model(model, processor, *args), "peak_gib": peak_gib(dev)}
         if linear_ms and dev.type == "cuda":
@@ -285,6 +285,7 @@ def run_bench(baseline: Path | None = None, w8a8: Path | None = None, shape: str
         for label, path in (("bf16", baseline), ("w8a8", w8a8)):
             _reset_peak(dev)
             model, processor, kind = load_any(path, dev.type, backend)
+            _reset_peak(dev)  # inference peak (loading may stage tensors)
             results[label] = {"model": kind, "path": str(path), "weight_bytes": model_bytes(model),
                               **measure_model(model, processor, *args)}
             results[label]["peak_gib"] = peak_gib(dev)

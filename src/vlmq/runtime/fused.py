@@ -19,7 +19,14 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE, _interpreting, _next_pow2, _quantize, w8a8_gemm_prequant
+from vlmq.runtime.kernels.triton_w8a8 import (
+    MIN_SCALE,
+    _interpreting,
+    _next_pow2,
+    _pdl_supported,
+    _quantize,
+    w8a8_gemm_prequant,
+)
 from vlmq.runtime.linear import W8A8Linear, resolve_backend
 
 
@@ -45,7 +52,10 @@ def _quant_store(y, q_ptr, s_ptr, row, offs, mask):
 
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, d_ptr, h_out_ptr, w_ptr, y_ptr, s_ptr, H, eps,
-                         BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, QUANT: tl.constexpr):  # fmt: skip
+                         BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, QUANT: tl.constexpr,
+                         USE_PDL: tl.constexpr):  # fmt: skip
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the int8 GEMM may launch now; it waits for our writes
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
@@ -64,7 +74,10 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, h_out_ptr, w_ptr, y_ptr, s_ptr, H, eps,
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, y_ptr, s_ptr, n_cols, BLOCK: tl.constexpr, QUANT: tl.constexpr):  # fmt: skip
+def _silu_mul_kernel(gu_ptr, y_ptr, s_ptr, n_cols, BLOCK: tl.constexpr, QUANT: tl.constexpr,
+                     USE_PDL: tl.constexpr):  # fmt: skip
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -216,7 +229,7 @@ def add_rms_norm(h: Tensor, delta: Tensor | None, weight: Tensor, eps: float,
     block = _next_pow2(hid)
     _add_rms_norm_kernel[(m,)](h, delta if delta is not None else h, h_out, weight, y, s, hid, eps,
                                BLOCK=block, HAS_DELTA=delta is not None, QUANT=quant,
-                               num_warps=_warps(block))  # fmt: skip
+                               USE_PDL=quant and _pdl_supported(), num_warps=_warps(block))  # fmt: skip
     return h_out, ((y, s) if quant else y)
 
 
@@ -227,7 +240,8 @@ def silu_mul(gu: Tensor, quant: bool) -> Tensor | tuple[Tensor, Tensor]:
     y = torch.empty((m, i), dtype=torch.int8 if quant else gu.dtype, device=gu.device)
     s = torch.empty(m if quant else 1, dtype=torch.float32, device=gu.device)
     block = _next_pow2(i)
-    _silu_mul_kernel[(m,)](gu, y, s, i, BLOCK=block, QUANT=quant, num_warps=_warps(block))
+    _silu_mul_kernel[(m,)](gu, y, s, i, BLOCK=block, QUANT=quant, USE_PDL=quant and _pdl_supported(),
+                           num_warps=_warps(block))
     return (y, s) if quant else y
 
 

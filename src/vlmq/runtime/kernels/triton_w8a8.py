@@ -408,6 +408,8 @@ def w8a8_gemm_prequant(
     cfg = config or pick_config(m, n, k)
     out = torch.empty((m, n), dtype=out_dtype, device=q.device)
     if m:
+        # PDL: launched while the producer (fused norm / SiLU kernel) still runs; gdc_wait inside
+        pdl = cfg.pdl and not _interpreting()
         _launch(q, weight, out, q_scale, weight_scale, bias, None, A_INT8_ROWSCALE, False,
-                dataclasses.replace(cfg, fused=False, pdl=False))
+                dataclasses.replace(cfg, fused=False), pdl=pdl)
     return out
