@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     import vlmq.bench  # noqa: F401  (these register their subcommands)
     import vlmq.commands  # noqa: F401
     import vlmq.evaluate.check  # noqa: F401
+    import vlmq.quantize.sensitivity  # noqa: F401
 
     parser = argparse.ArgumentParser(prog="vlmq", description="W8A8 INT8 SmoothQuant for vision-language models")
     sub = parser.add_subparsers(dest="command", required=True)

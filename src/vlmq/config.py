@@ -55,6 +55,15 @@ class QuantConfig:
     name: str = "w8a8_int8_sq"
     alpha: float = 0.5
     kv_cache: str = "none"
+    # Per-layer SmoothQuant strength: each shared-input group (q/k/v, o, gate/up, down) takes the
+    # alpha of alpha_grid with the least W8A8 output error on calibration inputs (alpha is then unused).
+    alpha_search: bool = False
+    alpha_grid: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    alpha_search_tokens: int = 512  # calibration tokens kept per linear input for the search
+    # Sensitivity fallback: keep the fewest most sensitive LM linears bf16 until the model's per-token
+    # KL vs bf16 (on kl_samples held-out samples) is <= max_kl. null = off.
+    max_kl: float | None = None
+    kl_samples: int = 8
 
 
 @dataclass
@@ -151,6 +160,13 @@ def _expand_shorthands(overrides: list[str], root: Path) -> list[str]:
 def _check_values(cfg: Config) -> None:
     checks = [
         (0.0 <= cfg.quant.alpha <= 1.0, f"quant.alpha must be in [0, 1], got {cfg.quant.alpha}"),
+        (bool(cfg.quant.alpha_grid) and all(0.0 <= a <= 1.0 for a in cfg.quant.alpha_grid),
+         f"quant.alpha_grid must be a non-empty list of values in [0, 1], got {list(cfg.quant.alpha_grid)}"),
+        (cfg.quant.alpha_search_tokens >= 16,
+         f"quant.alpha_search_tokens must be >= 16, got {cfg.quant.alpha_search_tokens}"),
+        (cfg.quant.max_kl is None or cfg.quant.max_kl > 0,
+         f"quant.max_kl must be > 0 (or null for off), got {cfg.quant.max_kl}"),
+        (cfg.quant.kl_samples >= 1, f"quant.kl_samples must be >= 1, got {cfg.quant.kl_samples}"),
         (cfg.quant.kv_cache in ("none", "fp8"), f"quant.kv_cache must be none or fp8, got {cfg.quant.kv_cache!r}"),
         (cfg.calib.num_samples >= 1, f"calib.num_samples must be >= 1, got {cfg.calib.num_samples}"),
         (cfg.calib.min_samples >= 1, f"calib.min_samples must be >= 1, got {cfg.calib.min_samples}"),

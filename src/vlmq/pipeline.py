@@ -287,7 +287,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
         with ctx.stage("reference_logits"):
             probe = KLProbe.capture(model, make_batches(processor, held_out, batch_size, cfg.calib.max_length))
     with ctx.stage("calibrate_quantize"), library_chatter_to_log():
-        model, lmq = quantize_lm(model, snapshot.family, cfg.quant, forward_loop)
+        model, lmq = quantize_lm(model, snapshot.family, cfg.quant, forward_loop, export=cfg.export)
     num_layers = len(model.get_submodule(snapshot.family.layers))
     fallback_report: dict[str, Any] | None = None
     exclude: list[str] = []
@@ -365,7 +365,7 @@ def sensitivity_fallback(ctx: RunContext, cfg: Config, snapshot: Snapshot, model
         with ctx.stage("requantize"), library_chatter_to_log():
             model = load_model(snapshot, cfg.arch.dtype, cfg.device, cfg.arch.max_memory, cfg.arch.trust_remote_code)
             model, lmq = quantize_lm(model, snapshot.family, cfg.quant, forward_loop, exclude=fallback.exclude,
-                                     alphas=lmq.alphas)
+                                     alphas=lmq.alphas, export=cfg.export)
     fallback.kl_final = probe.kl(model)
     report = {**fallback.to_dict(), "kl_samples": sum(int(b["input_ids"].shape[0]) for b in probe.batches),
               "tokens": probe.tokens, "sensitivity": sens.to_dict()}

@@ -13,6 +13,7 @@ smoothed per-tensor input amax is exactly max_j(amax_x_j * s_j).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,18 +66,43 @@ def _col_amax(*linears: nn.Linear) -> torch.Tensor:
     return torch.stack([lin.weight.detach().float().abs().amax(dim=0) for lin in linears]).amax(dim=0).cpu()
 
 
-def shared_factor(act_amax: torch.Tensor, linears: tuple[nn.Linear, ...], alpha: float) -> torch.Tensor:
+def shared_factor(act_amax: torch.Tensor, linears: tuple[nn.Linear, ...],
+                  alpha: float | Sequence[float]) -> torch.Tensor:
     """One factor for linears that read the same input: the mean of their own factors.
 
     This is how ModelOpt's export re-smooths fused q/k/v and gate/up; measured on the outlier test
-    model it beats one factor from the group's joint weight maxima (docs/BENCHMARKS.md)."""
-    return torch.stack([smoothing_factor(act_amax, _col_amax(lin), alpha) for lin in linears]).mean(dim=0)
+    model it beats one factor from the group's joint weight maxima (docs/BENCHMARKS.md).
+    `alpha` is one value, or one per linear (quant.alpha_search gives a group one alpha anyway)."""
+    alphas = [alpha] * len(linears) if isinstance(alpha, (int, float)) else list(alpha)
+    return torch.stack([smoothing_factor(act_amax, _col_amax(lin), a)
+                        for lin, a in zip(linears, alphas, strict=True)]).mean(dim=0)
+
+
+def alpha_of(alpha: float | Mapping[str, float], name: str) -> float:
+    """The SmoothQuant alpha of linear `name`: a per-linear mapping (alpha search) or one value."""
+    return float(alpha[name]) if isinstance(alpha, Mapping) else float(alpha)
+
+
+def _group_factor(layer: nn.Module, prefix: str, names: tuple[str, ...], amax: dict[str, torch.Tensor],
+                  alpha: float | Mapping[str, float]) -> torch.Tensor | None:
+    """Shared factor of the linears `names` (one input) from those with statistics; None if none has."""
+    have = [n for n in names if n in amax]
+    if not have:
+        return None
+    return shared_factor(amax[have[0]], tuple(layer.get_submodule(n) for n in have),
+                         [alpha_of(alpha, f"{prefix}.{n}") for n in have])
 
 
 @torch.no_grad()
-def fold_smoothquant(model: nn.Module, family: Family, act_amax: dict[str, torch.Tensor], alpha: float,
-                     smooth_o_proj: bool = True) -> FoldResult:
+def fold_smoothquant(model: nn.Module, family: Family, act_amax: dict[str, torch.Tensor],
+                     alpha: float | Mapping[str, float], smooth_o_proj: bool = True) -> FoldResult:
     """Fold SmoothQuant factors into the (unquantized) model in place; return factors and input amaxes.
+
+    `alpha` is one value or a per-linear mapping (quant.alpha_search). Linears without activation
+    statistics (kept bf16 by the sensitivity fallback) are not quantized: a q/k/v or gate/up group
+    is smoothed from its members that have statistics (they share one input, so any member's amax
+    serves), and the bf16 members' columns are divided by the same factor, which is exact; without
+    statistics for down_proj or o_proj, that linear's input is left unsmoothed.
 
     All factors are computed from the original weights first, then applied (rows and columns of a
     weight are scaled independently, so the order of application does not matter)."""
@@ -89,26 +115,35 @@ def fold_smoothquant(model: nn.Module, family: Family, act_amax: dict[str, torch
     for i, layer in enumerate(layers):
         prefix = f"{family.layers}.{i}"
         attn, mlp = layer.self_attn, layer.mlp
-        amax = {k: act_amax[f"{prefix}.{k}"] for k in family.linears}
-        s_qkv = shared_factor(amax["self_attn.q_proj"], (attn.q_proj, attn.k_proj, attn.v_proj), alpha)
-        s_mlp = shared_factor(amax["mlp.gate_proj"], (mlp.gate_proj, mlp.up_proj), alpha)
-        s_down = smoothing_factor(amax["mlp.down_proj"], _col_amax(mlp.down_proj), alpha)
+        amax = {k: act_amax[f"{prefix}.{k}"] for k in family.linears if f"{prefix}.{k}" in act_amax}
+        s_qkv = _group_factor(layer, prefix, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                              amax, alpha)
+        s_mlp = _group_factor(layer, prefix, ("mlp.gate_proj", "mlp.up_proj"), amax, alpha)
+        s_down = None
+        if "mlp.down_proj" in amax:
+            s_down = smoothing_factor(amax["mlp.down_proj"], _col_amax(mlp.down_proj),
+                                      alpha_of(alpha, f"{prefix}.mlp.down_proj"))
         s_o = None
-        if smooth_o_proj:
+        if smooth_o_proj and "self_attn.o_proj" in amax:
             head_dim = attn.o_proj.in_features // heads
             group = heads // kv_heads
             # channel (h, d) of o_proj's input comes from kv-head h // group, dim d: share s there
             x_g = amax["self_attn.o_proj"].view(kv_heads, group, head_dim).amax(dim=1)
             w_g = _col_amax(attn.o_proj).view(kv_heads, group, head_dim).amax(dim=1)
-            s_kv = smoothing_factor(x_g, w_g, alpha)                      # [kv_heads, head_dim]
+            s_kv = smoothing_factor(x_g, w_g, alpha_of(alpha, f"{prefix}.self_attn.o_proj"))  # [kv_heads, head_dim]
             s_o = s_kv[:, None, :].expand(kv_heads, group, head_dim).reshape(-1)
             plans.append((attn.v_proj, attn.o_proj, s_kv.reshape(-1), s_o))
-        plans.append((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj), s_qkv, None))
-        plans.append((layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj), s_mlp, None))
-        plans.append((mlp.up_proj, mlp.down_proj, s_down, None))
+        if s_qkv is not None:
+            plans.append((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj), s_qkv, None))
+        if s_mlp is not None:
+            plans.append((layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj), s_mlp, None))
+        if s_down is not None:
+            plans.append((mlp.up_proj, mlp.down_proj, s_down, None))
         for name, s in (("self_attn.q_proj", s_qkv), ("self_attn.k_proj", s_qkv), ("self_attn.v_proj", s_qkv),
                         ("mlp.gate_proj", s_mlp), ("mlp.up_proj", s_mlp), ("mlp.down_proj", s_down),
                         ("self_attn.o_proj", s_o)):
+            if name not in amax:
+                continue   # kept bf16: no factor, no input scale
             full = f"{prefix}.{name}"
             if s is not None:
                 factors[full] = s

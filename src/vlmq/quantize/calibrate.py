@@ -104,9 +104,14 @@ def quantize(model: nn.Module, modelopt_config: dict, forward_loop: Callable[[nn
 class Audit:
     quantized: list[str]
     excluded: list[str]     # linears left in bf16, each under a keep-bf16 prefix
+    fallback_bf16: list[str] = field(default_factory=list)  # LM linears kept bf16 on purpose (quant.max_kl)
+    alphas: dict[str, float] | None = None  # per-linear SmoothQuant alpha (quant.alpha_search), for the exports
 
     def to_dict(self) -> dict:
-        return {"quantized": self.quantized, "excluded": self.excluded}
+        out = {"quantized": self.quantized, "excluded": self.excluded, "fallback_bf16": self.fallback_bf16}
+        if self.alphas is not None:
+            out["alpha"] = self.alphas
+        return out
 
 
 def _has_enabled_quantizer(module: nn.Module) -> bool:
@@ -134,4 +139,51 @@ def audit(model: nn.Module, family: Family, num_layers: int, exclude: Sequence[s
     excluded = [n for n, m in modules.items()
                 if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv3d)) and n not in quantized
                 and (any(n == p or n.startswith(p + ".") for p in keep) or n in exclude)]
-    return Audit(quantized=expected, excluded=excluded)
+    return Audit(quantized=expected, excluded=excluded, fallback_bf16=[n for n in exclude if n in modules])
+
+
+@dataclass
+class LMQuantization:
+    """What `quantize_lm` did: the recipe given to ModelOpt and, with the alpha search, the alphas."""
+
+    recipe: dict
+    alphas: dict[str, float] | None = None   # linear -> SmoothQuant alpha (None: quant.alpha for all)
+    search: Any = None                        # alpha_search.AlphaSearch, when one ran
+
+
+def quantize_lm(model: nn.Module, family: Family, quant: Any, forward_loop: Callable[[nn.Module], None],
+                exclude: Sequence[str] = (), alphas: dict[str, float] | None = None, export: Any = None
+                ) -> tuple[nn.Module, LMQuantization]:
+    """ModelOpt W8A8 SmoothQuant of the LM's linears, except `exclude` (kept bf16).
+
+    With `quant.alpha_search`, per-layer alphas are searched on the calibration inputs (or `alphas`
+    from an earlier search are reused) and applied with ModelOpt's own smoothing function; `export`
+    (the ExportConfig) says which exported forms the alphas are scored for."""
+    from vlmq.quantize.recipe import build_modelopt_config
+
+    recipe = build_modelopt_config(quant, family, exclude)
+    if not quant.alpha_search:
+        return quantize(model, recipe, forward_loop), LMQuantization(recipe)
+    from vlmq.quantize import alpha_search as search
+
+    num_layers = len(model.get_submodule(family.layers))
+    names = [n for n in quantized_linear_names(family, num_layers) if n not in set(exclude)]
+    groups = search.layer_groups(family, num_layers, names)
+    sampler = None
+    if alphas is None:
+        modules = dict(model.named_modules())
+        sampler = search.InputSampler({g[0]: modules[g[0]] for g in groups}, quant.alpha_search_tokens)
+    try:
+        model = quantize(model, recipe, forward_loop)
+    finally:
+        if sampler is not None:
+            sampler.remove()
+    result = None
+    if sampler is not None:
+        result = search.search_alphas(model, groups, sampler, quant.alpha_grid, quant.alpha,
+                                      search.search_targets(export))
+        alphas = result.alphas
+        log.info("alpha search: %d groups, chosen alphas %s", len(groups), result.histogram())
+    alphas = {n: alphas[n] for n in names}
+    search.apply_smoothquant(model, alphas)
+    return model, LMQuantization(recipe, alphas, result)

@@ -1,0 +1,243 @@
+"""Per-layer SmoothQuant strength (`quant.alpha_search=true`).
+
+ModelOpt stays the engine: `mtq.quantize` runs its max calibration with per-input-channel
+activation statistics (recipe with `axis=-1` inputs, exactly what its `smoothquant` does first),
+while forward pre-hooks keep a random subsample of every LM linear's real (bf16) calibration inputs.
+For each shared-input group of a decoder layer (q/k/v, o, gate/up, down) and each alpha of the
+grid, the W8A8 output is simulated in float32:
+
+    s    = mean over the group's members of amax_w^(1-a) / amax_x^a   (the exports' shared factor)
+    x_q  = int8 per-tensor static quantization of x*s, scale max_j(amax_x_j*s_j)/127
+    W_q  = int8 per-output-channel quantization of W/s
+    err  = sum over members of ||x_q W_q^T - x W^T||^2
+
+and the group takes the alpha with the least error (ties go to the alpha nearest `quant.alpha`).
+Then every linear is smoothed with its group's alpha by ModelOpt's own smoothquant postprocess,
+replicated here per module: per-tensor input amax, `_amax_for_smoothing` kept, the same zero/clamp
+guards, and ModelOpt's `apply_pre_quant_scale_and_smooth`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmq.models.families import Family
+
+log = logging.getLogger(__name__)
+
+# Linears that read the same tensor, relative to a decoder layer. Others are groups of one.
+SHARED_INPUT = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+# ModelOpt's guards (model_calib.smoothquant): zero-amax channels get s=1; s is clamped.
+S_MIN, S_MAX, EPS = 1e-4, 1e4, 1.0 / (1 << 31)
+
+
+def layer_groups(family: Family, num_layers: int, names: Sequence[str]) -> list[list[str]]:
+    """Full names of the linears in `names`, grouped by shared input, layer by layer."""
+    keep = set(names)
+    grouped = {lin for group in SHARED_INPUT for lin in group}
+    per_layer = [list(g) for g in SHARED_INPUT] + [[lin] for lin in family.linears if lin not in grouped]
+    out = []
+    for i in range(num_layers):
+        for group in per_layer:
+            members = [f"{family.layers}.{i}.{lin}" for lin in group if lin in family.linears]
+            members = [m for m in members if m in keep]
+            if members:
+                out.append(members)
+    return out
+
+
+class InputSampler:
+    """Forward pre-hooks keeping a uniform random sample (without replacement) of up to `max_tokens`
+    rows of each watched linear's input, across all calibration batches (bf16 on CPU)."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], max_tokens: int, seed: int = 0):
+        self.max_tokens = max_tokens
+        self.rows: dict[str, torch.Tensor] = {}
+        self.keys: dict[str, torch.Tensor] = {}
+        self.generator = torch.Generator().manual_seed(seed)
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            if not args or not torch.is_tensor(args[0]):
+                return
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to("cpu", torch.bfloat16)
+            keys = torch.rand(x.shape[0], generator=self.generator)
+            if name in self.rows:
+                x = torch.cat([self.rows[name], x])
+                keys = torch.cat([self.keys[name], keys])
+            if x.shape[0] > self.max_tokens:   # keep the rows with the smallest random keys
+                idx = keys.topk(self.max_tokens, largest=False).indices
+                x, keys = x[idx], keys[idx]
+            self.rows[name], self.keys[name] = x, keys
+        return pre_hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def smoothing_factor(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ModelOpt's s = amax_w^(1-a) / amax_x^a with its guards (zero-amax channels -> 1, clamp)."""
+    act_amax, weight_amax = act_amax.float(), weight_amax.float()
+    s = weight_amax.pow(1 - alpha) / act_amax.pow(alpha)
+    s = torch.where(act_amax <= EPS, torch.ones_like(s), s)
+    s = torch.nan_to_num(s, nan=1.0, posinf=S_MAX)
+    return s.clamp(S_MIN, S_MAX)
+
+
+def _fake_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.round(x / scale).clamp(-128, 127) * scale
+
+
+@torch.no_grad()
+def group_error(x: torch.Tensor, act_amax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float,
+                activations: str = "static", kv_groups: tuple[int, int, int] | None = None) -> float:
+    """Summed squared output error of W8A8 (SmoothQuant at `alpha`, one shared factor) vs float.
+
+    `activations`: static (one per-tensor scale from the calibration maxima, as ModelOpt and the
+    static export) or dynamic (per-token scales, the dynamic export). `kv_groups` = (kv_heads,
+    q-heads per kv-head, head_dim): o_proj's factor as the compressed-tensors export folds it."""
+    x = x.float()
+    if kv_groups is not None:   # o_proj in the compressed-tensors export: s shared per (kv-head, dim)
+        kv, group, head_dim = kv_groups
+        w = weights[0]
+        x_g = act_amax.view(kv, group, head_dim).amax(dim=1)
+        w_g = w.abs().amax(dim=0).view(kv, group, head_dim).amax(dim=1)
+        s = smoothing_factor(x_g, w_g, alpha)[:, None, :].expand(kv, group, head_dim).reshape(-1)
+    else:
+        s = torch.stack([smoothing_factor(act_amax, w.abs().amax(dim=0), alpha) for w in weights]).mean(dim=0)
+    xs = x * s
+    if activations == "dynamic":
+        x_scale = (xs.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+    else:
+        x_scale = ((act_amax * s).max() / 127.0).clamp(min=1e-12)
+    xq = _fake_int8(xs, x_scale)
+    err = 0.0
+    for w in weights:
+        ws = w / s
+        w_scale = (ws.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+        err += float((xq @ _fake_int8(ws, w_scale).T - x @ w.T).pow(2).sum())
+    return err
+
+
+@dataclass
+class AlphaSearch:
+    alphas: dict[str, float]                                      # linear name -> alpha
+    groups: list[dict] = field(default_factory=list)              # per group: members, errors by alpha, pick
+    grid: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+    targets: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"grid": self.grid, "tokens_per_input": self.tokens, "targets": self.targets,
+                "alphas": self.alphas, "groups": self.groups}
+
+    def histogram(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for g in self.groups:
+            counts[f"{g['alpha']:g}"] = counts.get(f"{g['alpha']:g}", 0) + 1
+        return dict(sorted(counts.items()))
+
+
+# A deployment target the search scores: (activation quantization, o_proj factor shared per kv-group).
+Target = tuple[str, bool]
+MODELOPT_TARGET: Target = ("static", False)   # ModelOpt fake-quant and its unified HF checkpoint
+
+
+def search_targets(export: Any | None) -> list[Target]:
+    """What the chosen alphas must serve: ModelOpt's own W8A8 (static per-tensor activations, free
+    o_proj factors) and, when it is exported, the compressed-tensors checkpoint (export.activations,
+    o_proj factors shared per kv-group when export.smooth_o_proj)."""
+    targets = [MODELOPT_TARGET]
+    if export is not None and "compressed_tensors" in export.formats:
+        ct = (str(export.activations), bool(export.smooth_o_proj))
+        if ct not in targets:
+            targets.append(ct)
+    return targets
+
+
+@torch.no_grad()
+def search_alphas(model: nn.Module, groups: list[list[str]], sampler: InputSampler, grid: Sequence[float],
+                  default: float, targets: Sequence[Target] = (MODELOPT_TARGET,)) -> AlphaSearch:
+    """Pick one alpha per shared-input group. Score of an alpha = sum over `targets` of the group's
+    summed output error relative to that target's error at `default` (so each target counts equally
+    and a score below len(targets) means better than the default on average)."""
+    modules = dict(model.named_modules())
+    text_cfg = getattr(model.config, "text_config", model.config)
+    heads, kv_heads = text_cfg.num_attention_heads, text_cfg.num_key_value_heads
+    grid = [float(a) for a in grid]
+    default = float(default)
+    result = AlphaSearch(alphas={}, grid=grid, targets=[list(t) for t in targets])
+    for members in groups:
+        head = members[0]
+        x = sampler.rows.get(head)
+        if x is None:
+            raise RuntimeError(f"{head}: no calibration inputs were captured for the alpha search")
+        result.tokens = max(result.tokens, int(x.shape[0]))
+        dev = modules[head].weight.device
+        x = x.to(dev)
+        act_amax = modules[head].input_quantizer.amax.detach().float().flatten().to(dev)
+        weights = [modules[m].weight.detach().float() for m in members]
+        score = dict.fromkeys(grid, 0.0)
+        errors = {}
+        for activations, shared_o in targets:
+            kv = None
+            if shared_o and head.endswith("o_proj"):
+                kv = (kv_heads, heads // kv_heads, modules[head].in_features // heads)
+            errs = {a: group_error(x, act_amax, weights, a, activations, kv) for a in sorted(set(grid) | {default})}
+            ref = errs[default] or 1.0
+            for a in grid:
+                score[a] += errs[a] / ref
+            errors[f"{activations}{'_kv_shared_o' if kv else ''}"] = {f"{a:g}": e for a, e in errs.items()}
+        best = min(grid, key=lambda a: (score[a], abs(a - default)))
+        for m in members:
+            result.alphas[m] = best
+        result.groups.append({"members": members, "alpha": best, "score": {f"{a:g}": v for a, v in score.items()},
+                              "errors": errors})
+    return result
+
+
+@torch.no_grad()
+def apply_smoothquant(model: nn.Module, alphas: Mapping[str, float]) -> int:
+    """ModelOpt's smoothquant postprocess, per linear with its own alpha (after max calibration with
+    per-channel input statistics). Returns the number of smoothed linears."""
+    from modelopt.torch.quantization.model_calib import apply_pre_quant_scale_and_smooth
+    from modelopt.torch.quantization.utils import enable_weight_access_and_writeback
+
+    name_to_module = dict(model.named_modules())
+    for name, alpha in alphas.items():
+        module = name_to_module[name]
+        quantizer = module.input_quantizer
+        if not quantizer.is_enabled or quantizer.axis != -1 or getattr(quantizer, "_amax", None) is None:
+            raise RuntimeError(f"{name}: input quantizer has no per-channel calibration statistics")
+        if quantizer.num_bits != 8 or module.weight_quantizer.num_bits != 8:
+            raise RuntimeError(f"{name}: only int8 smoothing is supported")
+        with enable_weight_access_and_writeback(module, model, name_to_module):
+            # Same steps and order as modelopt.torch.quantization.model_calib.smoothquant.postprocess
+            act_amax = quantizer.amax.float()
+            weight_scale = module.weight.abs().amax(dim=0, keepdim=True)
+            device, dtype = module.weight.device, module.weight.dtype
+            scale_a = (weight_scale.pow(1 - alpha) / act_amax.pow(alpha)).squeeze()
+            quantizer._amax_for_smoothing = act_amax.cpu()
+            quantizer.reset_amax()
+            quantizer.axis = None
+            quantizer.amax = act_amax.amax().to(dtype=dtype, device=device)
+            if scale_a.min() <= EPS:
+                scale_a[act_amax.flatten() <= EPS] = 1
+            scale_a = scale_a.clamp(min=S_MIN, max=S_MAX)
+            apply_pre_quant_scale_and_smooth(module, scale_a)
+    return len(alphas)
