@@ -72,8 +72,12 @@ class InputSampler:
         def pre_hook(module: nn.Module, args: tuple) -> None:
             if not args or not torch.is_tensor(args[0]):
                 return
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to("cpu", torch.bfloat16)
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
             keys = torch.rand(x.shape[0], generator=self.generator)
+            if x.shape[0] > self.max_tokens:   # only this batch's smallest keys can survive: copy just those
+                keys, idx = keys.topk(self.max_tokens, largest=False)
+                x = x[idx.to(x.device)]
+            x = x.to("cpu", torch.bfloat16)
             if name in self.rows:
                 x = torch.cat([self.rows[name], x])
                 keys = torch.cat([self.keys[name], keys])
