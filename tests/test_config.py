@@ -119,3 +119,8 @@ def test_other_model_sizes_select_their_own_tree(model, hub):
     assert cfg.log_root == f"tmp/{cfg.arch.short_name}_w8a8" and "3b" not in cfg.log_root
     quantized = load_config([f"model={model}", f"arch={model}.w8a8_int8_sq"])
     assert quantized.arch.quantized and quantized.arch.snapshot == f"{cfg.export.dir}/compressed_tensors"
+
+
+def test_max_memory_map_override():
+    cfg = load_config(["arch.max_memory={0:5GiB,1:5GiB}"])
+    assert cfg.arch.max_memory == {"0": "5GiB", "1": "5GiB"}

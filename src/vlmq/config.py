@@ -18,7 +18,8 @@ CONFIG_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPORT_FORMATS = ("modelopt_hf", "compressed_tensors")
 CALIB_SOURCES = ("coco2017", "jsonl", "text_jsonl")
-DEFAULT_MODEL = "qwen2_5_vl_3b_instruct"  # the model whose files conf/config.yaml's defaults name
+DEFAULT_MODEL = "qwen2_5_vl_3b_instruct"
+DICT_KEYS = ("arch.max_memory",)  # the model whose files conf/config.yaml's defaults name
 
 
 class ConfigError(ValueError):
@@ -142,7 +143,9 @@ def _expand_shorthands(overrides: list[str], root: Path) -> list[str]:
     out = []
     for o in overrides:
         key = o.split("=", 1)[0]
-        if key not in ("arch", "infer", "model"):   # `model` is set after composing (see load_config)
+        if key in DICT_KEYS:   # open-ended maps: Hydra's struct mode refuses new keys unless forced
+            out.append("++" + o)
+        elif key not in ("arch", "infer", "model"):   # `model` is set after composing (see load_config)
             out.append(o)
     for group in ("arch", "infer"):
         choice = values.get(group, f"{model}.default")
