@@ -123,4 +123,4 @@ def test_other_model_sizes_select_their_own_tree(model, hub):
 
 def test_max_memory_map_override():
     cfg = load_config(["arch.max_memory={0:5GiB,1:5GiB}"])
-    assert cfg.arch.max_memory == {"0": "5GiB", "1": "5GiB"}
+    assert cfg.arch.max_memory == {0: "5GiB", 1: "5GiB"}

@@ -18,8 +18,8 @@ CONFIG_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPORT_FORMATS = ("modelopt_hf", "compressed_tensors")
 CALIB_SOURCES = ("coco2017", "jsonl", "text_jsonl")
-DEFAULT_MODEL = "qwen2_5_vl_3b_instruct"
-DICT_KEYS = ("arch.max_memory",)  # the model whose files conf/config.yaml's defaults name
+DEFAULT_MODEL = "qwen2_5_vl_3b_instruct"  # the model whose files conf/config.yaml's defaults name
+DICT_KEYS = ("arch.max_memory",)           # map-valued keys: overrides may add entries
 
 
 class ConfigError(ValueError):
@@ -37,7 +37,7 @@ class ArchConfig:
     dtype: str = "bfloat16"
     quantized: bool = False
     trust_remote_code: bool = False
-    max_memory: dict[str, str] = field(default_factory=dict)
+    max_memory: dict[Any, str] = field(default_factory=dict)   # GPU index (or "cpu") -> cap
 
 
 @dataclass
