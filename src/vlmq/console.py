@@ -69,7 +69,8 @@ def quantize_summary(manifest: dict[str, Any]) -> Table:
     for stage, seconds in manifest["timings_s"].items():
         table.add_row(f"time {stage}", f"{seconds:.2f} s")
     for key, value in manifest["peak_memory"].items():
-        table.add_row(key, f"{value:.2f}")
+        shown = ", ".join(f"{v:.2f}" for v in value) if isinstance(value, list) else f"{value:.2f}"
+        table.add_row(key, shown)
     table.add_row("export", manifest["export_dir"])
     table.add_row("logs", manifest["run_dir"])
     return table
