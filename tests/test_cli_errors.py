@@ -76,13 +76,16 @@ def test_missing_explicit_snapshot(tmp_path):
 
 
 @pytest.mark.parametrize("config,weights,mentions", [
+    # llama is a supported family now, but not the one the selected arch names
     ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 2}, "safetensors",
-     ("unsupported model_type 'llama'", "qwen2_5_vl")),
+     ("is a llama model but arch.family is qwen2_5_vl",)),
+    ({"model_type": "mllama", "architectures": ["MllamaForConditionalGeneration"]}, "safetensors",
+     ("unsupported model_type 'mllama'", "qwen2_5_vl")),
     ({"model_type": "bert", "architectures": ["BertModel"]}, "safetensors",
      ("unsupported model_type 'bert'", "qwen2_5_vl")),
     ({"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]}, "pickle",
      ("no *.safetensors", "pytorch_model.bin")),
-], ids=["llama", "bert", "pickle-only"])
+], ids=["llama-wrong-family", "mllama", "bert", "pickle-only"])
 def test_unusable_snapshot(tmp_path, config, weights, mentions):
     snapshot = write_snapshot(tmp_path / "snap", config, weights)
     result = run_cli(quantize_args(tmp_path, f"arch.snapshot={snapshot}", f"calib.root={demo_coco_root()}"),
