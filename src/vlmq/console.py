@@ -59,7 +59,10 @@ def quantize_summary(manifest: dict[str, Any]) -> Table:
     table.add_column("value", overflow="fold")
     modules = manifest["modules"]
     table.add_row("quantized linears (int8 W8A8)", str(len(modules["quantized"])))
-    table.add_row("kept bf16 (vision, merger, embed, lm_head)", str(len(modules["excluded"])))
+    fallback = modules.get("fallback_bf16") or []
+    table.add_row("kept bf16 (vision, merger, embed, lm_head)", str(len(modules["excluded"]) - len(fallback)))
+    if fallback:
+        table.add_row("LM linears kept bf16 (quant.max_kl)", str(len(fallback)))
     cal = manifest["calibration"]
     table.add_row("calibration", f"{cal['samples']} samples, {cal['images']} images, {cal['tokens']} tokens, "
                                  f"skipped {sum(cal['skipped'].values())}")
