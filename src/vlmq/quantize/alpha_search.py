@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmq.export.fold import EPS, S_MAX, S_MIN, smoothing_factor
 from vlmq.models.families import Family
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,6 @@ SHARED_INPUT = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
-# ModelOpt's guards (model_calib.smoothquant): zero-amax channels get s=1; s is clamped.
-S_MIN, S_MAX, EPS = 1e-4, 1e4, 1.0 / (1 << 31)
-
 
 def layer_groups(family: Family, num_layers: int, names: Sequence[str]) -> list[list[str]]:
     """Full names of the linears in `names`, grouped by shared input, layer by layer."""
@@ -91,15 +89,6 @@ class InputSampler:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-
-
-def smoothing_factor(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float) -> torch.Tensor:
-    """ModelOpt's s = amax_w^(1-a) / amax_x^a with its guards (zero-amax channels -> 1, clamp)."""
-    act_amax, weight_amax = act_amax.float(), weight_amax.float()
-    s = weight_amax.pow(1 - alpha) / act_amax.pow(alpha)
-    s = torch.where(act_amax <= EPS, torch.ones_like(s), s)
-    s = torch.nan_to_num(s, nan=1.0, posinf=S_MAX)
-    return s.clamp(S_MIN, S_MAX)
 
 
 def _fake_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
