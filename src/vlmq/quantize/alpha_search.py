@@ -40,6 +40,7 @@ SHARED_INPUT = (
     ("mlp.down_proj",),
 )
 
+
 def layer_groups(family: Family, num_layers: int, names: Sequence[str]) -> list[list[str]]:
     """Full names of the linears in `names`, grouped by shared input, layer by layer."""
     keep = set(names)
