@@ -58,30 +58,15 @@ def register(family: Family) -> Family:
     return family
 
 
-register(Family(
-    name="qwen2_vl",
-    model_types=("qwen2_vl",),
-    architectures=("Qwen2VLForConditionalGeneration",),
-    language_model="model.language_model",
-    layers="model.language_model.layers",
-    vision=("model.visual",),
-    keep_bf16=("model.language_model.embed_tokens", "lm_head"),
-    linears=QWEN_LINEARS,
-    smooth_groups=QWEN_SMOOTH_GROUPS,
-))
-
-register(Family(
-    name="qwen2_5_vl",
-    model_types=("qwen2_5_vl",),
-    architectures=("Qwen2_5_VLForConditionalGeneration",),
-    language_model="model.language_model",
-    layers="model.language_model.layers",
-    vision=("model.visual",),
-    keep_bf16=("model.language_model.embed_tokens", "lm_head"),
-    linears=QWEN_LINEARS,
-    smooth_groups=QWEN_SMOOTH_GROUPS,
-))
-
+# Qwen VLMs: the decoder is `model.language_model`, the vision tower (with its merger) `model.visual`.
+for _name, _arch in (("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+                     ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration")):
+    register(Family(
+        name=_name, model_types=(_name,), architectures=(_arch,), language_model="model.language_model",
+        layers="model.language_model.layers", vision=("model.visual",),
+        keep_bf16=("model.language_model.embed_tokens", "lm_head"), linears=QWEN_LINEARS,
+        smooth_groups=QWEN_SMOOTH_GROUPS,
+    ))
 
 # Text-only causal LMs: the decoder is `model`, there is no vision tower.
 for _name, _types, _archs in (
