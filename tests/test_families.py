@@ -8,14 +8,15 @@ import torch
 from conftest import describe, run_cli
 from vlmq.calib import demo_coco_root, load_rgb
 from vlmq.commands import generate_text
-from vlmq.models.demo import write_demo_qwen2_vl_snapshot
+from vlmq.models.demo import write_demo_qwen2_vl_snapshot, write_demo_qwen3_vl_snapshot
 from vlmq.models.families import FAMILIES, family_for
 from vlmq.runtime.linear import W8A8Linear
 from vlmq.runtime.loader import load_w8a8
 
 
 def test_registry_is_keyed_by_model_type_and_refuses_unknown():
-    assert family_for("qwen2_vl").name == "qwen2_vl" and family_for("qwen2_5_vl").name == "qwen2_5_vl"
+    vlm_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    assert [family_for(t).name for t in vlm_types] == list(vlm_types)
     with pytest.raises(ValueError, match="unsupported model_type 'llava'"):
         family_for("llava")
     vlms = [f for f in FAMILIES.values() if f.auto_class == "AutoModelForImageTextToText"]
@@ -23,15 +24,17 @@ def test_registry_is_keyed_by_model_type_and_refuses_unknown():
     assert family_for("llama").vision == () and family_for("qwen3").layers == "model.layers"
 
 
-def test_qwen2_vl_end_to_end(tmp_path):
-    snapshot = write_demo_qwen2_vl_snapshot(tmp_path / "qwen2_vl")
+@pytest.mark.parametrize("family, writer", [("qwen2_vl", write_demo_qwen2_vl_snapshot),
+                                             ("qwen3_vl", write_demo_qwen3_vl_snapshot)])
+def test_vlm_family_end_to_end(tmp_path, family, writer):
+    snapshot = writer(tmp_path / family)
     export = tmp_path / "export"
     wrong = run_cli(["quantize", f"arch.snapshot={snapshot}", f"calib.root={demo_coco_root()}",
                      f"export.dir={export}", f"log_root={tmp_path / 'logs'}"], cwd=tmp_path)
-    assert wrong.rc == 2 and "is a qwen2_vl model but arch.family is qwen2_5_vl" in wrong.stderr, describe(wrong)
+    assert wrong.rc == 2 and f"is a {family} model but arch.family is qwen2_5_vl" in wrong.stderr, describe(wrong)
     assert not export.exists()
     result = run_cli(["quantize", f"arch.snapshot={snapshot}", f"calib.root={demo_coco_root()}",
-                      f"export.dir={export}", f"log_root={tmp_path / 'logs'}", "arch.family=qwen2_vl"], cwd=tmp_path)
+                      f"export.dir={export}", f"log_root={tmp_path / 'logs'}", f"arch.family={family}"], cwd=tmp_path)
     assert result.rc == 0, describe(result)
     assert "DEMO" not in result.stderr
     verify = run_cli(["verify", str(export)], cwd=tmp_path)
@@ -41,10 +44,12 @@ def test_qwen2_vl_end_to_end(tmp_path):
     image = load_rgb(image_path, image_path.parent)
     for fmt in ("modelopt_hf", "compressed_tensors"):
         model, processor, info = load_w8a8(export / fmt, device="cpu")
-        assert info.family.name == "qwen2_vl"
+        assert info.family.name == family
         assert sum(isinstance(m, W8A8Linear) for m in model.modules()) == 14
-        assert not any(isinstance(m, W8A8Linear) for n, m in model.named_modules() if n.startswith("model.visual"))
-        assert model.get_submodule("model.visual.blocks.0.mlp.fc1").weight.dtype == torch.bfloat16
+        vision = [m for n, m in model.named_modules() if n.startswith("model.visual")]
+        assert not any(isinstance(m, W8A8Linear) for m in vision)
+        vision_linears = [m for m in vision if isinstance(m, torch.nn.Linear)]
+        assert vision_linears and all(m.weight.dtype == torch.bfloat16 for m in vision_linears)
         _, text_tokens = generate_text(model, processor, "Write a haiku about the sea.", max_new_tokens=4)
         _, image_tokens = generate_text(model, processor, "Describe this image.", image, max_new_tokens=4)
         assert text_tokens and image_tokens

@@ -211,3 +211,37 @@ def write_demo_text_snapshot(target: Path, family: str = "qwen2", seed: int = DE
     model.save_pretrained(target)
     build_demo_tokenizer().save_pretrained(target)
     return target
+
+
+def write_demo_qwen3_vl_snapshot(target: Path, seed: int = DEMO_SEED) -> Path:
+    """A tiny random Qwen3-VL (16-px patches, DeepStack mergers, interleaved mrope), for family tests."""
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    base = json.loads(DEMO_CONFIG_PATH.read_text())
+    text = {k: v for k, v in base["text_config"].items() if k not in ("model_type", "rope_parameters")}
+    text.update(head_dim=text["hidden_size"] // text["num_attention_heads"],
+                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [4, 6, 6],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
+                  deepstack_visual_indexes=[0], patch_size=16, num_position_embeddings=64)
+    ids = {k: base[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
+    config.architectures = ["Qwen3VLForConditionalGeneration"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config).to(torch.bfloat16).eval()
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, min_pixels=32 * 32 * 4,
+                                              max_pixels=128 * 128),
+        tokenizer=build_demo_tokenizer(), video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
+        chat_template=QWEN_VL_CHAT_TEMPLATE)
+    target = Path(target)
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    return target

@@ -68,6 +68,14 @@ for _name, _arch in (("qwen2_vl", "Qwen2VLForConditionalGeneration"),
         smooth_groups=QWEN_SMOOTH_GROUPS,
     ))
 
+# Qwen3-VL saves its checkpoints under the in-memory names (no legacy key layout).
+register(Family(
+    name="qwen3_vl", model_types=("qwen3_vl",), architectures=("Qwen3VLForConditionalGeneration",),
+    language_model="model.language_model", layers="model.language_model.layers", vision=("model.visual",),
+    keep_bf16=("model.language_model.embed_tokens", "lm_head"), linears=QWEN_LINEARS,
+    smooth_groups=QWEN_SMOOTH_GROUPS, ckpt_language_model="model.language_model", ckpt_vision="model.visual",
+))
+
 # Text-only causal LMs: the decoder is `model`, there is no vision tower.
 for _name, _types, _archs in (
     ("qwen2", ("qwen2",), ("Qwen2ForCausalLM",)),
