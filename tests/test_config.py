@@ -124,3 +124,9 @@ def test_other_model_sizes_select_their_own_tree(model, hub):
 def test_max_memory_map_override():
     cfg = load_config(["arch.max_memory={0:5GiB,1:5GiB}"])
     assert cfg.arch.max_memory == {0: "5GiB", 1: "5GiB"}
+
+
+def test_alpha_auto_means_per_layer_search():
+    cfg = load_config(["quant.alpha=auto"])
+    assert cfg.quant.alpha_search and cfg.quant.alpha == load_config([]).quant.alpha
+    assert not load_config([]).quant.alpha_search

@@ -145,6 +145,8 @@ def _expand_shorthands(overrides: list[str], root: Path) -> list[str]:
         key = o.split("=", 1)[0]
         if key in DICT_KEYS:   # open-ended maps: Hydra's struct mode refuses new keys unless forced
             out.append("++" + o)
+        elif o == "quant.alpha=auto":   # the per-layer search's short name
+            out.append("quant.alpha_search=true")
         elif key not in ("arch", "infer", "model"):   # `model` is set after composing (see load_config)
             out.append(o)
     for group in ("arch", "infer"):
