@@ -113,16 +113,27 @@ def build_demo_processor():
     )
 
 
+def random_model(model_cls, config, seed: int, dtype: torch.dtype = torch.bfloat16):
+    """`model_cls(config)` with weights drawn from `seed` (same seed -> same bytes), global RNG untouched."""
+    config.architectures = [model_cls.__name__]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    return model.to(dtype).eval()
+
+
+def save_snapshot(target: Path, model, processor) -> Path:
+    target = Path(target)
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    return target
+
+
 def build_demo_model(dtype: torch.dtype = torch.bfloat16, seed: int = DEMO_SEED):
     """The tiny Qwen2.5-VL with deterministic random weights (same seed -> same bytes)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    config = demo_config()
-    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    return model.to(dtype).eval()
+    return random_model(Qwen2_5_VLForConditionalGeneration, demo_config(), seed, dtype)
 
 
 def write_demo_snapshot(target: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
@@ -179,17 +190,11 @@ def write_demo_qwen2_vl_snapshot(target: Path, seed: int = DEMO_SEED) -> Path:
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     ids = {k: base[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
-    config.architectures = ["Qwen2VLForConditionalGeneration"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16).eval()
+    model = random_model(Qwen2VLForConditionalGeneration, config, seed)
     sizes = {"min_pixels": IMAGE_MIN_PIXELS, "max_pixels": IMAGE_MAX_PIXELS}
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=build_demo_tokenizer(),
                                  video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=QWEN_VL_CHAT_TEMPLATE)
-    target = Path(target)
-    model.save_pretrained(target)
-    processor.save_pretrained(target)
-    return target
+    return save_snapshot(target, model, processor)
 
 
 def write_demo_text_snapshot(target: Path, family: str = "qwen2", seed: int = DEMO_SEED) -> Path:
@@ -202,15 +207,7 @@ def write_demo_text_snapshot(target: Path, family: str = "qwen2", seed: int = DE
     classes = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
                "llama": ("LlamaConfig", "LlamaForCausalLM")}
     config_cls, model_cls = (getattr(transformers, name) for name in classes[family])
-    config = config_cls(**text)
-    config.architectures = [model_cls.__name__]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config).to(torch.bfloat16).eval()
-    target = Path(target)
-    model.save_pretrained(target)
-    build_demo_tokenizer().save_pretrained(target)
-    return target
+    return save_snapshot(target, random_model(model_cls, config_cls(**text), seed), build_demo_tokenizer())
 
 
 def write_demo_qwen3_vl_snapshot(target: Path, seed: int = DEMO_SEED) -> Path:
@@ -232,16 +229,10 @@ def write_demo_qwen3_vl_snapshot(target: Path, seed: int = DEMO_SEED) -> Path:
                   deepstack_visual_indexes=[0], patch_size=16, num_position_embeddings=64)
     ids = {k: base[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
-    config.architectures = ["Qwen3VLForConditionalGeneration"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config).to(torch.bfloat16).eval()
+    model = random_model(Qwen3VLForConditionalGeneration, config, seed)
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, min_pixels=32 * 32 * 4,
                                               max_pixels=128 * 128),
         tokenizer=build_demo_tokenizer(), video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
         chat_template=QWEN_VL_CHAT_TEMPLATE)
-    target = Path(target)
-    model.save_pretrained(target)
-    processor.save_pretrained(target)
-    return target
+    return save_snapshot(target, model, processor)
