@@ -151,3 +151,18 @@ def test_free_space_check(tmp_path):
     with atomic_directory(target, force=True, needed_bytes=1) as staging:
         write_export(staging, "new")
     assert tree(target) != before
+
+
+def test_force_never_replaces_a_non_export(tmp_path):
+    precious = tmp_path / "snapshot"
+    precious.mkdir()
+    (precious / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ExportError, match="not empty and holds no vlmq manifest.json"), \
+            atomic_directory(precious, force=True) as staging:
+        (staging / "x").write_text("new")
+    assert (precious / "model.safetensors").read_bytes() == b"weights" and leftovers(precious) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_directory(empty, force=True) as staging:   # an empty directory may be replaced
+        (staging / "manifest.json").write_text("{}")
+    assert (empty / "manifest.json").is_file()

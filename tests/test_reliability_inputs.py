@@ -312,3 +312,16 @@ def test_pickle_weights_never_unpickled(snapshot, tmp_path):
     # Negative control: the payload is live; loading the .bin would have run it.
     pickle.loads((snapshot / "pytorch_model.bin").read_bytes())
     assert marker.read_text() == "pickle ran"
+
+
+def test_quantized_checkpoint_is_not_a_snapshot(tmp_path):
+    import json as _json
+
+    snapshot = tmp_path / "ckpt"
+    snapshot.mkdir()
+    (snapshot / "config.json").write_text(_json.dumps({
+        "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "quantization_config": {"quant_method": "compressed-tensors"}}))
+    (snapshot / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SnapshotError, match="is a quantized checkpoint \\(compressed-tensors\\)"):
+        inspect_snapshot(snapshot)

@@ -171,3 +171,13 @@ def test_max_kl_fallback_end_to_end(fragile_snapshot, tmp_path):
         assert sum(isinstance(m, W8A8Linear) for m in model.modules()) == 13
         kl = compare_logits(ref, batch_logits(model, batches), batches).kl_mean
         assert kl <= MAX_KL, f"{fmt}: KL {kl:.3g} > {MAX_KL}"
+
+
+def test_fused_groups_fall_back_whole():
+    from vlmq.quantize.sensitivity import fused_siblings
+
+    layer = "model.language_model.layers.3"
+    qkv = [f"{layer}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    assert fused_siblings(f"{layer}.self_attn.k_proj") == qkv
+    assert fused_siblings(f"{layer}.mlp.up_proj") == [f"{layer}.mlp.gate_proj", f"{layer}.mlp.up_proj"]
+    assert fused_siblings(f"{layer}.mlp.down_proj") == [f"{layer}.mlp.down_proj"]

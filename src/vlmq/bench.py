@@ -285,6 +285,12 @@ def run_bench(baseline: Path | None = None, w8a8: Path | None = None, shape: str
         for label, path in (("bf16", baseline), ("w8a8", w8a8)):
             _reset_peak(dev)
             model, processor, kind = load_any(path, dev.type, backend)
+            if (label == "bf16") != (kind == "bf16"):
+                from vlmq.runtime.loader import CheckpointError
+
+                want = "a bf16 snapshot" if label == "bf16" else "a W8A8 export"
+                raise CheckpointError(f"{path} is {kind}, but --{'baseline' if label == 'bf16' else 'model-dir'} "
+                                      f"needs {want}")
             _reset_peak(dev)  # inference peak (loading may stage tensors)
             results[label] = {"model": kind, "path": str(path), "weight_bytes": model_bytes(model),
                               **measure_model(model, processor, *args)}
@@ -337,6 +343,9 @@ def print_table(results: dict) -> None:
                   f"weights ratio {results['ratios']['weight_bytes_ratio']}")
 
 
+BACKENDS = ("auto", "int_mm", "reference", "triton")
+
+
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", type=Path, help="the bf16 snapshot")
     p.add_argument("--model-dir", type=Path, help="the W8A8 export (either format)")
@@ -344,7 +353,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="random weights of this architecture instead of checkpoints")
     p.add_argument("--loop", choices=("lean", "hf"), help="decode loop (default: lean on CUDA, hf on CPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--no-fused-ops", action="store_true", help="lean loop: eager torch norm/act/rope")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--new-tokens", type=int, default=32)
@@ -354,12 +363,29 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="write the results as JSON here")
 
 
+def positive_ints(text: str, flag: str) -> list[int]:
+    from vlmq.config import ConfigError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated positive integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ConfigError(f"{flag} takes comma-separated positive integers, got {text!r}")
+    return values
+
+
 @register_command("bench", "prefill/decode speed and peak memory, bf16 vs W8A8, same run")
 def cmd_bench(args: argparse.Namespace) -> int:
+    from vlmq.config import ConfigError
+
     if not args.shape and not (args.baseline and args.model_dir):
-        raise SystemExit("vlmq bench: give --shape, or both --baseline and --model-dir")
-    batches = tuple(int(b) for b in args.batch_sizes.split(","))
-    linear_ms = [int(m) for m in args.linear_ms.split(",") if m.strip()]
+        raise ConfigError("vlmq bench needs --shape, or both --baseline and --model-dir")
+    batches, linear_ms = positive_ints(args.batch_sizes, "--batch-sizes"), positive_ints(args.linear_ms, "--linear-ms")
+    if not batches or args.new_tokens < 2 or args.iters < 1 or args.prompt_tokens < 1:
+        raise ConfigError("vlmq bench needs --batch-sizes, --new-tokens >= 2, --iters >= 1, --prompt-tokens >= 1")
+    if args.out is not None and args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a directory; give a file path for the JSON")
     results = run_bench(args.baseline, args.model_dir, args.shape, args.device, args.backend, args.loop, batches,
                         args.new_tokens, args.prompt_tokens, iters=args.iters, linear_ms=linear_ms,
                         fused_ops=False if args.no_fused_ops else None)

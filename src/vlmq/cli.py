@@ -25,10 +25,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from vlmq.models.families import UnsupportedModelError
     from vlmq.models.load import SnapshotError
     from vlmq.quantize.calibrate import CalibrationOOMError, QuantizationAuditError
+    from vlmq.quantize.sensitivity import FallbackUnreachable
     from vlmq.runtime.loader import CheckpointError
 
     return (ConfigError, SnapshotError, CalibDataError, ExportError, UnsupportedModelError,
-            CalibrationOOMError, QuantizationAuditError, CheckpointError, ImageRejected, FileNotFoundError)
+            CalibrationOOMError, QuantizationAuditError, CheckpointError, ImageRejected, FileNotFoundError,
+            FallbackUnreachable)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -47,11 +49,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch_model(args: argparse.Namespace) -> int:
-    from vlmq.config import load_config
+    from vlmq.config import ConfigError, load_config
     from vlmq.models.load import fetch_model, inspect_snapshot
 
     cfg = load_config(list(args.overrides))
     target = cfg.resolve_path(cfg.arch.snapshot)
+    if cfg.arch.quantized:
+        raise ConfigError(f"arch {cfg.arch.name} is a quantized checkpoint; fetch-model downloads bf16 snapshots")
+    if (target / "config.json").exists():
+        raise ConfigError(f"{target} already holds a model (config.json); remove it first to download again")
     repo_id = cfg.arch.hub_id if args.source == "hf" else cfg.arch.modelscope_id
     print(f"downloading {repo_id} from {args.source} into {target}", file=sys.stderr, flush=True)
     fetch_model(repo_id, target, args.source)
@@ -105,7 +111,12 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting positionals at a flag, so overrides after `--force` come back here
+    if any("=" not in e or e.startswith("-") for e in extra) or not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = list(getattr(args, "overrides", [])) + extra
     args.log_file = None
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -117,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f"; logs in {Path(args.log_file).parent}" if args.log_file else ""
         what = "terminated" if isinstance(err, Terminated) else "interrupted"
         log.error("%s by signal", what)
-        print(f"vlmq: {what}; no partial export was left behind{where}", file=sys.stderr)
+        left = "; no partial export was left behind" if args.command == "quantize" else ""
+        print(f"vlmq: {what}{left}{where}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
     except _user_errors() as err:
         log.error("%s", err)

@@ -14,7 +14,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", type=Path, help="an image for an image+text prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--backend", default="auto", help="W8A8 GEMM backend: auto, int_mm, reference, triton")
+    p.add_argument("--backend", default="auto", choices=("auto", "int_mm", "reference", "triton"),
+                   help="W8A8 GEMM backend")
     p.add_argument("prompt", help="the user's text")
 
 

@@ -411,7 +411,8 @@ def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-sqnr", type=float, help="gate: the worst layer's output SQNR in dB must be >= S")
     p.add_argument("--lmms-tasks", help="hand both checkpoints to lmms-eval, e.g. mmmu_val,docvqa_val")
     p.add_argument("--lmms-limit", type=int, help="lmms-eval --limit (examples per task)")
-    p.add_argument("--backend", default="auto", help="W8A8 GEMM backend: auto, int_mm, reference, triton")
+    p.add_argument("--backend", default="auto", choices=("auto", "int_mm", "reference", "triton"),
+                   help="W8A8 GEMM backend")
 
 
 @register_command("check", "bf16 vs W8A8 on text and image+text prompts: metrics, gates, HTML+JSON report")

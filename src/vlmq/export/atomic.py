@@ -92,12 +92,17 @@ def check_target(target: Path, force: bool) -> None:
         raise ExportError(f"export already exists: {target} (pass --force to replace it)")
     if target.exists() and not target.is_dir():
         raise ExportError(f"export path exists and is not a directory: {target}")
+    # --force replaces a previous export, never an arbitrary directory (a snapshot, the repo, ...)
+    if target.is_dir() and any(target.iterdir()) and not (target / "manifest.json").is_file():
+        raise ExportError(f"refusing to replace {target}: it is not empty and holds no vlmq manifest.json")
 
 
 def check_free_space(parent: Path, needed_bytes: int) -> None:
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise ExportError(f"cannot write exports under {probe}: permission denied")
     free = shutil.disk_usage(probe).free
     if free < needed_bytes:
         raise ExportError(f"not enough disk space in {probe}: need ~{needed_bytes / 1e9:.2f} GB, "

@@ -48,6 +48,9 @@ def inspect_snapshot(path: Path, trust_remote_code: bool = False) -> Snapshot:
     if not isinstance(config, dict):
         raise SnapshotError(f"snapshot config is not a JSON object: {config_file}")
     auto_map = config.get("auto_map")
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?")
+        raise SnapshotError(f"{path} is a quantized checkpoint ({method}); a bf16 snapshot is needed here")
     try:
         family = family_for(config.get("model_type"))
     except UnsupportedModelError as err:

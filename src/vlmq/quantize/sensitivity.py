@@ -132,6 +132,19 @@ class Fallback:
         return {"max_kl": self.max_kl, "fallback_bf16": self.exclude, "search": self.steps, "kl_final": self.kl_final}
 
 
+FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def fused_siblings(name: str) -> list[str]:
+    """`name` and the linears an inference engine fuses it with (vLLM's qkv_proj, gate_up_proj)."""
+    prefix, _, leaf = name.rpartition(".")
+    parent, _, block = prefix.rpartition(".")
+    for group in FUSED:
+        if f"{block}.{leaf}" in group:
+            return [f"{parent}.{member}" for member in group]
+    return [name]
+
+
 @torch.no_grad()
 def choose_fallback(model: nn.Module, sensitivity: Sensitivity, probe: KLProbe, max_kl: float) -> Fallback:
     """Greedy over the ranking: keep the top-k linears bf16 for k = 0, 1, 2, ... and re-measure the
@@ -142,8 +155,12 @@ def choose_fallback(model: nn.Module, sensitivity: Sensitivity, probe: KLProbe, 
     exclude: list[str] = []
     try:
         for name, _ in sensitivity.ranking:
-            set_quant(model, [name], False)
-            exclude.append(name)
+            if name in exclude:
+                continue
+            # engines fuse q/k/v and gate/up into one GEMM with one scheme: a group falls back whole
+            added = [n for n in fused_siblings(name) if n not in exclude]
+            set_quant(model, added, False)
+            exclude.extend(added)
             kl = probe.kl(model)
             steps.append({"bf16": len(exclude), "added": name, "kl": kl})
             log.info("fallback: %d linears bf16 (+%s): KL %.3g (target %.3g)", len(exclude), name, kl, max_kl)
