@@ -18,7 +18,8 @@ import torch
 from conftest import REPO_ROOT, CliResult, describe, run_cli
 from vlmq.calib import demo_coco_root, load_coco_captions
 from vlmq.evaluate import lmms
-from vlmq.evaluate.check import Case, LayerProbe, apply_gates, score_case, select_heldout
+from vlmq.evaluate.check import Case, apply_gates, score_case, select_heldout
+from vlmq.evaluate.layers import LayerProbe
 from vlmq.evaluate.metrics import column_factors
 from vlmq.evaluate.report import load_schema, validate
 from vlmq.models.demo import build_demo_model, build_demo_processor
