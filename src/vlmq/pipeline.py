@@ -10,7 +10,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,9 +193,11 @@ def calibration_and_held_out(cfg: Config, calib_root: Path) -> tuple[list, list,
     return everything, everything[-k:], stats
 
 
-def make_forward_loop(samples: list, processor: Any, cfg: Config, batch_size: int,
-                      stats: CalibStats) -> Callable[[torch.nn.Module], None]:
-    """A ModelOpt forward loop over `samples` (the full VLM, OOM back-off), counting into `stats`."""
+def make_forward_loop(samples: list, processor: Any, cfg: Config, batch_size: int, stats: CalibStats,
+                      progress: str | None = None) -> Callable[[torch.nn.Module], None]:
+    """A ModelOpt forward loop over `samples` (the full VLM, OOM back-off), counting into `stats`.
+
+    The batch-size log of the latest call is kept as `loop.last_log`; `progress` names a progress bar."""
     from vlmq.calib.batches import make_batches
     from vlmq.quantize.calibrate import forward_all
 
@@ -204,10 +206,18 @@ def make_forward_loop(samples: list, processor: Any, cfg: Config, batch_size: in
         pending: list[CalibStats] = []
 
         def batches_for(chunk: list) -> list[dict]:
+            # Stats of a chunk count only once its forward pass succeeded (OOM retries re-batch it).
             pending[:] = [CalibStats(requested=len(chunk))]
             return make_batches(processor, chunk, len(chunk), cfg.calib.max_length, pending[0])
 
-        forward_all(m, samples, batches_for, batch_size, lambda n: merge_stats(stats, pending[0]))
+        bar = progress_bar(progress, len(samples)) if progress else nullcontext(lambda n: None)
+        with bar as advance:
+            def done(n: int) -> None:
+                merge_stats(stats, pending[0])
+                advance(n)
+            loop.last_log = forward_all(m, samples, batches_for, batch_size, done)  # type: ignore[attr-defined]
+
+    loop.last_log = None  # type: ignore[attr-defined]
     return loop
 
 
@@ -218,7 +228,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     from vlmq.export.atomic import atomic_directory, check_free_space, check_target, clean_stale_staging
     from vlmq.export.manifest import package_versions, write_manifest
     from vlmq.models.load import load_model, load_processor
-    from vlmq.quantize.calibrate import audit, forward_all, quantize_lm, resolve_batch_size
+    from vlmq.quantize.calibrate import audit, quantize_lm, resolve_batch_size
 
     if cfg.arch.quantized:
         raise ConfigError(f"arch {cfg.arch.name} is a quantized checkpoint; `vlmq quantize` needs a bf16 snapshot "
@@ -263,22 +273,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
             torch.cuda.set_per_process_memory_fraction(cfg.calib.gpu_memory_fraction, index)
     batch_size = resolve_batch_size(cfg.calib.batch_size, device)
 
-    calib_log = None
-    pending: list[CalibStats] = []
-
-    def batches_for(chunk: list) -> list[dict]:
-        # Stats of a chunk count only once its forward pass succeeded (OOM retries re-batch it).
-        pending[:] = [CalibStats(requested=len(chunk))]
-        return make_batches(processor, chunk, len(chunk), cfg.calib.max_length, pending[0])
-
-    def forward_loop(m: torch.nn.Module) -> None:
-        nonlocal calib_log
-        stats.samples = stats.images = stats.tokens = stats.truncated = 0
-        with progress_bar("calibrating", len(samples)) as advance:
-            def done(n: int) -> None:
-                merge_stats(stats, pending[0])
-                advance(n)
-            calib_log = forward_all(m, samples, batches_for, batch_size, done)
+    forward_loop = make_forward_loop(samples, processor, cfg, batch_size, stats, progress="calibrating")
 
     probe = None
     if cfg.quant.max_kl is not None:
@@ -321,7 +316,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
             "modelopt_recipe": recipe,
             "versions": package_versions(),
             "calibration": {**stats.to_dict(), "root": str(ctx.calib_root),
-                            "batch_size": calib_log.__dict__ if calib_log else None},
+                            "batch_size": forward_loop.last_log.__dict__ if forward_loop.last_log else None},
             "modules": result_audit.to_dict(),
             "smoothquant": {"alpha_search": cfg.quant.alpha_search,
                             "alpha": None if cfg.quant.alpha_search else cfg.quant.alpha,
