@@ -40,18 +40,7 @@ def ignore_list(model: nn.Module, family: Family, quantized: list[str]) -> list[
     mapped by its own prefix table). Each module is listed under both, so every loader finds it."""
     keep = set(quantized)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in keep]
-    return list(dict.fromkeys([to_checkpoint_name(n, family) for n in names] + names))
-
-
-def to_checkpoint_name(name: str, family: Family) -> str:
-    """In-memory module path -> the path `save_pretrained` writes (transformers' legacy layout)."""
-    lm_prefix = family.language_model + "."
-    if name.startswith(lm_prefix):
-        return f"{family.ckpt_language_model}.{name[len(lm_prefix):]}"
-    for vision in family.vision:
-        if family.ckpt_vision and (name == vision or name.startswith(vision + ".")):
-            return family.ckpt_vision + name[len(vision):]
-    return name
+    return list(dict.fromkeys([family.checkpoint_name(n) for n in names] + names))
 
 
 @torch.no_grad()

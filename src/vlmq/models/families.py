@@ -32,6 +32,26 @@ class Family:
     ckpt_vision: str = "visual"
     auto_class: str = "AutoModelForImageTextToText"   # the transformers Auto class that loads it
 
+    def checkpoint_name(self, name: str) -> str:
+        """In-memory module path -> the path `save_pretrained` writes (transformers' legacy layout)."""
+        lm_prefix = self.language_model + "."
+        if name.startswith(lm_prefix):
+            return f"{self.ckpt_language_model}.{name[len(lm_prefix):]}"
+        for vision in self.vision:
+            if self.ckpt_vision and (name == vision or name.startswith(vision + ".")):
+                return self.ckpt_vision + name[len(vision):]
+        return name
+
+    def module_name(self, ckpt_name: str) -> str:
+        """Checkpoint key prefix (transformers' legacy layout) -> in-memory module path."""
+        lm = self.ckpt_language_model + "."
+        if ckpt_name.startswith(lm):
+            return f"{self.language_model}.{ckpt_name[len(lm):]}"
+        vision = self.ckpt_vision + "."
+        if self.ckpt_vision and ckpt_name.startswith(vision):
+            return f"{self.vision[0]}.{ckpt_name[len(vision):]}"
+        return ckpt_name
+
     def model_class(self):
         import transformers
 

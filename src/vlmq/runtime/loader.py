@@ -48,17 +48,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def to_module_name(ckpt_name: str, family: Family) -> str:
-    """Checkpoint key prefix (transformers' legacy layout) -> in-memory module path."""
-    lm = family.ckpt_language_model + "."
-    if ckpt_name.startswith(lm):
-        return f"{family.language_model}.{ckpt_name[len(lm) :]}"
-    vision = family.ckpt_vision + "."
-    if family.ckpt_vision and ckpt_name.startswith(vision):
-        return f"{family.vision[0]}.{ckpt_name[len(vision) :]}"
-    return ckpt_name
-
-
 def inspect_checkpoint(path: Path, tensors: dict[str, torch.Tensor] | None = None) -> CheckpointInfo:
     """Check format, family and that tensors agree with the config; no model is built."""
     path = Path(path)
@@ -112,7 +101,7 @@ def inspect_checkpoint(path: Path, tensors: dict[str, torch.Tensor] | None = Non
         family=family,
         config=config,
         activations=activations,
-        quantized=[to_module_name(n, family) for n in int8],
+        quantized=[family.module_name(n) for n in int8],
         smoothing_scales=fmt == "modelopt_hf",
     )
 
@@ -134,7 +123,7 @@ def build_w8a8_model(
         model = info.family.model_class().from_config(config, dtype=dtype)
     state: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        module_key = to_module_name(key, info.family)
+        module_key = info.family.module_name(key)
         state[module_key] = value
     for name in info.quantized:
         bias = state.pop(f"{name}.bias", None)
