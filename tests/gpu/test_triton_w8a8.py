@@ -33,8 +33,12 @@ FORCED = [
     KernelConfig(16, 64, 256, 8, fused=True),
     KernelConfig(32, 16, 512, 4, fused=False),
     KernelConfig(16, 64, 256, 2, fused=False, pdl=True),
+    KernelConfig(16, 16, 512, 1, fused=False, pdl=True),
     KernelConfig(128, 256, 128, 1, 8, 8, 3, fused=False),
     KernelConfig(128, 128, 128, 1, 8, 4, 4, fused=True),
+    KernelConfig(128, 128, 128, 1, 8, 4, 4, fused=False, persistent=True),
+    KernelConfig(128, 256, 128, 1, 4, 8, 3, fused=False, persistent=True),
+    KernelConfig(128, 256, 128, 1, 4, 8, 4, fused=False, persistent=True),
 ]
 
 

@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from vlmq.runtime.kernels import w8a8_persistent
+
 MIN_SCALE = tl.constexpr(1e-10)  # same as vlmq.runtime.linear.MIN_SCALE
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + C) - C rounds half-to-even for |v| < 2**22
 
@@ -119,8 +121,6 @@ def _w8a8_gemm_kernel(
     HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, EVEN_K: tl.constexpr,
     AMAX_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()  # launched early (PDL): wait until the producer's writes are visible
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -140,6 +140,15 @@ def _w8a8_gemm_kernel(
     rn_l = (rn % N).to(tl.int64)
     a_rows = a_ptr + rm_l[:, None] * stride_am
     w_cols = w_ptr + rn_l[None, :] * stride_wn
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = min(K, k_start + k_per_split)
+    # per-column scale and bias are static: load them now, off the epilogue's critical path
+    n_ok = rn < N
+    w_scale = tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0)
+    bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32) if HAS_BIAS else w_scale
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # launched early (PDL): wait until the producer's writes are visible
 
     a_inv = 1.0
     if A_MODE == 2:  # per-token amax over all of K, in wide chunks (few dependent loads)
@@ -159,9 +168,6 @@ def _w8a8_gemm_kernel(
         a_scale = tl.load(a_scale_ptr)
         a_inv = tl.div_rn(1.0, a_scale)
 
-    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_start = pid_k * k_per_split
-    k_end = min(K, k_start + k_per_split)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
@@ -182,15 +188,13 @@ def _w8a8_gemm_kernel(
         if arrived == SPLIT_K - 1:
             acc = tl.atomic_xchg(ws_ptrs, tl.zeros_like(acc), mask=mask, sem="relaxed")
             tl.atomic_xchg(lock_ptr + tile, 0)
-            _epilogue(acc, rm, rn, N, mask, a_scale, w_scale_ptr, bias_ptr, out_ptr,
-                      stride_om, A_MODE, HAS_BIAS, OUT_INT32)  # fmt: skip
+            _epilogue(acc, rm, rn, mask, a_scale, w_scale, bias, out_ptr, stride_om, A_MODE, HAS_BIAS, OUT_INT32)
     else:
-        _epilogue(acc, rm, rn, N, mask, a_scale, w_scale_ptr, bias_ptr, out_ptr,
-                  stride_om, A_MODE, HAS_BIAS, OUT_INT32)  # fmt: skip
+        _epilogue(acc, rm, rn, mask, a_scale, w_scale, bias, out_ptr, stride_om, A_MODE, HAS_BIAS, OUT_INT32)
 
 
 @triton.jit
-def _epilogue(acc, rm, rn, N, mask, a_scale, w_scale_ptr, bias_ptr, out_ptr, stride_om,
+def _epilogue(acc, rm, rn, mask, a_scale, w_scale, bias, out_ptr, stride_om,
               A_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr):  # fmt: skip
     out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
     if OUT_INT32:
@@ -201,10 +205,9 @@ def _epilogue(acc, rm, rn, N, mask, a_scale, w_scale_ptr, bias_ptr, out_ptr, str
             y = y * a_scale[:, None]
         else:
             y = y * a_scale
-        n_ok = rn < N
-        y = y * tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        y = y * w_scale[None, :]
         if HAS_BIAS:
-            y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            y = y + bias[None, :]
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -224,6 +227,7 @@ class KernelConfig:
     num_stages: int = 4
     fused: bool = True  # quantize activations in the GEMM prologue (else a separate row kernel)
     pdl: bool = False  # unfused only: launch the GEMM early with programmatic dependent launch
+    persistent: bool = False  # int8 A only: one program per SM, TMA loads (w8a8_persistent.py)
 
 
 def _next_pow2(v: int) -> int:
@@ -254,11 +258,11 @@ def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
         return KernelConfig(64, 128, 128, 1, 8, 4, 4, False)
     if n <= 512:
         return KernelConfig(128, 128, 128, 1, 8, 4, 4, False)
-    if k >= 8192 and m < 4096:
-        return KernelConfig(128, 256, 128, 1, 8, 8, 3, False)
-    if (n >= 8192 or k >= 8192) and m >= 4096:
-        return KernelConfig(256, 128, 128, 1, 8, 8, 3, False)
-    return KernelConfig(128, 128, 64, 1, 8, 4, 5, False)
+    # prefill: the persistent TMA kernel wins once there are >= 1.5 rounds of 128x256 tiles per SM,
+    # or for a long K (down_proj); else more, smaller tiles balance the SMs better (qkv/o at M=2048)
+    if k >= 4096 or triton.cdiv(m, 128) * triton.cdiv(n, 256) >= 198:
+        return KernelConfig(128, 256, 128, 1, 8, 8, 4, False, persistent=True)
+    return KernelConfig(128, 128, 64, 1, 4, 4, 5, False)
 
 
 @functools.lru_cache(maxsize=1)
@@ -326,6 +330,10 @@ def _launch(
 ) -> None:  # fmt: skip
     m, k = a.shape
     n = w.shape[0]
+    if cfg.persistent and a_mode == A_INT8_ROWSCALE and not pdl and w8a8_persistent.supported(a, w):
+        w8a8_persistent.launch_persistent(a, w, out, a_scale, w_scale, bias, out_int32, cfg.block_m, cfg.block_n,
+                                          cfg.block_k, cfg.group_m, cfg.num_warps, _stages(cfg, 1))  # fmt: skip
+        return
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
     ws, locks = _workspace(a.device, m * n, tiles) if split > 1 else (out, out)
@@ -338,6 +346,7 @@ def _launch(
         A_MODE=a_mode, HAS_PQS=pqs is not None, HAS_BIAS=bias is not None,
         OUT_INT32=out_int32, EVEN_K=k % cfg.block_k == 0,
         AMAX_K=min(_next_pow2(k), max(cfg.block_k, 16384 // cfg.block_m)), USE_PDL=pdl,
+
         num_warps=cfg.num_warps, num_stages=_stages(cfg, a.element_size()), **extra,
     )  # fmt: skip
 

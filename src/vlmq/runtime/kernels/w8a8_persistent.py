@@ -1,0 +1,113 @@
+"""Persistent int8 GEMM for prefill shapes (Hopper TMA), activations already quantized.
+
+One program per SM walks the output tiles in grouped order; A and W tiles arrive through TMA
+descriptors (the copy engine fills shared memory, no address math in the main loop), and the
+flattened tile loop lets the compiler overlap one tile's epilogue with the next tile's loads.
+The epilogue is the same per-token x per-channel dequantization (+ bias) as the pointer kernel
+in ``triton_w8a8``, so both give identical results for the same int32 accumulators.
+
+Only for int8 A with per-row scales (``A_INT8_ROWSCALE``) or the raw int32 output; prologue-fused
+quantization stays on the pointer kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    num_in_group = GROUP_M * num_pid_n
+    first_m = (tile // num_in_group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % num_in_group) % group_m, (tile % num_in_group) // group_m
+
+
+@triton.jit
+def _mainloop(a_desc, w_desc, pid_m, pid_n, k_tiles,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for ki in range(k_tiles):
+        a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # out-of-range rows/cols read as 0
+        w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+        acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+def _store(acc, pid_m, pid_n, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr):  # fmt: skip
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    if OUT_INT32:
+        tl.store(out_ptrs, acc, mask=mask)
+    else:
+        y = acc.to(tl.float32) * tl.load(a_scale_ptr + rm, mask=rm < M, other=0.0)[:, None]
+        y = y * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _w8a8_persistent_kernel(
+    a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+    M, N, K, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGS: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(pid, num_pid_m * num_pid_n, NUM_PROGS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        acc = _mainloop(a_desc, w_desc, pid_m, pid_n, k_tiles, BLOCK_M, BLOCK_N, BLOCK_K)
+        _store(acc, pid_m, pid_n, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+               BLOCK_M, BLOCK_N, HAS_BIAS, OUT_INT32)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=8)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs(device: torch.device) -> int:
+    """One program per SM on CUDA; a few on the CPU (Triton interpreter, tests)."""
+    if device.type != "cuda":
+        return 3
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def supported(a: Tensor, w: Tensor) -> bool:
+    """TMA needs Hopper+, 16-byte aligned bases and row strides, and a contiguous last dim."""
+    if not (a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)):
+        return False
+    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w))
+
+
+def launch_persistent(
+    a: Tensor, w: Tensor, out: Tensor, a_scale: Tensor, w_scale: Tensor, bias: Tensor | None,
+    out_int32: bool, block_m: int, block_n: int, block_k: int, group_m: int, num_warps: int, num_stages: int,
+) -> None:  # fmt: skip
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = a.shape
+    n = w.shape[0]
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    progs = min(tiles, num_programs(a.device))
+    if out.element_size() == 4:  # an fp32/int32 tile goes through shared memory on its way out
+        num_stages = max(1, min(num_stages, (200 * 1024 - block_m * block_n * 4) // (block_k * (block_m + block_n))))
+    _w8a8_persistent_kernel[(progs,)](
+        TensorDescriptor.from_tensor(a, [block_m, block_k]), TensorDescriptor.from_tensor(w, [block_n, block_k]),
+        out, a_scale, w_scale, bias if bias is not None else w_scale, m, n, k, out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, NUM_PROGS=progs,
+        HAS_BIAS=bias is not None, OUT_INT32=out_int32, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
