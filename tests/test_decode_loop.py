@@ -181,6 +181,15 @@ FUSED_SCRIPT = textwrap.dedent("""
     o1 = FU.decode_attention(q, kc, vc, valid, cur, 32**-0.5)
     o2 = FU.decode_attention_reference(q, kc, vc, valid, cur, 32**-0.5)
     assert ((o1.float() - o2.float()).norm() / o2.float().norm()).item() < 2e-3
+    # the quantizing combine (o_proj's int8 input): same output, int8 == quantize_per_token of it
+    for nh, nkv in ((4, 2), (6, 2)):  # 6 heads: padded to 8 inside the kernel
+        q = torch.randn(2, nh, 1, 32).half()
+        kc, vc = torch.randn(2, nkv, 128, 32).half(), torch.randn(2, nkv, 128, 32).half()
+        o1 = FU.decode_attention(q, kc, vc, valid, cur, 32**-0.5)
+        o3, q8, s8 = FU.decode_attention(q, kc, vc, valid, cur, 32**-0.5, quant=True)
+        assert ((o3.float() - o1.float()).norm() / o1.float().norm()).item() < 1e-3
+        q_ref, s_ref = quantize_per_token(o3.float().reshape(2, -1))
+        assert torch.equal(q8, q_ref) and torch.equal(s8, s_ref.reshape(-1))
     print("FUSED-OK")
 """)
 

@@ -178,10 +178,14 @@ def measure_model(model, processor, loop: str, batches: list[int], new_tokens: i
         for batch in batches:
             inputs = {k: v.to(device) for k, v in make_inputs(processor, kind, batch, prompt_tokens,
                                                                 image_size).items()}
+            _reset_peak(device)  # per-case peak; the run's peak is the largest of them
+            start_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
             if loop == "lean":
                 r = measure_lean(model, inputs, batch, new_tokens, device, iters, fused_ops)
             else:
                 r = measure_hf(model, inputs, batch, new_tokens, device, iters)
+            if start_gib is not None:
+                r.update(start_gib=start_gib, peak_gib=peak_gib(device))
             r = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
             out[f"{kind}_b{batch}"] = {"prompt_tokens": int(inputs["input_ids"].shape[1]), **r}
             gc.collect()
@@ -190,6 +194,12 @@ def measure_model(model, processor, loop: str, batches: list[int], new_tokens: i
 
 def peak_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+
+
+def run_peak(section: dict) -> float | None:
+    """Peak over a model's cases (each case resets the counter, so the largest is the run's peak)."""
+    peaks = [v["peak_gib"] for v in section.values() if isinstance(v, dict) and v.get("peak_gib") is not None]
+    return max(peaks) if peaks else None
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -268,14 +278,15 @@ def run_bench(baseline: Path | None = None, w8a8: Path | None = None, shape: str
         model, processor = random_model(shape, dev)
         _reset_peak(dev)  # inference peak: the fp32 -> bf16 random construction is not inference
         results["bf16"] = {"model": f"bf16 random {shape}", "weight_bytes": model_bytes(model),
-                           **measure_model(model, processor, *args), "peak_gib": peak_gib(dev)}
+                           **measure_model(model, processor, *args)}
+        results["bf16"]["peak_gib"] = run_peak(results["bf16"])
         if linear_ms and dev.type == "cuda":
             results["linear"] = linear_table(model.config.get_text_config(), linear_ms)
         quantize_language_model(model, backend)
         _reset_peak(dev)
         results["w8a8"] = {"model": "W8A8 dynamic per-token (weights quantized in memory)",
                            "weight_bytes": model_bytes(model), **measure_model(model, processor, *args)}
-        results["w8a8"]["peak_gib"] = peak_gib(dev)
+        results["w8a8"]["peak_gib"] = run_peak(results["w8a8"])
         results["w8a8"]["resident_gib"] = round(torch.cuda.memory_allocated(dev) / 2**30, 3) \
             if dev.type == "cuda" else None
         del model
@@ -294,7 +305,7 @@ def run_bench(baseline: Path | None = None, w8a8: Path | None = None, shape: str
             _reset_peak(dev)  # inference peak (loading may stage tensors)
             results[label] = {"model": kind, "path": str(path), "weight_bytes": model_bytes(model),
                               **measure_model(model, processor, *args)}
-            results[label]["peak_gib"] = peak_gib(dev)
+            results[label]["peak_gib"] = run_peak(results[label])
             if label == "bf16" and linear_ms and dev.type == "cuda":
                 results["linear"] = linear_table(model.config.get_text_config(), linear_ms)
             del model
@@ -304,6 +315,8 @@ def run_bench(baseline: Path | None = None, w8a8: Path | None = None, shape: str
             base = results["bf16"][key]
             ratios[key] = {"prefill_speedup": round(base["prefill_ms"] / value["prefill_ms"], 3),
                            "decode_speedup": round(value["decode_tok_s"] / base["decode_tok_s"], 3)}
+            if value.get("peak_gib"):
+                ratios[key]["peak_memory_ratio"] = round(value["peak_gib"] / base["peak_gib"], 3)
     if results["bf16"]["peak_gib"]:
         ratios["peak_memory_ratio"] = round(results["w8a8"]["peak_gib"] / results["bf16"]["peak_gib"], 3)
     ratios["weight_bytes_ratio"] = round(results["w8a8"]["weight_bytes"] / results["bf16"]["weight_bytes"], 3)

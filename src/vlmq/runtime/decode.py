@@ -283,19 +283,19 @@ class LeanDecoder:
         first ``kv_len`` cache slots (None = all) under ``mask`` [B, 1, T, S]; returns the final
         residual stream (before the last norm)."""
         ops, delta = self.ops, None
-        kernel_attn = kv_len is None and h.shape[1] == 1 and hasattr(ops, "decode_attention")
+        kernel_attn = kv_len is None and h.shape[1] == 1 and hasattr(ops, "decode_attention_o")
         gmask = None if kernel_attn else self._group_mask(mask)
         for i, layer in enumerate(self.layers):
             h, qkv = ops.add_norm_linear(h, delta, layer.ln1, self.eps, layer.qkv)
             kc, vc = self.k_cache[i], self.v_cache[i]
             q = ops.rope_cache(qkv, cos, sin, kc, vc, slots, self.n_heads, self.n_kv, self.head_dim)
             if kernel_attn:  # decode: split-S Triton attention over the valid cache slots <= cur
-                attn = ops.decode_attention(q, kc, vc, self.key_valid, self.cur, self.scale)
+                attn_out = ops.decode_attention_o(q, kc, vc, self.key_valid, self.cur, self.scale, layer.o)
             else:
                 if kv_len is not None:
                     kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
-                attn = self._attention(q, kc, vc, gmask)
-            h, gate_up = ops.add_norm_linear(h, layer.o(attn), layer.ln2, self.eps, layer.gate_up)
+                attn_out = layer.o(self._attention(q, kc, vc, gmask))
+            h, gate_up = ops.add_norm_linear(h, attn_out, layer.ln2, self.eps, layer.gate_up)
             delta = ops.act_linear(gate_up, layer.down)
         return h + delta
 

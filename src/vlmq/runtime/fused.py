@@ -183,10 +183,40 @@ def _decode_attn_combine(ws_ptr, out_ptr, n_kv, G: tl.constexpr, GP: tl.constexp
     tl.store(out_ptr + (b * n_kv * G + head) * D + d, o.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _decode_attn_combine_quant(ws_ptr, out_ptr, q_ptr, s_ptr, n_kv, n_heads, G: tl.constexpr,
+                               GP: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                               USE_PDL: tl.constexpr):  # fmt: skip
+    """All heads of one token at once: the bf16 attention output, then its per-token int8 + scale
+    (o_proj's input), so o_proj needs no quantization pass of its own."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # o_proj's int8 GEMM may launch now; it waits for our writes
+    b = tl.program_id(0)
+    hh = tl.arange(0, HP)
+    h_ok = hh < n_heads
+    sp = tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    rows = ((b * n_kv + hh // G)[:, None] * SPLITS + sp[None, :]) * GP + (hh % G)[:, None]  # [HP, SPLITS]
+    rows = tl.where(h_ok[:, None], rows, 0)
+    m = tl.load(ws_ptr + rows * (D + 2) + D)
+    l_ = tl.load(ws_ptr + rows * (D + 2) + D + 1)
+    w = tl.exp(m - tl.max(m, axis=1)[:, None])
+    acc = tl.load(ws_ptr + rows[:, :, None] * (D + 2) + d[None, None, :])
+    o = _rnd(tl.sum(acc * w[:, :, None], axis=1) / tl.sum(l_ * w, axis=1)[:, None], out_ptr.dtype.element_ty)
+    o = tl.where(h_ok[:, None], o, 0.0)
+    offs = b * n_heads * D + hh[:, None] * D + d[None, :]
+    tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
+    scale = tl.maximum(tl.div_rn(tl.max(tl.max(tl.abs(o), axis=1), axis=0), 127.0), MIN_SCALE)
+    tl.store(s_ptr + b, scale)
+    tl.store(q_ptr + offs, _quantize(o, tl.div_rn(1.0, scale)), mask=h_ok[:, None])
+
+
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, cur: Tensor,
-                     scale: float, splits: int = 16, block_s: int = 64) -> Tensor:
+                     scale: float, splits: int = 16, block_s: int = 64,
+                     quant: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """q [B, H, 1, D] against cache slots ``<= cur`` that ``key_valid`` [B, S] marks -> [B, 1, H*D].
-    Caches [B, Hkv, S, D] with contiguous slots; GQA heads share their kv head's loads."""
+    Caches [B, Hkv, S, D] with contiguous slots; GQA heads share their kv head's loads.
+    ``quant``: also the per-token int8 [B, H*D] + fp32 scale [B] of that output (o_proj's input)."""
     b, h, t, d = q.shape
     n_kv, s = k_cache.shape[1], k_cache.shape[2]
     assert t == 1 and k_cache.stride(2) == d and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
@@ -201,8 +231,14 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Ten
         k_cache.stride(0), k_cache.stride(1), per_split,
         G=g, GP=gp, D=d, BLOCK_S=block_s, SPLITS=splits, num_warps=4,
     )  # fmt: skip
-    _decode_attn_combine[(b * n_kv, g)](ws, out, n_kv, G=g, GP=gp, D=d, SPLITS=splits, num_warps=1)
-    return out
+    if not quant:
+        _decode_attn_combine[(b * n_kv, g)](ws, out, n_kv, G=g, GP=gp, D=d, SPLITS=splits, num_warps=1)
+        return out
+    q8 = torch.empty((b, h * d), dtype=torch.int8, device=q.device)
+    s8 = torch.empty(b, dtype=torch.float32, device=q.device)
+    _decode_attn_combine_quant[(b,)](ws, out, q8, s8, n_kv, h, G=g, GP=gp, HP=_next_pow2(h), D=d, SPLITS=splits,
+                                     USE_PDL=_pdl_supported(), num_warps=8)  # fmt: skip
+    return out, q8, s8
 
 
 def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, cur: Tensor,
@@ -316,8 +352,12 @@ class FusedOps:
             return self.ref.rope_cache(qkv, cos, sin, k_cache, v_cache, slots, n_heads, n_kv, head_dim)
         return rope_cache(qkv, cos, sin, k_cache, v_cache, slots, n_heads, n_kv, head_dim)
 
-    def decode_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, cur: Tensor,
-                         scale: float) -> Tensor:
+    def decode_attention_o(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, cur: Tensor,
+                           scale: float, o_proj: nn.Module) -> Tensor:
+        """Decode attention followed by o_proj; W8A8 o_proj gets its int8 input from the attention."""
         if not _on_device(q):
-            return decode_attention_reference(q, k_cache, v_cache, key_valid, cur, scale)
-        return decode_attention(q, k_cache, v_cache, key_valid, cur, scale)
+            return o_proj(decode_attention_reference(q, k_cache, v_cache, key_valid, cur, scale))
+        if not _prequant_ok(o_proj):
+            return o_proj(decode_attention(q, k_cache, v_cache, key_valid, cur, scale))
+        _, q8, s8 = decode_attention(q, k_cache, v_cache, key_valid, cur, scale, quant=True)
+        return _apply(o_proj, (q8, s8), q.dtype).view(q.shape[0], 1, -1)
