@@ -205,6 +205,10 @@ def run_peak(section: dict) -> float | None:
 def _reset_peak(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
+        # cuBLAS keeps a workspace per stream it ran on (graph captures use side streams); without
+        # this, whatever ran earlier in the process (the other model, the linear table) counts here
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+            torch._C._cuda_clearCublasWorkspaces()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 

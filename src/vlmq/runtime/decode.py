@@ -242,6 +242,7 @@ class LeanDecoder:
         self._graph: Any = None
         self._prefill_graphs: dict[int, tuple[Any, dict[str, Tensor]]] = {}
         self._pool: Any = None
+        self._stream: Any = None  # the capture side stream (one per decoder)
         self.ops: Any = ReferenceOps()
         self.fused_ops = (self.device.type == "cuda") if fused_ops is None else fused_ops
         if self.fused_ops:
@@ -321,7 +322,7 @@ class LeanDecoder:
 
     def _capture(self) -> None:
         self._pool = self._pool or torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
+        stream = self._side_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # JIT compiles, cuBLAS handles, split-K workspaces: outside the capture
@@ -332,6 +333,12 @@ class LeanDecoder:
             self._decode_step()
         torch.cuda.synchronize(self.device)
         self._graph = graph
+
+    def _side_stream(self) -> Any:
+        # one per decoder: cuBLAS keeps a workspace for every stream it has run on
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
 
     @torch.no_grad()
     def step(self) -> None:
@@ -371,7 +378,7 @@ class LeanDecoder:
         if t not in self._prefill_graphs:
             self._pool = self._pool or torch.cuda.graph_pool_handle()
             static = {"emb": emb.clone(), "cos": cos.clone(), "sin": sin.clone(), "mask": mask.clone()}
-            stream = torch.cuda.Stream()
+            stream = self._side_stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 self._prefill_lm(**static)
