@@ -137,7 +137,8 @@ FUSED_SCRIPT = textwrap.dedent("""
     import torch
     from torch import nn
     from vlmq.runtime import fused as FU
-    from vlmq.runtime.decode import ReferenceOps, fuse_linears, rms_norm
+    from vlmq.runtime.decode import ReferenceOps, rms_norm
+    from vlmq.runtime.fusion import fuse_linears
     from vlmq.runtime.linear import W8A8Linear, quantize_per_token
     torch.manual_seed(0)
     ref = ReferenceOps()

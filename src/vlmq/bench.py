@@ -219,40 +219,9 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def linear_table(cfg, ms: list[int], rep: int = 30) -> list[dict]:
-    """bf16 cuBLAS vs W8A8 (activation quant included) vs W8A8 GEMM on pre-quantized input (what
-    the fused loop runs), per LM linear shape; CUDA graphs over rotating weight sets."""
+    """bf16 cuBLAS vs W8A8 per LM linear shape of ``cfg`` (benchmarks/bench_w8a8_linear.py)."""
     lb = _load_script("bench_w8a8_linear")
-    if lb is None:
-        return []
-    import torch.nn.functional as F
-
-    from vlmq.runtime.kernels.triton_w8a8 import quantize_rows, w8a8_gemm_prequant, w8a8_linear
-
-    h, i, nq, nkv = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads
-    hd = getattr(cfg, "head_dim", None) or h // nq
-    shapes = {"qkv (fused)": (hd * (nq + 2 * nkv), h, True), "o_proj": (h, h, False),
-              "gate_up (fused)": (2 * i, h, False), "down_proj": (h, i, False)}
-    rows = []
-    for name, (n, k, bias) in shapes.items():
-        for m in ms:
-            r = lb.n_rot(m, n, k)
-            st = lb.make_sets(m, n, k, bias, r)
-            x, wb, wq, ws, b = (st[key] for key in ("x", "w_bf16", "w_q", "w_s", "b"))
-            pre = [quantize_rows(xi) for xi in x]
-            fns = {
-                "bf16_us": lambda j, x=x, wb=wb, b=b: F.linear(x[j], wb[j], b[j]),
-                "w8a8_us": lambda j, x=x, wq=wq, ws=ws, b=b: w8a8_linear(x[j], wq[j], ws[j], b[j]),
-                "w8a8_prequant_us": lambda j, p=pre, wq=wq, ws=ws, b=b: w8a8_gemm_prequant(
-                    p[j][0], p[j][1], wq[j], ws[j], b[j]),
-            }
-            row: dict[str, Any] = {"shape": name, "N": n, "K": k, "M": m}
-            for key, fn in fns.items():
-                row[key] = lb.time_graph(fn, r, rep)
-            row["speedup"] = row["bf16_us"] / row["w8a8_us"]
-            row["speedup_prequant"] = row["bf16_us"] / row["w8a8_prequant_us"]
-            rows.append({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
-            torch.cuda.empty_cache()
-    return rows
+    return lb.model_shape_table(cfg, ms, rep) if lb is not None else []
 
 
 # ---------------------------------------------------------------------------

@@ -19,14 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from vlmq.runtime.kernels.triton_w8a8 import (
-    MIN_SCALE,
-    _interpreting,
-    _next_pow2,
-    _pdl_supported,
-    _quantize,
-    w8a8_gemm_prequant,
-)
+from vlmq.runtime.kernels.tiles import interpreting, next_pow2, pdl_supported
+from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE, _quantize, w8a8_gemm_prequant
 from vlmq.runtime.linear import W8A8Linear, resolve_backend
 
 
@@ -221,7 +215,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Ten
     n_kv, s = k_cache.shape[1], k_cache.shape[2]
     assert t == 1 and k_cache.stride(2) == d and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
     g = h // n_kv
-    gp = max(16, _next_pow2(g))
+    gp = max(16, next_pow2(g))
     per_split = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
     ws = torch.empty(b * n_kv * splits * gp * (d + 2), dtype=torch.float32, device=q.device)
     out = torch.empty((b, 1, h * d), dtype=q.dtype, device=q.device)
@@ -236,8 +230,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Ten
         return out
     q8 = torch.empty((b, h * d), dtype=torch.int8, device=q.device)
     s8 = torch.empty(b, dtype=torch.float32, device=q.device)
-    _decode_attn_combine_quant[(b,)](ws, out, q8, s8, n_kv, h, G=g, GP=gp, HP=_next_pow2(h), D=d, SPLITS=splits,
-                                     USE_PDL=_pdl_supported(), num_warps=8)  # fmt: skip
+    _decode_attn_combine_quant[(b,)](ws, out, q8, s8, n_kv, h, G=g, GP=gp, HP=next_pow2(h), D=d, SPLITS=splits,
+                                     USE_PDL=pdl_supported(), num_warps=8)  # fmt: skip
     return out, q8, s8
 
 
@@ -262,10 +256,10 @@ def add_rms_norm(h: Tensor, delta: Tensor | None, weight: Tensor, eps: float,
     h_out = torch.empty_like(h) if delta is not None else h
     y = torch.empty((m, hid), dtype=torch.int8 if quant else h.dtype, device=h.device)
     s = torch.empty(m if quant else 1, dtype=torch.float32, device=h.device)
-    block = _next_pow2(hid)
+    block = next_pow2(hid)
     _add_rms_norm_kernel[(m,)](h, delta if delta is not None else h, h_out, weight, y, s, hid, eps,
                                BLOCK=block, HAS_DELTA=delta is not None, QUANT=quant,
-                               USE_PDL=quant and _pdl_supported(), num_warps=_warps(block))  # fmt: skip
+                               USE_PDL=quant and pdl_supported(), num_warps=_warps(block))  # fmt: skip
     return h_out, ((y, s) if quant else y)
 
 
@@ -275,8 +269,8 @@ def silu_mul(gu: Tensor, quant: bool) -> Tensor | tuple[Tensor, Tensor]:
     i = two_i // 2
     y = torch.empty((m, i), dtype=torch.int8 if quant else gu.dtype, device=gu.device)
     s = torch.empty(m if quant else 1, dtype=torch.float32, device=gu.device)
-    block = _next_pow2(i)
-    _silu_mul_kernel[(m,)](gu, y, s, i, BLOCK=block, QUANT=quant, USE_PDL=quant and _pdl_supported(),
+    block = next_pow2(i)
+    _silu_mul_kernel[(m,)](gu, y, s, i, BLOCK=block, QUANT=quant, USE_PDL=quant and pdl_supported(),
                            num_warps=_warps(block))
     return (y, s) if quant else y
 
@@ -301,14 +295,14 @@ def rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: 
 
 
 def _on_device(t: Tensor) -> bool:
-    return t.is_cuda or _interpreting()  # the Triton interpreter runs the kernels on CPU tensors (tests)
+    return t.is_cuda or interpreting()  # the Triton interpreter runs the kernels on CPU tensors (tests)
 
 
 def _prequant_ok(linear: nn.Module) -> bool:
     """W8A8 linear whose activations the producer can quantize: dynamic, no smoothing pre-scale."""
     if not isinstance(linear, W8A8Linear) or linear.input_scale is not None or linear.pre_quant_scale is not None:
         return False
-    return _interpreting() or resolve_backend(linear.backend, linear.weight.device) == "triton"
+    return interpreting() or resolve_backend(linear.backend, linear.weight.device) == "triton"
 
 
 def _apply(linear: nn.Module, x: Tensor | tuple[Tensor, Tensor], out_dtype: torch.dtype) -> Tensor:

@@ -23,8 +23,6 @@ division (``div_rn``), round-half-to-even, clamp to [-128, 127].
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 
 import torch
 import triton
@@ -32,6 +30,9 @@ import triton.language as tl
 from torch import Tensor
 
 from vlmq.runtime.kernels import w8a8_persistent
+from vlmq.runtime.kernels.tiles import KernelConfig, interpreting, next_pow2, pick_config
+
+__all__ = ["KernelConfig", "pick_config", "quantize_rows", "w8a8_gemm_prequant", "w8a8_int_gemm", "w8a8_linear"]
 
 MIN_SCALE = tl.constexpr(1e-10)  # same as vlmq.runtime.linear.MIN_SCALE
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + C) - C rounds half-to-even for |v| < 2**22
@@ -216,63 +217,6 @@ def _epilogue(acc, rm, rn, mask, a_scale, w_scale, bias, out_ptr, stride_om,
 # ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 4
-    fused: bool = True  # quantize activations in the GEMM prologue (else a separate row kernel)
-    pdl: bool = False  # unfused only: launch the GEMM early with programmatic dependent launch
-    persistent: bool = False  # int8 A only: one program per SM, TMA loads (w8a8_persistent.py)
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(v - 1, 0).bit_length()
-
-
-@functools.lru_cache(maxsize=4096)
-def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
-    """Config per (M bucket, N, K), from the H100 sweep in benchmarks/bench_w8a8_linear.py
-    (docs/KERNEL_NOTES.md). Prologue-fused quantization lost everywhere there (the in-loop
-    bf16 -> int8 conversion costs more than the separate row kernel), so it stays opt-in."""
-    del static  # same tiles for static and dynamic activation scales
-    pdl = _pdl_supported()
-    if m <= 64:
-        bm = max(16, _next_pow2(m))
-        if k >= 8192:  # down_proj: few N tiles, long K -> split-K keeps all SMs streaming
-            if m <= 16:
-                return KernelConfig(16, 32, 256, 4, 8, 4, 5, False, pdl)
-            return KernelConfig(bm, 16, 512, 1, 8, 4, 4, False, pdl)
-        if n >= 8192:  # gate/up: wide N tiles
-            bn = 128 if n <= 12288 or m == 1 else 64
-            stages = 5 if bn == 64 else (3 if bm == 64 else 4)
-            return KernelConfig(bm, bn, 256, 1, 8, 4, stages, False, pdl)
-        bn = 16 if (n <= 1024 or bm > 16) and n <= 2048 else 32
-        bk = 512 if (bm == 16 and n > 1024) or bm == 64 else 256
-        return KernelConfig(bm, bn, bk, 1, 8, 4, 5 if bm < 64 else 4, False, pdl)
-    if m < 512:
-        return KernelConfig(64, 128, 128, 1, 8, 4, 4, False)
-    if n <= 512:
-        return KernelConfig(128, 128, 128, 1, 8, 4, 4, False)
-    # prefill: the persistent TMA kernel wins once there are >= 1.5 rounds of 128x256 tiles per SM,
-    # or for a long K (down_proj); else more, smaller tiles balance the SMs better (qkv/o at M=2048)
-    if k >= 4096 or triton.cdiv(m, 128) * triton.cdiv(n, 256) >= 198:
-        return KernelConfig(128, 256, 128, 1, 8, 8, 4, False, persistent=True)
-    return KernelConfig(128, 128, 64, 1, 4, 4, 5, False)
-
-
-@functools.lru_cache(maxsize=1)
-def _pdl_supported() -> bool:
-    """Programmatic dependent launch needs Hopper or newer (and real hardware)."""
-    if _interpreting() or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability() >= (9, 0)
-
-
 _WORKSPACES: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
 _SMEM_BUDGET = 200 * 1024  # H100 allows 227 KB per block; leave room for epilogue scratch
 _SMEM_BUDGET_WIDE_A = 160 * 1024  # bf16/fp32 A tiles are converted through extra scratch
@@ -292,10 +236,6 @@ def _workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tensor, Te
     return ws, locks
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def quantize_rows(
     x: Tensor, input_scale: Tensor | None = None, pre_quant_scale: Tensor | None = None, pdl: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -305,13 +245,13 @@ def quantize_rows(
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     static = input_scale is not None
     s = input_scale.float() if static else torch.empty(m, dtype=torch.float32, device=x.device)
-    block = _next_pow2(k)
+    block = next_pow2(k)
     single = block <= 16384
     _quant_rows_kernel[(m,)](
         x, q, s, pre_quant_scale if pre_quant_scale is not None else s, s,
         k, x.stride(0), q.stride(0),
         BLOCK_K=block if single else 4096, STATIC=static, HAS_PQS=pre_quant_scale is not None,
-        SINGLE=single, USE_PDL=pdl and not _interpreting(),
+        SINGLE=single, USE_PDL=pdl and not interpreting(),
         num_warps=max(4, min(16, block // 1024)) if single else 8,
     )  # fmt: skip
     return q, s
@@ -345,7 +285,7 @@ def _launch(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         A_MODE=a_mode, HAS_PQS=pqs is not None, HAS_BIAS=bias is not None,
         OUT_INT32=out_int32, EVEN_K=k % cfg.block_k == 0,
-        AMAX_K=min(_next_pow2(k), max(cfg.block_k, 16384 // cfg.block_m)), USE_PDL=pdl,
+        AMAX_K=min(next_pow2(k), max(cfg.block_k, 16384 // cfg.block_m)), USE_PDL=pdl,
 
         num_warps=cfg.num_warps, num_stages=_stages(cfg, a.element_size()), **extra,
     )  # fmt: skip
@@ -362,7 +302,7 @@ def w8a8_linear(
     config: KernelConfig | None = None,
 ) -> Tensor:
     """``x [M, K]`` (bf16/fp16/fp32) -> ``[M, N]`` in x.dtype; see the module docstring."""
-    if not x.is_cuda and not _interpreting():
+    if not x.is_cuda and not interpreting():
         raise RuntimeError("the Triton W8A8 kernel needs CUDA tensors")
     m, k = x.shape
     n = weight.shape[0]
@@ -381,7 +321,7 @@ def w8a8_linear(
         a_scale = input_scale.float() if static else weight_scale  # unused when dynamic
         _launch(x, weight, out, a_scale, weight_scale, bias, pre_quant_scale, a_mode, False, cfg)
     else:
-        pdl = cfg.pdl and not _interpreting()
+        pdl = cfg.pdl and not interpreting()
         q, s = quantize_rows(x, input_scale, pre_quant_scale, pdl=pdl)
         a_mode = A_INT8_SCALAR if static else A_INT8_ROWSCALE
         _launch(q, weight, out, s, weight_scale, bias, None, a_mode, False, cfg, pdl=pdl)
@@ -418,7 +358,7 @@ def w8a8_gemm_prequant(
     out = torch.empty((m, n), dtype=out_dtype, device=q.device)
     if m:
         # PDL: launched while the producer (fused norm / SiLU kernel) still runs; gdc_wait inside
-        pdl = cfg.pdl and not _interpreting()
+        pdl = cfg.pdl and not interpreting()
         _launch(q, weight, out, q_scale, weight_scale, bias, None, A_INT8_ROWSCALE, False,
                 dataclasses.replace(cfg, fused=False), pdl=pdl)
     return out
