@@ -160,6 +160,8 @@ def candidates(m: int, n: int, k: int) -> list[KernelConfig]:
     out = [KernelConfig(bm, bn, bk, 1, g, w, st, False) for bm, bn, bk, w, st in pointer for g in (4, 8)]
     for (bm, bn, bk, w, st), g in itertools.product(persistent, (4, 8)):
         out.append(KernelConfig(bm, bn, bk, 1, g, w, st, False, persistent=True))
+    for (tm, tn), g in itertools.product(((64, 128), (128, 128), (64, 256)), (4, 8)):  # small-tile tails
+        out.append(KernelConfig(128, 256, 128, 1, g, 8, 4, False, persistent=True, tail_m=tm, tail_n=tn))
     return out
 
 

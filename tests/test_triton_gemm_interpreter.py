@@ -4,6 +4,7 @@ pointer kernel (plain, split-K, prologue-fused quantization) and the persistent 
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -13,11 +14,14 @@ import pytest
 SCRIPT = r"""
 import torch
 from vlmq.runtime.kernels import w8a8_persistent as wp
+from vlmq.runtime.kernels.tiles import fit_to_smem
 from vlmq.runtime.kernels.triton_w8a8 import KernelConfig, w8a8_int_gemm, w8a8_linear
 from vlmq.runtime.linear import W8A8Linear
 
+RTX3090_SMEM = 101376
+
 g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))  # fresh inputs each run
-checks = 0
+checks = tails = 0
 for m, n, k in [(3, 48, 64), (20, 80, 96), (64, 80, 128)]:
     a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
     w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
@@ -34,6 +38,15 @@ for m, n, k in [(3, 48, 64), (20, 80, 96), (64, 80, 128)]:
     ref = exact.double() * sa.double()[:, None] * sw.double()[None, :] + b.double()
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6, "persistent dequant"
     checks += 2
+    # a small-tile tail after the last full round of big tiles (3 interpreter programs)
+    if wp.main_rows(m, n, 32, 16, 3) < m:
+        tails += 1
+        out = torch.full((m, n), -7, dtype=torch.int32)
+        wp.launch_persistent(a, w, out, torch.ones(m), torch.ones(n), None, True, 32, 16, 32, 2, 4, 2, tail=(16, 16))
+        assert torch.equal(out, exact), "persistent int32 with tail"
+        y = torch.full((m, n), float("nan"))
+        wp.launch_persistent(a, w, y, sa, sw, b, False, 32, 16, 32, 2, 4, 2, tail=(16, 16))
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6, "persistent dequant with tail"
     x = torch.randn(m, k, generator=g)
     layer = W8A8Linear.from_quantized(w, sw, b, backend="reference")
     q, s = layer.quantize_input(x)
@@ -43,6 +56,13 @@ for m, n, k in [(3, 48, 64), (20, 80, 96), (64, 80, 128)]:
         w8a8_linear(x, w, sw, b, out=y, config=cfg)
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6, cfg
         checks += 3
+assert tails >= 2, tails
+# a tile shrunk to fit a 99 KB (RTX 3090) block still computes the exact product
+small = fit_to_smem(KernelConfig(128, 256, 128, 1, 8, 8, 4, fused=False), 1, RTX3090_SMEM)
+assert (small.block_k, small.block_n) != (128, 256), small
+a = torch.randint(-128, 128, (130, 256), generator=g, dtype=torch.int8)
+w = torch.randint(-128, 128, (300, 256), generator=g, dtype=torch.int8)
+assert torch.equal(w8a8_int_gemm(a, w, small), (a.long() @ w.long().t()).int()), small
 print("GEMM-OK", checks)
 """
 
@@ -52,3 +72,30 @@ def test_gemm_kernels_in_triton_interpreter() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert "GEMM-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# opt-in shared memory per block: RTX 3090 (sm_86), A100, H100
+SMEM = {"rtx3090": 101376, "a100": 166912, "h100": 232448}
+LM_SHAPES = [(2560, 2048), (2048, 2048), (22016, 2048), (2048, 11008)]  # qkv, o, gate_up, down (3B)
+
+
+@pytest.mark.parametrize("gpu", list(SMEM))
+def test_tile_configs_fit_each_gpus_shared_memory(gpu: str) -> None:
+    from vlmq.runtime.kernels.tiles import (
+        _SMEM_RESERVE_INT8_A,
+        _SMEM_RESERVE_WIDE_A,
+        at_smallest_tile,
+        fit_to_smem,
+        pick_config,
+    )
+
+    for (n, k), m, a_bytes in itertools.product(LM_SHAPES, (1, 16, 64, 300, 2048, 8192), (1, 2, 4)):
+        cfg = pick_config(m, n, k)
+        fit = fit_to_smem(cfg, a_bytes, SMEM[gpu])
+        budget = SMEM[gpu] - (_SMEM_RESERVE_INT8_A if a_bytes == 1 else _SMEM_RESERVE_WIDE_A)
+        per_stage = fit.block_k * (fit.block_m * a_bytes + fit.block_n)
+        assert 1 <= fit.num_stages <= cfg.num_stages and fit.num_stages * per_stage <= budget, (gpu, m, n, k, fit)
+        assert fit.num_stages >= 2 or at_smallest_tile(fit), (gpu, fit)
+        if gpu == "h100" and a_bytes == 1:  # the measured H100 tiles are used as swept
+            assert (fit.block_m, fit.block_n, fit.block_k, fit.num_stages) == (
+                cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages), fit

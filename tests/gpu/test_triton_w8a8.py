@@ -39,6 +39,7 @@ FORCED = [
     KernelConfig(128, 128, 128, 1, 8, 4, 4, fused=False, persistent=True),
     KernelConfig(128, 256, 128, 1, 4, 8, 3, fused=False, persistent=True),
     KernelConfig(128, 256, 128, 1, 4, 8, 4, fused=False, persistent=True),
+    KernelConfig(128, 256, 128, 1, 4, 8, 4, fused=False, persistent=True, tail_m=64, tail_n=128),
 ]
 
 

@@ -11,6 +11,7 @@ import os
 import torch
 import triton
 
+H100_SMS = 132  # the sweeps' card; pick_config's round counting assumes it
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
@@ -24,6 +25,8 @@ class KernelConfig:
     fused: bool = True  # quantize activations in the GEMM prologue (else a separate row kernel)
     pdl: bool = False  # unfused only: launch the GEMM early with programmatic dependent launch
     persistent: bool = False  # int8 A only: one program per SM, TMA loads (w8a8_persistent.py)
+    tail_m: int = 0  # persistent: rows after the last full round of big tiles use tail_m x tail_n tiles
+    tail_n: int = 0
 
 
 def next_pow2(v: int) -> int:
@@ -54,9 +57,15 @@ def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
         return KernelConfig(64, 128, 128, 1, 8, 4, 4, False)
     if n <= 512:
         return KernelConfig(128, 128, 128, 1, 8, 4, 4, False)
-    # prefill: the persistent TMA kernel wins once there are >= 1.5 rounds of 128x256 tiles per SM,
-    # or for a long K (down_proj); else more, smaller tiles balance the SMs better (qkv/o at M=2048)
-    if k >= 4096 or triton.cdiv(m, 128) * triton.cdiv(n, 256) >= 198:
+    # prefill (H100 sweeps, 132 SMs): the persistent TMA kernel with 128x256 tiles, where a short last
+    # round (qkv at M = 2048/4096) is done in smaller tail tiles; the pointer kernel's 128x128 tiles
+    # only where all 128x256 tiles fit in one round and K is short (o_proj at M = 2048)
+    tiles = triton.cdiv(m, 128) * triton.cdiv(n, 256)
+    rounds = tiles / H100_SMS
+    tail = (64, 128) if rounds < 2 else (128, 128)
+    if 1 < rounds < 4 and rounds % 1 <= 0.5:
+        return KernelConfig(128, 256, 128, 1, 4, 8, 4, False, persistent=True, tail_m=tail[0], tail_n=tail[1])
+    if k >= 4096 or rounds >= 1.5:
         return KernelConfig(128, 256, 128, 1, 8, 8, 4, False, persistent=True)
     return KernelConfig(128, 128, 64, 1, 4, 4, 5, False)
 
@@ -71,3 +80,36 @@ def pdl_supported() -> bool:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# shared memory kept free for the epilogue's layout conversion (and, for bf16/fp32 A, the in-register
+# int8 conversion): the H100 sweeps compiled everything up to these budgets (227 KB per block there)
+_SMEM_RESERVE_INT8_A = 27 * 1024
+_SMEM_RESERVE_WIDE_A = 67 * 1024
+
+
+@functools.lru_cache(maxsize=8)
+def max_shared_memory(device_index: int) -> int:
+    """Opt-in shared memory per block on this CUDA device (what Triton checks a kernel against)."""
+    return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+
+
+def fit_to_smem(cfg: KernelConfig, a_bytes: int, smem_bytes: int) -> KernelConfig:
+    """Pipeline stages for this device's shared memory; where fewer than two stages would fit
+    (e.g. H100 tiles on a 99 KB RTX 3090), halve BLOCK_K, then BLOCK_N, then BLOCK_M until two do."""
+    budget = smem_bytes - (_SMEM_RESERVE_INT8_A if a_bytes == 1 else _SMEM_RESERVE_WIDE_A)
+    while True:
+        per_stage = cfg.block_k * (cfg.block_m * a_bytes + cfg.block_n)
+        stages = min(cfg.num_stages, budget // per_stage)
+        if stages >= 2 or at_smallest_tile(cfg):
+            return dataclasses.replace(cfg, num_stages=max(1, stages))
+        if cfg.block_k > 64:
+            cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+        elif cfg.block_n > 32:
+            cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+        else:
+            cfg = dataclasses.replace(cfg, block_m=cfg.block_m // 2)
+
+
+def at_smallest_tile(cfg: KernelConfig) -> bool:
+    return cfg.block_k <= 64 and cfg.block_n <= 32 and cfg.block_m <= 16

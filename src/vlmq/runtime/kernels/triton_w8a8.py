@@ -30,7 +30,14 @@ import triton.language as tl
 from torch import Tensor
 
 from vlmq.runtime.kernels import w8a8_persistent
-from vlmq.runtime.kernels.tiles import KernelConfig, interpreting, next_pow2, pick_config
+from vlmq.runtime.kernels.tiles import (
+    KernelConfig,
+    fit_to_smem,
+    interpreting,
+    max_shared_memory,
+    next_pow2,
+    pick_config,
+)
 
 __all__ = ["KernelConfig", "pick_config", "quantize_rows", "w8a8_gemm_prequant", "w8a8_int_gemm", "w8a8_linear"]
 
@@ -218,10 +225,6 @@ def _epilogue(acc, rm, rn, mask, a_scale, w_scale, bias, out_ptr, stride_om,
 
 
 _WORKSPACES: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
-_SMEM_BUDGET = 200 * 1024  # H100 allows 227 KB per block; leave room for epilogue scratch
-_SMEM_BUDGET_WIDE_A = 160 * 1024  # bf16/fp32 A tiles are converted through extra scratch
-
-
 def _workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tensor, Tensor]:
     """Zeroed int32 split-K accumulators and tile counters; kernels leave them zeroed."""
     idx = device.index
@@ -257,10 +260,10 @@ def quantize_rows(
     return q, s
 
 
-def _stages(cfg: KernelConfig, a_bytes: int) -> int:
-    per_stage = cfg.block_k * (cfg.block_m * a_bytes + cfg.block_n)
-    budget = _SMEM_BUDGET if a_bytes == 1 else _SMEM_BUDGET_WIDE_A
-    return max(1, min(cfg.num_stages, budget // per_stage))
+def _smem_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 232448  # the interpreter has no limit; plan as for an H100
+    return max_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _launch(
@@ -270,9 +273,11 @@ def _launch(
 ) -> None:  # fmt: skip
     m, k = a.shape
     n = w.shape[0]
+    cfg = fit_to_smem(cfg, a.element_size(), _smem_bytes(a.device))
     if cfg.persistent and a_mode == A_INT8_ROWSCALE and not pdl and w8a8_persistent.supported(a, w):
         w8a8_persistent.launch_persistent(a, w, out, a_scale, w_scale, bias, out_int32, cfg.block_m, cfg.block_n,
-                                          cfg.block_k, cfg.group_m, cfg.num_warps, _stages(cfg, 1))  # fmt: skip
+                                          cfg.block_k, cfg.group_m, cfg.num_warps, cfg.num_stages,
+                                          (cfg.tail_m, cfg.tail_n) if cfg.tail_m else None)  # fmt: skip
         return
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
@@ -287,7 +292,7 @@ def _launch(
         OUT_INT32=out_int32, EVEN_K=k % cfg.block_k == 0,
         AMAX_K=min(next_pow2(k), max(cfg.block_k, 16384 // cfg.block_m)), USE_PDL=pdl,
 
-        num_warps=cfg.num_warps, num_stages=_stages(cfg, a.element_size()), **extra,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )  # fmt: skip
 
 

@@ -29,21 +29,17 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _mainloop(a_desc, w_desc, pid_m, pid_n, k_tiles,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _tile(a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, off_m, off_n, M, N, k_tiles, stride_om,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+          OUT_INT32: tl.constexpr):  # fmt: skip
+    """One output tile at (off_m, off_n): int32 main loop over K, then the dequant epilogue."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for ki in range(k_tiles):
-        a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # out-of-range rows/cols read as 0
-        w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+        a = a_desc.load([off_m, ki * BLOCK_K])  # out-of-range rows/cols read as 0
+        w = w_desc.load([off_n, ki * BLOCK_K])
         acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
-    return acc
-
-
-@triton.jit
-def _store(acc, pid_m, pid_n, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
-           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr):  # fmt: skip
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
     if OUT_INT32:
@@ -58,20 +54,32 @@ def _store(acc, pid_m, pid_n, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr
 
 @triton.jit
 def _w8a8_persistent_kernel(
-    a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-    M, N, K, stride_om,
+    a_desc, w_desc, a_tail_desc, w_tail_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+    M, N, K, M_MAIN, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     NUM_PROGS: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(pid, num_pid_m * num_pid_n, NUM_PROGS, flatten=True):
+    # rows [0, M_MAIN): big tiles, every program the same number of full rounds (plus the remainder)
+    num_pid_m = tl.cdiv(M_MAIN, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    main_tiles = num_pid_m * num_pid_n
+    for tile in tl.range(pid, main_tiles, NUM_PROGS, flatten=True):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
-        acc = _mainloop(a_desc, w_desc, pid_m, pid_n, k_tiles, BLOCK_M, BLOCK_N, BLOCK_K)
-        _store(acc, pid_m, pid_n, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
-               BLOCK_M, BLOCK_N, HAS_BIAS, OUT_INT32)  # fmt: skip
+        _tile(a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
+              M, N, k_tiles, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, OUT_INT32)  # fmt: skip
+    # rows [M_MAIN, M): the rest in smaller tiles, which would otherwise be a last round of big tiles
+    # leaving most SMs idle; programs idle at the end of the main part take the first ones
+    if TAIL_M > 0:
+        tail_m = tl.cdiv(M - M_MAIN, TAIL_M)
+        tail_n = tl.cdiv(N, TAIL_N)
+        first = (pid + NUM_PROGS - main_tiles % NUM_PROGS) % NUM_PROGS
+        for tile in tl.range(first, tail_m * tail_n, NUM_PROGS):
+            pid_m, pid_n = _tile_coords(tile, tail_m, tail_n, GROUP_M)
+            _tile(a_tail_desc, w_tail_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M_MAIN + pid_m * TAIL_M,
+                  pid_n * TAIL_N, M, N, k_tiles, stride_om, TAIL_M, TAIL_N, BLOCK_K, HAS_BIAS, OUT_INT32)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)
@@ -93,21 +101,40 @@ def supported(a: Tensor, w: Tensor) -> bool:
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w))
 
 
+def main_rows(m: int, n: int, block_m: int, block_n: int, progs: int) -> int:
+    """Rows covered by whole rounds of big tiles; the rows after them go to the small-tile tail
+    (all of ``m`` when the big tiles fill their last round or fit in one)."""
+    per_row_block = triton.cdiv(n, block_n)
+    tiles = triton.cdiv(m, block_m) * per_row_block
+    if tiles <= progs or tiles % progs == 0:
+        return m
+    return min(m, (tiles // progs * progs) // per_row_block * block_m)
+
+
 def launch_persistent(
     a: Tensor, w: Tensor, out: Tensor, a_scale: Tensor, w_scale: Tensor, bias: Tensor | None,
     out_int32: bool, block_m: int, block_n: int, block_k: int, group_m: int, num_warps: int, num_stages: int,
+    tail: tuple[int, int] | None = None,
 ) -> None:  # fmt: skip
+    """``tail=(TAIL_M, TAIL_N)``: the rows after the last full round of big tiles use that tile."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     m, k = a.shape
     n = w.shape[0]
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    progs = min(tiles, num_programs(a.device))
+    progs = min(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), num_programs(a.device))
+    m_main = main_rows(m, n, block_m, block_n, progs) if tail else m
+    tail_m, tail_n = tail if tail and m_main < m else (0, 0)
     if out.element_size() == 4:  # an fp32/int32 tile goes through shared memory on its way out
         num_stages = max(1, min(num_stages, (200 * 1024 - block_m * block_n * 4) // (block_k * (block_m + block_n))))
+    a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k])
+    w_desc = TensorDescriptor.from_tensor(w, [block_n, block_k])
+    if tail_m:
+        tails = (TensorDescriptor.from_tensor(a, [tail_m, block_k]), TensorDescriptor.from_tensor(w, [tail_n, block_k]))
+    else:
+        tails = (a_desc, w_desc)
     _w8a8_persistent_kernel[(progs,)](
-        TensorDescriptor.from_tensor(a, [block_m, block_k]), TensorDescriptor.from_tensor(w, [block_n, block_k]),
-        out, a_scale, w_scale, bias if bias is not None else w_scale, m, n, k, out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, NUM_PROGS=progs,
-        HAS_BIAS=bias is not None, OUT_INT32=out_int32, num_warps=num_warps, num_stages=num_stages,
+        a_desc, w_desc, *tails, out, a_scale, w_scale, bias if bias is not None else w_scale,
+        m, n, k, m_main, out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, TAIL_M=tail_m, TAIL_N=tail_n,
+        NUM_PROGS=progs, HAS_BIAS=bias is not None, OUT_INT32=out_int32, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
