@@ -187,7 +187,9 @@ FUSED_SCRIPT = textwrap.dedent("""
         q = torch.randn(2, nh, 1, 32).half()
         kc, vc = torch.randn(2, nkv, 128, 32).half(), torch.randn(2, nkv, 128, 32).half()
         o1 = FU.decode_attention(q, kc, vc, valid, cur, 32**-0.5)
-        o3, q8, s8 = FU.decode_attention(q, kc, vc, valid, cur, 32**-0.5, quant=True)
+        o3, q8, s8 = FU.decode_attention_quant(q, kc, vc, valid, cur, 32**-0.5, with_output=True)
+        _, q8b, s8b = FU.decode_attention_quant(q, kc, vc, valid, cur, 32**-0.5)  # output not stored
+        assert torch.equal(q8b, q8) and torch.equal(s8b, s8)
         assert ((o3.float() - o1.float()).norm() / o1.float().norm()).item() < 1e-3
         q_ref, s_ref = quantize_per_token(o3.float().reshape(2, -1))
         assert torch.equal(q8, q_ref) and torch.equal(s8, s_ref.reshape(-1))

@@ -20,9 +20,11 @@ from vlmq.runtime.linear import W8A8Linear
 
 RTX3090_SMEM = 101376
 
-g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))  # fresh inputs each run
+seed = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh inputs each run; printed for a replay
+print("seed", seed)
+g = torch.Generator().manual_seed(seed)
 checks = tails = 0
-for m, n, k in [(3, 48, 64), (20, 80, 96), (64, 80, 128)]:
+for m, n, k in [(3, 48, 64), (20, 70, 80), (64, 100, 112)]:  # N, K not tile multiples
     a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
     w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     exact = (a.long() @ w.long().t()).int()
@@ -71,7 +73,7 @@ def test_gemm_kernels_in_triton_interpreter() -> None:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert "GEMM-OK" in proc.stdout, proc.stderr[-3000:]
+    assert "GEMM-OK" in proc.stdout, proc.stdout[-200:] + proc.stderr[-3000:]
 
 
 # opt-in shared memory per block: RTX 3090 (sm_86), A100, H100

@@ -154,3 +154,27 @@ def test_deterministic_and_pick_config_buckets() -> None:
     assert torch.equal(a, b)
     assert pick_config(1, 2048, 2048).block_m == 16
     assert pick_config(8192, 2048, 2048).block_m >= 64
+
+
+@pytest.mark.parametrize("m", [2048, 4096])
+def test_persistent_tail_on_qkv_prefill_shapes(m: int) -> None:
+    """The production path for qkv at prefill: persistent TMA kernel + small-tile tail, bf16 out."""
+    from vlmq.runtime.kernels import w8a8_persistent
+
+    n, k = 2560, 2048
+    cfg = pick_config(m, n, k)
+    assert cfg.persistent and cfg.tail_m, cfg
+    g = _gen(m, n, k, 11)
+    w_q = torch.randint(-128, 128, (n, k), generator=g, device=DEV, dtype=torch.int8)
+    w_s = torch.rand(n, generator=g, device=DEV) * 1e-3 + 1e-4
+    b = torch.randn(n, generator=g, device=DEV).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=g, device=DEV).to(torch.bfloat16)
+    q, s = quantize_rows(x)
+    assert w8a8_persistent.supported(q, w_q)
+    assert w8a8_persistent.main_rows(m, n, cfg.block_m, cfg.block_n, w8a8_persistent.num_programs(q.device)) < m
+    out = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)  # poisoned
+    tk._launch(q, w_q, out, s, w_s, b, None, tk.A_INT8_ROWSCALE, False, cfg)
+    assert not torch.isnan(out).any()
+    ref = (q.double() @ w_q.double().t()) * s.double()[:, None] * w_s.double()[None, :] + b.double()
+    assert _rel(out, ref) < 4e-3
+    assert torch.equal(w8a8_int_gemm(q, w_q, cfg), (q.double() @ w_q.double().t()).to(torch.int32))

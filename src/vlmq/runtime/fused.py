@@ -180,9 +180,10 @@ def _decode_attn_combine(ws_ptr, out_ptr, n_kv, G: tl.constexpr, GP: tl.constexp
 @triton.jit
 def _decode_attn_combine_quant(ws_ptr, out_ptr, q_ptr, s_ptr, n_kv, n_heads, G: tl.constexpr,
                                GP: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                               USE_PDL: tl.constexpr):  # fmt: skip
-    """All heads of one token at once: the bf16 attention output, then its per-token int8 + scale
-    (o_proj's input), so o_proj needs no quantization pass of its own."""
+                               STORE_OUT: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
+    """All heads of one token at once: the attention output rounded to the model dtype (stored only
+    if STORE_OUT), then its per-token int8 + scale (o_proj's input), so o_proj needs no
+    quantization pass of its own."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()  # o_proj's int8 GEMM may launch now; it waits for our writes
     b = tl.program_id(0)
@@ -199,40 +200,64 @@ def _decode_attn_combine_quant(ws_ptr, out_ptr, q_ptr, s_ptr, n_kv, n_heads, G: 
     o = _rnd(tl.sum(acc * w[:, :, None], axis=1) / tl.sum(l_ * w, axis=1)[:, None], out_ptr.dtype.element_ty)
     o = tl.where(h_ok[:, None], o, 0.0)
     offs = b * n_heads * D + hh[:, None] * D + d[None, :]
-    tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
+    if STORE_OUT:
+        tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
     scale = tl.maximum(tl.div_rn(tl.max(tl.max(tl.abs(o), axis=1), axis=0), 127.0), MIN_SCALE)
     tl.store(s_ptr + b, scale)
     tl.store(q_ptr + offs, _quantize(o, tl.div_rn(1.0, scale)), mask=h_ok[:, None])
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, cur: Tensor,
-                     scale: float, splits: int = 16, block_s: int = 64,
-                     quant: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+                     scale: float, splits: int = 16, block_s: int = 64) -> Tensor:
     """q [B, H, 1, D] against cache slots ``<= cur`` that ``key_valid`` [B, S] marks -> [B, 1, H*D].
-    Caches [B, Hkv, S, D] with contiguous slots; GQA heads share their kv head's loads.
-    ``quant``: also the per-token int8 [B, H*D] + fp32 scale [B] of that output (o_proj's input)."""
+    Caches [B, Hkv, S, D] with contiguous slots; GQA heads share their kv head's loads."""
+    ws = _decode_attn_partials(q, k_cache, v_cache, key_valid, cur, scale, splits, block_s)
+    b, h, _, d = q.shape
+    n_kv = k_cache.shape[1]
+    out = torch.empty((b, 1, h * d), dtype=q.dtype, device=q.device)
+    _decode_attn_combine[(b * n_kv, h // n_kv)](ws, out, n_kv, G=h // n_kv, GP=_gp(h // n_kv), D=d, SPLITS=splits,
+                                                num_warps=1)  # fmt: skip
+    return out
+
+
+def decode_attention_quant(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, cur: Tensor,
+                           scale: float, splits: int = 16, block_s: int = 64,
+                           with_output: bool = False) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``decode_attention`` whose combine also emits the per-token int8 [B, H*D] + fp32 scale [B] of
+    its output (o_proj's input): ``(output or None, int8, scale)``."""
+    ws = _decode_attn_partials(q, k_cache, v_cache, key_valid, cur, scale, splits, block_s)
+    b, h, _, d = q.shape
+    n_kv = k_cache.shape[1]
+    out = torch.empty((b, 1, h * d), dtype=q.dtype, device=q.device) if with_output else None
+    q8 = torch.empty((b, h * d), dtype=torch.int8, device=q.device)
+    s8 = torch.empty(b, dtype=torch.float32, device=q.device)
+    out_or_dtype = out if out is not None else torch.empty(1, dtype=q.dtype, device=q.device)  # rounding dtype
+    _decode_attn_combine_quant[(b,)](ws, out_or_dtype, q8, s8, n_kv, h, G=h // n_kv,
+                                     GP=_gp(h // n_kv), HP=next_pow2(h), D=d, SPLITS=splits,
+                                     STORE_OUT=with_output, USE_PDL=pdl_supported(), num_warps=8)  # fmt: skip
+    return out, q8, s8
+
+
+def _gp(g: int) -> int:
+    return max(16, next_pow2(g))
+
+
+def _decode_attn_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, cur: Tensor,
+                          scale: float, splits: int, block_s: int) -> Tensor:
+    """Per-split (max, sum, unnormalised output) rows for every (batch, kv head, split, q head)."""
     b, h, t, d = q.shape
     n_kv, s = k_cache.shape[1], k_cache.shape[2]
     assert t == 1 and k_cache.stride(2) == d and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
     g = h // n_kv
-    gp = max(16, next_pow2(g))
+    gp = _gp(g)
     per_split = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
     ws = torch.empty(b * n_kv * splits * gp * (d + 2), dtype=torch.float32, device=q.device)
-    out = torch.empty((b, 1, h * d), dtype=q.dtype, device=q.device)
-    q = q.contiguous()
     _decode_attn_partial[(b * n_kv, splits)](
-        q, k_cache, v_cache, key_valid.view(torch.uint8), cur, ws, scale, h, n_kv, s,
+        q.contiguous(), k_cache, v_cache, key_valid.view(torch.uint8), cur, ws, scale, h, n_kv, s,
         k_cache.stride(0), k_cache.stride(1), per_split,
         G=g, GP=gp, D=d, BLOCK_S=block_s, SPLITS=splits, num_warps=4,
     )  # fmt: skip
-    if not quant:
-        _decode_attn_combine[(b * n_kv, g)](ws, out, n_kv, G=g, GP=gp, D=d, SPLITS=splits, num_warps=1)
-        return out
-    q8 = torch.empty((b, h * d), dtype=torch.int8, device=q.device)
-    s8 = torch.empty(b, dtype=torch.float32, device=q.device)
-    _decode_attn_combine_quant[(b,)](ws, out, q8, s8, n_kv, h, G=g, GP=gp, HP=next_pow2(h), D=d, SPLITS=splits,
-                                     USE_PDL=pdl_supported(), num_warps=8)  # fmt: skip
-    return out, q8, s8
+    return ws
 
 
 def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, cur: Tensor,
@@ -353,5 +378,5 @@ class FusedOps:
             return o_proj(decode_attention_reference(q, k_cache, v_cache, key_valid, cur, scale))
         if not _prequant_ok(o_proj):
             return o_proj(decode_attention(q, k_cache, v_cache, key_valid, cur, scale))
-        _, q8, s8 = decode_attention(q, k_cache, v_cache, key_valid, cur, scale, quant=True)
+        _, q8, s8 = decode_attention_quant(q, k_cache, v_cache, key_valid, cur, scale)
         return _apply(o_proj, (q8, s8), q.dtype).view(q.shape[0], 1, -1)

@@ -34,7 +34,6 @@ from vlmq.runtime.kernels.tiles import (
     KernelConfig,
     fit_to_smem,
     interpreting,
-    max_shared_memory,
     next_pow2,
     pick_config,
 )
@@ -260,12 +259,6 @@ def quantize_rows(
     return q, s
 
 
-def _smem_bytes(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 232448  # the interpreter has no limit; plan as for an H100
-    return max_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _launch(
     a: Tensor, w: Tensor, out: Tensor, a_scale: Tensor, w_scale: Tensor,
     bias: Tensor | None, pqs: Tensor | None, a_mode: int, out_int32: bool, cfg: KernelConfig,
@@ -273,7 +266,7 @@ def _launch(
 ) -> None:  # fmt: skip
     m, k = a.shape
     n = w.shape[0]
-    cfg = fit_to_smem(cfg, a.element_size(), _smem_bytes(a.device))
+    cfg = fit_to_smem(cfg, a.element_size(), w8a8_persistent.smem_bytes(a.device))
     if cfg.persistent and a_mode == A_INT8_ROWSCALE and not pdl and w8a8_persistent.supported(a, w):
         w8a8_persistent.launch_persistent(a, w, out, a_scale, w_scale, bias, out_int32, cfg.block_m, cfg.block_n,
                                           cfg.block_k, cfg.group_m, cfg.num_warps, cfg.num_stages,
@@ -339,7 +332,7 @@ def w8a8_int_gemm(a: Tensor, weight: Tensor, config: KernelConfig | None = None)
     n = weight.shape[0]
     cfg = config or dataclasses.replace(pick_config(m, n, k), fused=False)
     out = torch.empty((m, n), dtype=torch.int32, device=a.device)
-    dummy = torch.ones(max(m, 1), dtype=torch.float32, device=a.device)
+    dummy = torch.ones(max(m, n, 1), dtype=torch.float32, device=a.device)  # a_scale [M] and w_scale [N] slots
     _launch(a, weight, out, dummy, dummy, None, None, A_INT8_ROWSCALE, True, cfg)
     return out
 

@@ -3,6 +3,8 @@
 One program per SM walks the output tiles in grouped order; A and W tiles arrive through TMA
 descriptors (the copy engine fills shared memory, no address math in the main loop), and the
 flattened tile loop lets the compiler overlap one tile's epilogue with the next tile's loads.
+Where the big tiles would leave a short last round, the rows after the last full round are done
+in smaller tail tiles (a plain, unflattened loop: at most a round or two of them).
 The epilogue is the same per-token x per-channel dequantization (+ bias) as the pointer kernel
 in ``triton_w8a8``, so both give identical results for the same int32 accumulators.
 
@@ -18,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from vlmq.runtime.kernels.tiles import max_shared_memory
 
 
 @triton.jit
@@ -94,6 +98,13 @@ def num_programs(device: torch.device) -> int:
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def smem_bytes(device: torch.device) -> int:
+    """Opt-in shared memory per block (the interpreter has no limit: plan as for an H100)."""
+    if device.type != "cuda":
+        return 232448
+    return max_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def supported(a: Tensor, w: Tensor) -> bool:
     """TMA needs Hopper+, 16-byte aligned bases and row strides, and a contiguous last dim."""
     if not (a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)):
@@ -123,9 +134,11 @@ def launch_persistent(
     n = w.shape[0]
     progs = min(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), num_programs(a.device))
     m_main = main_rows(m, n, block_m, block_n, progs) if tail else m
-    tail_m, tail_n = tail if tail and m_main < m else (0, 0)
+    # a tail tile never larger than the main one (fit_to_smem may have shrunk the main tile)
+    tail_m, tail_n = (min(tail[0], block_m), min(tail[1], block_n)) if tail and m_main < m else (0, 0)
     if out.element_size() == 4:  # an fp32/int32 tile goes through shared memory on its way out
-        num_stages = max(1, min(num_stages, (200 * 1024 - block_m * block_n * 4) // (block_k * (block_m + block_n))))
+        budget = smem_bytes(a.device) - 27 * 1024 - block_m * block_n * 4
+        num_stages = max(1, min(num_stages, budget // (block_k * (block_m + block_n))))
     a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k])
     w_desc = TensorDescriptor.from_tensor(w, [block_n, block_k])
     if tail_m:
