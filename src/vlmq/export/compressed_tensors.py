@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from vlmq.export import register_exporter
-from vlmq.export.fold import collect_act_amax, fold_smoothquant, quantize_weight_per_channel
+from vlmq.export.fold import collect_act_amax, fold_smoothquant
 from vlmq.export.modelopt_hf import copy_processor_files
 from vlmq.models.families import Family
+from vlmq.runtime.linear import quantize_weight_per_channel
 
 
 def w8a8_scheme(activations: str, targets: list[str]):

@@ -159,12 +159,3 @@ def fold_smoothquant(model: nn.Module, family: Family, act_amax: dict[str, torch
             for lin in consumers:
                 _scale_cols(lin, (1.0 / s).to(lin.weight.device))
     return FoldResult(factors=factors, input_amax=input_amax)
-
-
-@torch.no_grad()
-def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel with ModelOpt's scale convention (amax / 127)."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)
-    return q, scale

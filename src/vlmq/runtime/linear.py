@@ -90,7 +90,8 @@ def quantize_static(x: Tensor, scale: Tensor | float) -> Tensor:
 
 
 def quantize_weight_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per-output-channel weight quantization: ``(w_q [N,K], scale [N])``."""
+    """Symmetric int8 per output channel, ModelOpt's scale convention (amax / 127): ``(w_q [N,K], scale [N])``.
+    The one definition for the runtime and the compressed-tensors export."""
     wf = w.detach().float()
     scale = (wf.abs().amax(dim=1) / QMAX).clamp_min(MIN_SCALE)
     return torch.round(wf / scale[:, None]).clamp_(QMIN, QMAX).to(torch.int8), scale
