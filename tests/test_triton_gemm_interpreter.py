@@ -84,8 +84,8 @@ LM_SHAPES = [(2560, 2048), (2048, 2048), (22016, 2048), (2048, 11008)]  # qkv, o
 @pytest.mark.parametrize("gpu", list(SMEM))
 def test_tile_configs_fit_each_gpus_shared_memory(gpu: str) -> None:
     from vlmq.runtime.kernels.tiles import (
-        _SMEM_RESERVE_INT8_A,
-        _SMEM_RESERVE_WIDE_A,
+        SMEM_RESERVE_INT8_A,
+        SMEM_RESERVE_WIDE_A,
         at_smallest_tile,
         fit_to_smem,
         pick_config,
@@ -94,7 +94,7 @@ def test_tile_configs_fit_each_gpus_shared_memory(gpu: str) -> None:
     for (n, k), m, a_bytes in itertools.product(LM_SHAPES, (1, 16, 64, 300, 2048, 8192), (1, 2, 4)):
         cfg = pick_config(m, n, k)
         fit = fit_to_smem(cfg, a_bytes, SMEM[gpu])
-        budget = SMEM[gpu] - (_SMEM_RESERVE_INT8_A if a_bytes == 1 else _SMEM_RESERVE_WIDE_A)
+        budget = SMEM[gpu] - (SMEM_RESERVE_INT8_A if a_bytes == 1 else SMEM_RESERVE_WIDE_A)
         per_stage = fit.block_k * (fit.block_m * a_bytes + fit.block_n)
         assert 1 <= fit.num_stages <= cfg.num_stages and fit.num_stages * per_stage <= budget, (gpu, m, n, k, fit)
         assert fit.num_stages >= 2 or at_smallest_tile(fit), (gpu, fit)

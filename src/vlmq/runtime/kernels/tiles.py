@@ -84,8 +84,8 @@ def interpreting() -> bool:
 
 # shared memory kept free for the epilogue's layout conversion (and, for bf16/fp32 A, the in-register
 # int8 conversion): the H100 sweeps compiled everything up to these budgets (227 KB per block there)
-_SMEM_RESERVE_INT8_A = 27 * 1024
-_SMEM_RESERVE_WIDE_A = 67 * 1024
+SMEM_RESERVE_INT8_A = 27 * 1024
+SMEM_RESERVE_WIDE_A = 67 * 1024
 
 
 @functools.lru_cache(maxsize=8)
@@ -97,7 +97,7 @@ def max_shared_memory(device_index: int) -> int:
 def fit_to_smem(cfg: KernelConfig, a_bytes: int, smem_bytes: int) -> KernelConfig:
     """Pipeline stages for this device's shared memory; where fewer than two stages would fit
     (e.g. H100 tiles on a 99 KB RTX 3090), halve BLOCK_K, then BLOCK_N, then BLOCK_M until two do."""
-    budget = smem_bytes - (_SMEM_RESERVE_INT8_A if a_bytes == 1 else _SMEM_RESERVE_WIDE_A)
+    budget = smem_bytes - (SMEM_RESERVE_INT8_A if a_bytes == 1 else SMEM_RESERVE_WIDE_A)
     while True:
         per_stage = cfg.block_k * (cfg.block_m * a_bytes + cfg.block_n)
         stages = min(cfg.num_stages, budget // per_stage)

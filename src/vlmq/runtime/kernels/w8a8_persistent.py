@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vlmq.runtime.kernels.tiles import max_shared_memory
+from vlmq.runtime.kernels.tiles import SMEM_RESERVE_INT8_A, max_shared_memory
 
 
 @triton.jit
@@ -137,7 +137,7 @@ def launch_persistent(
     # a tail tile never larger than the main one (fit_to_smem may have shrunk the main tile)
     tail_m, tail_n = (min(tail[0], block_m), min(tail[1], block_n)) if tail and m_main < m else (0, 0)
     if out.element_size() == 4:  # an fp32/int32 tile goes through shared memory on its way out
-        budget = smem_bytes(a.device) - 27 * 1024 - block_m * block_n * 4
+        budget = smem_bytes(a.device) - SMEM_RESERVE_INT8_A - block_m * block_n * 4
         num_stages = max(1, min(num_stages, budget // (block_k * (block_m + block_n))))
     a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k])
     w_desc = TensorDescriptor.from_tensor(w, [block_n, block_k])
