@@ -35,6 +35,7 @@ import triton
 from triton.testing import do_bench
 
 from vlmq.runtime.kernels import triton_w8a8 as tk
+from vlmq.runtime.kernels.tiles import GEMV_MAX_M
 from vlmq.runtime.kernels.triton_w8a8 import (
     KernelConfig,
     pick_config,
@@ -137,10 +138,13 @@ def ceilings() -> dict[str, float]:
 
 
 def candidates(m: int, n: int, k: int) -> list[KernelConfig]:
-    if m <= 64:  # unfused + PDL from the quant kernel
+    if m <= 64:  # int8 activations from the producer, PDL chain
         out = []
-        tiles_bn = [(16, 256), (16, 512), (16, 1024), (32, 256), (32, 512), (64, 256), (128, 256)]
-        for bm, (bn, bk) in itertools.product(sorted({16, max(16, triton.next_power_of_2(m))}), tiles_bn):
+        tiles_bn = [(16, 256), (16, 512), (16, 1024), (32, 256), (32, 512), (32, 1024), (64, 256), (64, 512),
+                    (128, 256)]
+        # BLOCK_M = 64 even for M = 1: Hopper's wgmma needs 64 rows per warpgroup, below that Triton
+        # falls back to mma.sync (rows past M re-read row M-1 from cache: no extra DRAM traffic)
+        for bm, (bn, bk) in itertools.product(sorted({16, 64, max(16, triton.next_power_of_2(m))}), tiles_bn):
             if bk > k:
                 continue
             tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -152,6 +156,10 @@ def candidates(m: int, n: int, k: int) -> list[KernelConfig]:
                     continue
                 stages = max(2, min(5, (160 * 1024) // (bk * (bm + bn))))
                 out.append(KernelConfig(bm, bn, bk, split, 8, 4, stages, False, True))
+        if m <= GEMV_MAX_M:  # CUDA-core GEMV: whole weight rows per program, in registers
+            for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (512, 1024, 2048, 4096, 8192), (1, 2, 4, 8)):
+                if triton.next_power_of_2(m) * bn * bk <= 512 * 32 * warps:  # <= 128 int32 words per thread
+                    out.append(KernelConfig(16, bn, bk, 1, 8, warps, 1, False, True, gemv=True))
         return out
     pointer = [(128, 128, 64, 4, 5), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 256, 128, 8, 4),
                (64, 256, 128, 4, 4), (64, 256, 128, 8, 4), (128, 128, 128, 8, 3), (64, 128, 256, 4, 3)]
@@ -162,6 +170,10 @@ def candidates(m: int, n: int, k: int) -> list[KernelConfig]:
         out.append(KernelConfig(bm, bn, bk, 1, g, w, st, False, persistent=True))
     for (tm, tn), g in itertools.product(((64, 128), (128, 128), (64, 256)), (4, 8)):  # small-tile tails
         out.append(KernelConfig(128, 256, 128, 1, g, 8, 4, False, persistent=True, tail_m=tm, tail_n=tn))
+    if m < 2048:  # mid M: too few output tiles to fill the SMs without splitting K
+        for (bm, bn, bk, w, st), split in itertools.product(((64, 128, 128, 4, 4), (128, 128, 128, 8, 3),
+                                                             (64, 64, 256, 4, 4)), (2, 4)):  # fmt: skip
+            out.append(KernelConfig(bm, bn, bk, split, 8, w, st, False))
     return out
 
 
@@ -212,14 +224,11 @@ def _sweep_one(name: str, n: int, k: int, m: int, rep: int) -> dict:
     t_quant = time_graph(lambda i: quantize_rows(x[i]), r, rep)
     qs = [quantize_rows(xi) for xi in x]
     res = []
-    # decode ranks the whole op (quant kernel -> PDL GEMM); prefill ranks the GEMM on activations
-    # quantized upstream (the fused norm / SiLU kernels), what the lean loop runs there
+    # rank the GEMM on activations quantized upstream (the fused norm / SiLU / attention kernels),
+    # what the lean loop runs; at decode M as a chain of programmatic dependent launches, as there
     for cfg in candidates(m, n, k):
         try:
-            if m <= 64:
-                t = time_graph(lambda i, c=cfg: w8a8_linear(x[i], wq[i], ws[i], config=c), r, rep)
-            else:
-                t = time_graph(lambda i, c=cfg: _gemm_only(qs[i], wq[i], ws[i], c), r, rep)
+            t = time_graph(lambda i, c=cfg: _gemm_only(qs[i], wq[i], ws[i], c), r, rep)
         except Exception as e:  # noqa: BLE001 - report and skip a failing config
             print(f"  {name} M={m} {cfg} failed: {e!r}"[:200], flush=True)
             continue
@@ -250,7 +259,7 @@ def _sweep_one(name: str, n: int, k: int, m: int, rep: int) -> dict:
 def _gemm_only(q_s: tuple, wq: torch.Tensor, ws: torch.Tensor, cfg: KernelConfig) -> torch.Tensor:
     q, s = q_s
     out = torch.empty(q.shape[0], wq.shape[0], dtype=torch.bfloat16, device=q.device)
-    tk._launch(q, wq, out, s, ws, None, None, tk.A_INT8_ROWSCALE, False, cfg)
+    tk._launch(q, wq, out, s, ws, None, None, tk.A_INT8_ROWSCALE, False, cfg, pdl=cfg.pdl)
     return out
 
 
@@ -290,7 +299,9 @@ def run_table(shapes: dict, ms: list[int], jobs: int, rep: int, eager: bool) -> 
 
 def model_shape_table(cfg: Any, ms: list[int], rep: int = 30) -> list[dict]:
     """bf16 cuBLAS vs W8A8 (activation quant included) vs W8A8 GEMM on pre-quantized input (what
-    the fused loop runs), per LM linear shape; CUDA graphs over rotating weight sets."""
+    the fused loop runs), per LM linear shape; CUDA graphs over rotating weight sets. At decode M
+    the W8A8 kernels run as a chain of programmatic dependent launches, as in the loop (each GEMM
+    launches while its predecessor runs); ``w8a8_prequant_serial_us`` is the same GEMM without."""
     h, i, nq, nkv = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or h // nq
     shapes = {"qkv (fused)": (hd * (nq + 2 * nkv), h, True), "o_proj": (h, h, False),
@@ -308,6 +319,11 @@ def model_shape_table(cfg: Any, ms: list[int], rep: int = 30) -> list[dict]:
                 "w8a8_prequant_us": lambda j, p=pre, wq=wq, ws=ws, b=b: w8a8_gemm_prequant(
                     p[j][0], p[j][1], wq[j], ws[j], b[j]),
             }
+            cfg_m = pick_config(m, n, k)
+            if cfg_m.pdl:  # the same GEMM launched only after its predecessor has finished
+                serial = dataclasses.replace(cfg_m, pdl=False)
+                fns["w8a8_prequant_serial_us"] = lambda j, p=pre, wq=wq, ws=ws, b=b, c=serial: w8a8_gemm_prequant(
+                    p[j][0], p[j][1], wq[j], ws[j], b[j], config=c)
             row: dict[str, Any] = {"shape": name, "N": n, "K": k, "M": m}
             for key, fn in fns.items():
                 row[key] = time_graph(fn, r, rep)

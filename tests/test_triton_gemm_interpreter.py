@@ -1,6 +1,7 @@
 """The W8A8 GEMM kernels' logic on CPU, in Triton's interpreter (the GPU tests time and re-check
 them on an H100): exact int32 accumulation and the dequant epilogue vs a float64 reference for the
-pointer kernel (plain, split-K, prologue-fused quantization) and the persistent TMA kernel."""
+pointer kernel (plain, split-K, prologue-fused quantization), the persistent TMA kernel and the
+CUDA-core GEMV for decode."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ SCRIPT = r"""
 import torch
 from vlmq.runtime.kernels import w8a8_persistent as wp
 from vlmq.runtime.kernels.tiles import fit_to_smem
-from vlmq.runtime.kernels.triton_w8a8 import KernelConfig, w8a8_int_gemm, w8a8_linear
+from vlmq.runtime.kernels.triton_w8a8 import KernelConfig, w8a8_gemm_prequant, w8a8_int_gemm, w8a8_linear
 from vlmq.runtime.linear import W8A8Linear
 
 RTX3090_SMEM = 101376
@@ -59,6 +60,19 @@ for m, n, k in [(3, 48, 64), (20, 70, 80), (64, 100, 112)]:  # N, K not tile mul
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6, cfg
         checks += 3
 assert tails >= 2, tails
+# the CUDA-core GEMV for M <= 4: exact int32, and the same dequantized output as the tensor-core kernel
+for m, n, k in [(1, 10, 100), (3, 48, 64), (4, 70, 300)]:
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    exact = (a.long() @ w.long().t()).int()
+    sa, sw, b = torch.rand(m, generator=g) + 0.1, torch.rand(n, generator=g) * 1e-2, torch.randn(n, generator=g)
+    for bn, bk in [(4, 32), (8, 128), (2, 512)]:
+        gemv = KernelConfig(16, bn, bk, fused=False, gemv=True)
+        assert torch.equal(w8a8_int_gemm(a, w, gemv), exact), (m, n, k, gemv)
+        y = w8a8_gemm_prequant(a, sa, w, sw, b, torch.float32, config=gemv)
+        y_tc = w8a8_gemm_prequant(a, sa, w, sw, b, torch.float32, config=KernelConfig(16, 16, 32, fused=False))
+        assert torch.equal(y, y_tc), (m, n, k, gemv)
+        checks += 2
 # a tile shrunk to fit a 99 KB (RTX 3090) block still computes the exact product
 small = fit_to_smem(KernelConfig(128, 256, 128, 1, 8, 8, 4, fused=False), 1, RTX3090_SMEM)
 assert (small.block_k, small.block_n) != (128, 256), small
@@ -94,6 +108,9 @@ def test_tile_configs_fit_each_gpus_shared_memory(gpu: str) -> None:
     for (n, k), m, a_bytes in itertools.product(LM_SHAPES, (1, 16, 64, 300, 2048, 8192), (1, 2, 4)):
         cfg = pick_config(m, n, k)
         fit = fit_to_smem(cfg, a_bytes, SMEM[gpu])
+        if cfg.gemv:  # the decode GEMV keeps its weights in registers: no shared memory to fit
+            assert m == 1 and fit == cfg, cfg
+            continue
         budget = SMEM[gpu] - (SMEM_RESERVE_INT8_A if a_bytes == 1 else SMEM_RESERVE_WIDE_A)
         per_stage = fit.block_k * (fit.block_m * a_bytes + fit.block_n)
         assert 1 <= fit.num_stages <= cfg.num_stages and fit.num_stages * per_stage <= budget, (gpu, m, n, k, fit)

@@ -178,3 +178,30 @@ def test_persistent_tail_on_qkv_prefill_shapes(m: int) -> None:
     ref = (q.double() @ w_q.double().t()) * s.double()[:, None] * w_s.double()[None, :] + b.double()
     assert _rel(out, ref) < 4e-3
     assert torch.equal(w8a8_int_gemm(q, w_q, cfg), (q.double() @ w_q.double().t()).to(torch.int32))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k", [(2560, 2048), (2048, 2048), (22016, 2048), (2048, 11008), (333, 200), (333, 203)])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gemv_decode_exact_and_same_as_tensor_cores(m: int, n: int, k: int, pdl: bool) -> None:
+    """The CUDA-core GEMV for M <= 4 (pick_config's choice at M = 1; dp4a where K % 4 == 0, plain
+    int32 products otherwise): exact int32, and dequantized output identical to the tensor-core
+    kernel's (same int32, same fp32 epilogue), poisoned output."""
+    g = _gen(m, n, k, 12)
+    for bn, bk in ((4, 2048), (8, 1024), (1, 4096)):
+        gemv = KernelConfig(16, bn, bk, fused=False, pdl=pdl, gemv=True)
+        q = torch.randint(-128, 128, (m, k), generator=g, device=DEV, dtype=torch.int8)
+        w = torch.randint(-128, 128, (n, k), generator=g, device=DEV, dtype=torch.int8)
+        out = torch.full((m, n), -7, device=DEV, dtype=torch.int32)
+        tk._launch(q, w, out, torch.ones(m, device=DEV), torch.ones(n, device=DEV), None, None,
+                   tk.A_INT8_ROWSCALE, True, gemv, pdl=pdl)  # fmt: skip
+        assert torch.equal(out.long(), (q.double() @ w.double().t()).long())
+        s = torch.rand(m, generator=g, device=DEV) + 0.01
+        w_s = torch.rand(n, generator=g, device=DEV) * 1e-3 + 1e-4
+        b = torch.randn(n, generator=g, device=DEV).to(torch.bfloat16)
+        y = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)
+        tk._launch(q, w, y, s, w_s, b, None, tk.A_INT8_ROWSCALE, False, gemv, pdl=pdl)
+        y_tc = tk.w8a8_gemm_prequant(q, s, w, w_s, b, config=KernelConfig(16, 32, 256, 1, fused=False))
+        assert torch.equal(y, y_tc)
+        ref = (q.double() @ w.double().t()) * s.double()[:, None] * w_s.double()[None, :] + b.double()
+        assert _rel(y, ref) < 4e-3

@@ -10,6 +10,10 @@
 Every kernel reproduces the eager torch op sequence's roundings (bf16 after each op, as HF's
 modules do); quantization matches ``vlmq.runtime.linear.quantize_per_token`` bit for bit.
 Both model variants get the same kernels, so bf16 vs W8A8 stays a fair comparison.
+
+On Hopper every kernel here is launched with programmatic dependent launch (PDL): it starts while
+its predecessor still runs, lets its own successor launch, and waits (``pdl_enter``) before it
+reads or writes any activation, so kernel launch latency overlaps the previous kernel's work.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from vlmq.runtime.kernels.tiles import interpreting, next_pow2, pdl_supported
+from vlmq.runtime.kernels.tiles import interpreting, next_pow2, pdl_enter, pdl_launch, pdl_supported
 from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE, _quantize, w8a8_gemm_prequant
 from vlmq.runtime.linear import W8A8Linear, resolve_backend
 
@@ -48,8 +52,7 @@ def _quant_store(y, q_ptr, s_ptr, row, offs, mask):
 def _add_rms_norm_kernel(h_ptr, d_ptr, h_out_ptr, w_ptr, y_ptr, s_ptr, H, eps,
                          BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, QUANT: tl.constexpr,
                          USE_PDL: tl.constexpr):  # fmt: skip
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # the int8 GEMM may launch now; it waits for our writes
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
@@ -70,8 +73,7 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, h_out_ptr, w_ptr, y_ptr, s_ptr, H, eps,
 @triton.jit
 def _silu_mul_kernel(gu_ptr, y_ptr, s_ptr, n_cols, BLOCK: tl.constexpr, QUANT: tl.constexpr,
                      USE_PDL: tl.constexpr):  # fmt: skip
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -87,7 +89,9 @@ def _silu_mul_kernel(gu_ptr, y_ptr, s_ptr, n_cols, BLOCK: tl.constexpr, QUANT: t
 
 @triton.jit
 def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, kc_ptr, vc_ptr,
-                       T, stride_row, n_heads, n_kv, kc_sb, kc_sh, kc_ss, HALF: tl.constexpr):  # fmt: skip
+                       T, stride_row, n_heads, n_kv, kc_sb, kc_sh, kc_ss, HALF: tl.constexpr,
+                       USE_PDL: tl.constexpr):  # fmt: skip
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)  # b * T + t
     head = tl.program_id(1)
     b = row // T
@@ -123,8 +127,9 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, kc_ptr, vc_p
 def _decode_attn_partial(q_ptr, kc_ptr, vc_ptr, valid_ptr, cur_ptr, ws_ptr, scale,
                          n_heads, n_kv, S, kc_sb, kc_sh, per_split,
                          G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                         SPLITS: tl.constexpr):  # fmt: skip
+                         SPLITS: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
     """One (batch row, kv head, S split): online softmax of its G query heads over the split's keys."""
+    pdl_enter(USE_PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // n_kv
@@ -161,7 +166,8 @@ def _decode_attn_partial(q_ptr, kc_ptr, vc_ptr, valid_ptr, cur_ptr, ws_ptr, scal
 
 @triton.jit
 def _decode_attn_combine(ws_ptr, out_ptr, n_kv, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                         SPLITS: tl.constexpr):  # fmt: skip
+                         SPLITS: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
+    pdl_enter(USE_PDL)
     pid = tl.program_id(0)  # b * n_kv + kvh
     g = tl.program_id(1)
     d = tl.arange(0, D)
@@ -184,8 +190,7 @@ def _decode_attn_combine_quant(ws_ptr, out_ptr, q_ptr, s_ptr, n_kv, n_heads, G: 
     """All heads of one token at once: the attention output rounded to the model dtype (stored only
     if STORE_OUT), then its per-token int8 + scale (o_proj's input), so o_proj needs no
     quantization pass of its own."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # o_proj's int8 GEMM may launch now; it waits for our writes
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     hh = tl.arange(0, HP)
     h_ok = hh < n_heads
@@ -216,7 +221,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Ten
     n_kv = k_cache.shape[1]
     out = torch.empty((b, 1, h * d), dtype=q.dtype, device=q.device)
     _decode_attn_combine[(b * n_kv, h // n_kv)](ws, out, n_kv, G=h // n_kv, GP=_gp(h // n_kv), D=d, SPLITS=splits,
-                                                num_warps=1)  # fmt: skip
+                                                num_warps=1, **_pdl_kw())  # fmt: skip
     return out
 
 
@@ -234,7 +239,7 @@ def decode_attention_quant(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_vali
     out_or_dtype = out if out is not None else torch.empty(1, dtype=q.dtype, device=q.device)  # rounding dtype
     _decode_attn_combine_quant[(b,)](ws, out_or_dtype, q8, s8, n_kv, h, G=h // n_kv,
                                      GP=_gp(h // n_kv), HP=next_pow2(h), D=d, SPLITS=splits,
-                                     STORE_OUT=with_output, USE_PDL=pdl_supported(), num_warps=8)  # fmt: skip
+                                     STORE_OUT=with_output, num_warps=8, **_pdl_kw())  # fmt: skip
     return out, q8, s8
 
 
@@ -255,7 +260,7 @@ def _decode_attn_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid
     _decode_attn_partial[(b * n_kv, splits)](
         q.contiguous(), k_cache, v_cache, key_valid.view(torch.uint8), cur, ws, scale, h, n_kv, s,
         k_cache.stride(0), k_cache.stride(1), per_split,
-        G=g, GP=gp, D=d, BLOCK_S=block_s, SPLITS=splits, num_warps=4,
+        G=g, GP=gp, D=d, BLOCK_S=block_s, SPLITS=splits, num_warps=4, **_pdl_kw(),
     )  # fmt: skip
     return ws
 
@@ -268,6 +273,12 @@ def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_
     sc = (q.reshape(b, n_kv, h // n_kv, d).float() @ k_cache.float().transpose(-1, -2)) * scale
     p = sc.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)
     return (p @ v_cache.float()).reshape(b, 1, h * d).to(q.dtype)
+
+
+def _pdl_kw() -> dict[str, bool]:
+    """USE_PDL and the launch option that goes with it (see the module docstring)."""
+    on = pdl_supported()
+    return {"USE_PDL": on, **pdl_launch(on)}
 
 
 def _warps(block: int) -> int:
@@ -284,7 +295,7 @@ def add_rms_norm(h: Tensor, delta: Tensor | None, weight: Tensor, eps: float,
     block = next_pow2(hid)
     _add_rms_norm_kernel[(m,)](h, delta if delta is not None else h, h_out, weight, y, s, hid, eps,
                                BLOCK=block, HAS_DELTA=delta is not None, QUANT=quant,
-                               USE_PDL=quant and pdl_supported(), num_warps=_warps(block))  # fmt: skip
+                               num_warps=_warps(block), **_pdl_kw())  # fmt: skip
     return h_out, ((y, s) if quant else y)
 
 
@@ -295,8 +306,8 @@ def silu_mul(gu: Tensor, quant: bool) -> Tensor | tuple[Tensor, Tensor]:
     y = torch.empty((m, i), dtype=torch.int8 if quant else gu.dtype, device=gu.device)
     s = torch.empty(m if quant else 1, dtype=torch.float32, device=gu.device)
     block = next_pow2(i)
-    _silu_mul_kernel[(m,)](gu, y, s, i, BLOCK=block, QUANT=quant, USE_PDL=quant and pdl_supported(),
-                           num_warps=_warps(block))
+    _silu_mul_kernel[(m,)](gu, y, s, i, BLOCK=block, QUANT=quant, num_warps=_warps(block),
+                           **_pdl_kw())
     return (y, s) if quant else y
 
 
@@ -310,6 +321,7 @@ def rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: 
     _rope_cache_kernel[(b * t, n_heads + 2 * n_kv)](
         qkv, cos, sin, slots, q, k_cache, v_cache, t, qkv.stride(1), n_heads, n_kv,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=head_dim // 2, num_warps=1,
+        **_pdl_kw(),
     )  # fmt: skip
     return q
 

@@ -10,8 +10,10 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 H100_SMS = 132  # the sweeps' card; pick_config's round counting assumes it
+GEMV_MAX_M = 4  # w8a8_gemv.py's row limit; from M = 8 the tensor-core kernel won every LM shape on the H100
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
@@ -27,6 +29,7 @@ class KernelConfig:
     persistent: bool = False  # int8 A only: one program per SM, TMA loads (w8a8_persistent.py)
     tail_m: int = 0  # persistent: rows after the last full round of big tiles use tail_m x tail_n tiles
     tail_n: int = 0
+    gemv: bool = False  # int8 A, M <= 4: CUDA-core GEMV (w8a8_gemv.py), block_n columns per program
 
 
 def next_pow2(v: int) -> int:
@@ -35,11 +38,14 @@ def next_pow2(v: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
-    """Config per (M bucket, N, K), from the H100 sweep in benchmarks/bench_w8a8_linear.py
-    (docs/KERNEL_NOTES.md). Prologue-fused quantization lost everywhere there (the in-loop
-    bf16 -> int8 conversion costs more than the separate row kernel), so it stays opt-in."""
-    del static  # same tiles for static and dynamic activation scales
+    """Config per (M bucket, N, K), from the H100 sweeps in benchmarks/bench_w8a8_linear.py
+    (docs/KERNEL_NOTES.md): the dp4a GEMV at M <= 2-4, the pointer kernel with decode tiles up to
+    M = 64, the persistent TMA kernel for prefill. Prologue-fused quantization lost everywhere (the
+    in-loop bf16 -> int8 conversion costs more than the separate row kernel), so it stays opt-in."""
     pdl = pdl_supported()
+    gemv = _gemv_tile(m, n, k) if not static else None  # the GEMV takes per-token scales only
+    if gemv is not None:
+        return KernelConfig(16, gemv[0], gemv[1], 1, 8, gemv[2], 1, False, pdl, gemv=True)
     if m <= 64:
         bm = max(16, next_pow2(m))
         if k >= 8192:  # down_proj: few N tiles, long K -> split-K keeps all SMs streaming
@@ -51,10 +57,13 @@ def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
             stages = 5 if bn == 64 else (3 if bm == 64 else 4)
             return KernelConfig(bm, bn, 256, 1, 8, 4, stages, False, pdl)
         bn = 16 if (n <= 1024 or bm > 16) and n <= 2048 else 32
-        bk = 512 if (bm == 16 and n > 1024) or bm == 64 else 256
-        return KernelConfig(bm, bn, bk, 1, 8, 4, 5 if bm < 64 else 4, False, pdl)
-    if m < 512:
-        return KernelConfig(64, 128, 128, 1, 8, 4, 4, False)
+        return KernelConfig(bm, bn, 256, 1, 8, 4, 5, False, pdl)  # 256-deep K steps: PDL-chain sweep
+    if m < 2048 and n < 8192:  # mid M (qkv/o/down; sweep_mid_m.json): 64-row tiles, split-K never won
+        if k >= 8192 and m <= 512:
+            return KernelConfig(64, 128, 256, 1, 4, 4, 3, False)
+        return KernelConfig(64, 128, 128, 1, 4, 4, 4, False)
+    if m < 512:  # gate/up below two rounds of 128x256 tiles
+        return KernelConfig(128, 64, 128, 1, 8, 4, 4, False)
     if n <= 512:
         return KernelConfig(128, 128, 128, 1, 8, 4, 4, False)
     # prefill (H100 sweeps, 132 SMs): the persistent TMA kernel with 128x256 tiles, where a short last
@@ -70,12 +79,40 @@ def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
     return KernelConfig(128, 128, 64, 1, 4, 4, 5, False)
 
 
+def _gemv_tile(m: int, n: int, k: int) -> tuple[int, int, int] | None:
+    """(columns per program, K chunk, warps) where the dp4a GEMV beat the tensor-core kernel in the
+    H100 sweep (`sweep_dp4a*.json`): M <= 2 for every LM shape, M <= 4 except gate/up; else None."""
+    if m > GEMV_MAX_M or (m > 2 and n >= 8192):
+        return None
+    if k >= 8192:  # down_proj
+        return (2, 2048, 4) if m <= 2 else (4, 2048, 4)
+    if n >= 8192:  # gate/up
+        return (2, 4096, 1)
+    return (4, 2048, 4) if m <= 2 else (4, 1024, 2)
+
+
 @functools.lru_cache(maxsize=1)
 def pdl_supported() -> bool:
     """Programmatic dependent launch needs Hopper or newer (and real hardware)."""
     if interpreting() or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability() >= (9, 0)
+
+
+def pdl_launch(enabled: bool) -> dict[str, bool]:
+    """Launch options for a kernel that starts with ``pdl_enter`` (or its own ``gdc_wait``)."""
+    return {"launch_pdl": True} if enabled else {}
+
+
+@triton.jit
+def pdl_enter(USE_PDL: tl.constexpr):
+    """Programmatic dependent launch: this kernel was launched while its predecessor still ran.
+    Let the next kernel launch now, then wait until the predecessor has finished and its writes are
+    visible; nothing may touch activations (read or write) before this returns. Every kernel in a
+    PDL chain waits, so a wait also covers everything that ran before the predecessor."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
 
 def interpreting() -> bool:
@@ -97,6 +134,8 @@ def max_shared_memory(device_index: int) -> int:
 def fit_to_smem(cfg: KernelConfig, a_bytes: int, smem_bytes: int) -> KernelConfig:
     """Pipeline stages for this device's shared memory; where fewer than two stages would fit
     (e.g. H100 tiles on a 99 KB RTX 3090), halve BLOCK_K, then BLOCK_N, then BLOCK_M until two do."""
+    if cfg.gemv:  # registers only
+        return cfg
     budget = smem_bytes - (SMEM_RESERVE_INT8_A if a_bytes == 1 else SMEM_RESERVE_WIDE_A)
     while True:
         per_stage = cfg.block_k * (cfg.block_m * a_bytes + cfg.block_n)

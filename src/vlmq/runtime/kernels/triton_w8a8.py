@@ -29,12 +29,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vlmq.runtime.kernels import w8a8_persistent
+from vlmq.runtime.kernels import w8a8_gemv, w8a8_persistent
 from vlmq.runtime.kernels.tiles import (
     KernelConfig,
     fit_to_smem,
     interpreting,
     next_pow2,
+    pdl_enter,
+    pdl_launch,
     pick_config,
 )
 
@@ -42,6 +44,10 @@ __all__ = ["KernelConfig", "pick_config", "quantize_rows", "w8a8_gemm_prequant",
 
 MIN_SCALE = tl.constexpr(1e-10)  # same as vlmq.runtime.linear.MIN_SCALE
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + C) - C rounds half-to-even for |v| < 2**22
+
+# under PDL, when a GEMM lets its successor launch: 0 at exit, 1 at entry, 2 after the main loop
+GEMM_TRIGGER = 2
+GEMV_TRIGGER = 2
 
 # A_MODE values (constexpr)
 A_INT8_ROWSCALE, A_INT8_SCALAR, A_FUSED_DYNAMIC, A_FUSED_STATIC = 0, 1, 2, 3
@@ -61,8 +67,7 @@ def _quant_rows_kernel(
     BLOCK_K: tl.constexpr, STATIC: tl.constexpr, HAS_PQS: tl.constexpr,
     SINGLE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # the GEMM may launch now; it waits for our writes
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
@@ -126,8 +131,10 @@ def _w8a8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, A_MODE: tl.constexpr, HAS_PQS: tl.constexpr,
     HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, EVEN_K: tl.constexpr,
-    AMAX_K: tl.constexpr, USE_PDL: tl.constexpr,
+    AMAX_K: tl.constexpr, USE_PDL: tl.constexpr, TRIGGER: tl.constexpr,
 ):  # fmt: skip
+    if TRIGGER == 1:  # the next kernel may launch now (it waits for our writes)
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -185,6 +192,8 @@ def _w8a8_gemm_kernel(
             w = tl.load(w_cols + kk[:, None], mask=(kk < k_end)[:, None], other=0)
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
 
+    if TRIGGER == 2:  # the next kernel may launch now, during our epilogue
+        tl.extra.cuda.gdc_launch_dependents()
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     if SPLIT_K > 1:
         ws_ptrs = ws_ptr + rm[:, None] * N + rn[None, :]
@@ -254,7 +263,7 @@ def quantize_rows(
         k, x.stride(0), q.stride(0),
         BLOCK_K=block if single else 4096, STATIC=static, HAS_PQS=pre_quant_scale is not None,
         SINGLE=single, USE_PDL=pdl and not interpreting(),
-        num_warps=max(4, min(16, block // 1024)) if single else 8,
+        num_warps=max(4, min(16, block // 1024)) if single else 8, **pdl_launch(pdl and not interpreting()),
     )  # fmt: skip
     return q, s
 
@@ -266,6 +275,12 @@ def _launch(
 ) -> None:  # fmt: skip
     m, k = a.shape
     n = w.shape[0]
+    if cfg.gemv:
+        if a_mode != A_INT8_ROWSCALE or m > w8a8_gemv.MAX_M:
+            raise ValueError(f"the GEMV config needs int8 rows with per-row scales and M <= {w8a8_gemv.MAX_M}")
+        w8a8_gemv.launch_gemv(a, w, out, a_scale, w_scale, bias, out_int32, cfg.block_n, cfg.block_k,
+                              cfg.num_warps, pdl, GEMV_TRIGGER)  # fmt: skip
+        return
     cfg = fit_to_smem(cfg, a.element_size(), w8a8_persistent.smem_bytes(a.device))
     if cfg.persistent and a_mode == A_INT8_ROWSCALE and not pdl and w8a8_persistent.supported(a, w):
         w8a8_persistent.launch_persistent(a, w, out, a_scale, w_scale, bias, out_int32, cfg.block_m, cfg.block_n,
@@ -275,7 +290,6 @@ def _launch(
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
     ws, locks = _workspace(a.device, m * n, tiles) if split > 1 else (out, out)
-    extra = {"launch_pdl": True} if pdl else {}
     _w8a8_gemm_kernel[(tiles, split)](
         a, w, out, a_scale, w_scale,
         bias if bias is not None else w_scale, pqs if pqs is not None else w_scale,
@@ -284,8 +298,9 @@ def _launch(
         A_MODE=a_mode, HAS_PQS=pqs is not None, HAS_BIAS=bias is not None,
         OUT_INT32=out_int32, EVEN_K=k % cfg.block_k == 0,
         AMAX_K=min(next_pow2(k), max(cfg.block_k, 16384 // cfg.block_m)), USE_PDL=pdl,
+        TRIGGER=GEMM_TRIGGER if pdl else 0,
 
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(pdl),
     )  # fmt: skip
 
 
