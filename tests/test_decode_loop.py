@@ -136,7 +136,9 @@ def test_cache_overflow_and_right_padding_refused(processor):
 FUSED_SCRIPT = textwrap.dedent("""
     import torch
     from torch import nn
+    from vlmq.runtime import attention as AT
     from vlmq.runtime import fused as FU
+    from vlmq.runtime import ops as OPS
     from vlmq.runtime.decode import ReferenceOps, rms_norm
     from vlmq.runtime.fusion import fuse_linears
     from vlmq.runtime.linear import W8A8Linear, quantize_per_token
@@ -170,7 +172,7 @@ FUSED_SCRIPT = textwrap.dedent("""
     parts = [W8A8Linear.from_float(nn.Linear(H, n, bias=True).bfloat16(), backend="reference") for n in (64, 32, 32)]
     qkv_lin = fuse_linears(parts)
     a = ref.add_norm_linear(h[None], d[None], w, 1e-6, qkv_lin)
-    b = FU.FusedOps(ref).add_norm_linear(h[None], d[None], w, 1e-6, qkv_lin)
+    b = OPS.FusedOps(ref).add_norm_linear(h[None], d[None], w, 1e-6, qkv_lin)
     assert torch.equal(a[0], b[0])
     # the interpreter truncates the GEMM's bf16 output (the GPU rounds): one bf16 ulp
     assert ((a[1].float() - b[1].float()).abs() <= a[1].float().abs() * 2**-7 + 1e-6).all()
@@ -179,20 +181,36 @@ FUSED_SCRIPT = textwrap.dedent("""
     kc, vc = torch.randn(2, 2, 128, 32).half(), torch.randn(2, 2, 128, 32).half()
     valid = torch.rand(2, 128) > 0.2
     cur = torch.tensor([77])
-    o1 = FU.decode_attention(q, kc, vc, valid, cur, 32**-0.5)
-    o2 = FU.decode_attention_reference(q, kc, vc, valid, cur, 32**-0.5)
+    o1 = AT.decode_attention(q, kc, vc, valid, cur, 32**-0.5)
+    o2 = AT.decode_attention_reference(q, kc, vc, valid, cur, 32**-0.5)
     assert ((o1.float() - o2.float()).norm() / o2.float().norm()).item() < 2e-3
     # the quantizing combine (o_proj's int8 input): same output, int8 == quantize_per_token of it
     for nh, nkv in ((4, 2), (6, 2)):  # 6 heads: padded to 8 inside the kernel
         q = torch.randn(2, nh, 1, 32).half()
         kc, vc = torch.randn(2, nkv, 128, 32).half(), torch.randn(2, nkv, 128, 32).half()
-        o1 = FU.decode_attention(q, kc, vc, valid, cur, 32**-0.5)
-        o3, q8, s8 = FU.decode_attention_quant(q, kc, vc, valid, cur, 32**-0.5, with_output=True)
-        _, q8b, s8b = FU.decode_attention_quant(q, kc, vc, valid, cur, 32**-0.5)  # output not stored
+        o1 = AT.decode_attention(q, kc, vc, valid, cur, 32**-0.5)
+        o3, q8, s8 = AT.decode_attention_quant(q, kc, vc, valid, cur, 32**-0.5, with_output=True)
+        _, q8b, s8b = AT.decode_attention_quant(q, kc, vc, valid, cur, 32**-0.5)  # output not stored
         assert torch.equal(q8b, q8) and torch.equal(s8b, s8)
         assert ((o3.float() - o1.float()).norm() / o1.float().norm()).item() < 1e-3
         q_ref, s_ref = quantize_per_token(o3.float().reshape(2, -1))
         assert torch.equal(q8, q_ref) and torch.equal(s8, s_ref.reshape(-1))
+    # prefill: SDPA's [B, H, T, D] output -> o_proj's int8 token rows, and the ops object around it
+    for nh in (4, 6):  # 6 heads: padded to 8 inside the kernel
+        attn = torch.randn(2, nh, 5, 32).bfloat16()
+        attn[1, :, 2] = 0.0  # an all-zero token row
+        q8, s8 = AT.heads_to_rows(attn, quant=True)
+        rows = attn.transpose(1, 2).reshape(10, nh * 32)
+        q_ref, s_ref = quantize_per_token(rows)
+        assert torch.equal(q8, q_ref) and torch.equal(s8, s_ref.reshape(-1))
+        assert torch.equal(AT.heads_to_rows(attn, quant=False), rows)
+        lin = nn.Linear(nh * 32, 48).bfloat16()
+        assert torch.equal(OPS.FusedOps(ref).attention_o(attn, lin), ref.attention_o(attn, lin))
+        o_lin = W8A8Linear.from_float(nn.Linear(nh * 32, 48, bias=False).bfloat16(), backend="reference")
+        a = ref.attention_o(attn, o_lin)
+        b = OPS.FusedOps(ref).attention_o(attn, o_lin)
+        assert a.shape == b.shape == (2, 5, 48)
+        assert ((a.float() - b.float()).abs() <= a.float().abs() * 2**-7 + 1e-6).all()
     print("FUSED-OK")
 """)
 

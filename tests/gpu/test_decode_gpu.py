@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 from test_decode_loop import N_NEW, assert_greedy_equivalent, hf_run, make_inputs, sharpened_model  # noqa: E402
 from vlmq.bench import quantize_language_model  # noqa: E402
 from vlmq.models.demo import build_demo_processor  # noqa: E402
+from vlmq.runtime import attention as AT  # noqa: E402
 from vlmq.runtime import fused as FU  # noqa: E402
 from vlmq.runtime.decode import LeanDecoder, ReferenceOps, rms_norm  # noqa: E402
 from vlmq.runtime.linear import quantize_per_token  # noqa: E402
@@ -75,10 +76,23 @@ def test_decode_attention(b, s, cur):
     valid = torch.rand(b, s, device=DEV) > 0.1
     valid[:, cur] = True
     c = torch.tensor([cur], device=DEV)
-    out = FU.decode_attention(q, kc, vc, valid, c, d**-0.5)
-    ref = FU.decode_attention_reference(q, kc.nan_to_num(0.0), vc, valid, c, d**-0.5)
+    out = AT.decode_attention(q, kc, vc, valid, c, d**-0.5)
+    ref = AT.decode_attention_reference(q, kc.nan_to_num(0.0), vc, valid, c, d**-0.5)
     assert not out.isnan().any()
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("b,t", [(1, 2048), (8, 436), (2, 1)])
+def test_heads_to_rows_quant_exact(b, t):
+    """Prefill o_proj input: SDPA-shaped [B, H, T, D] -> token rows, and int8 rows == quantize_per_token."""
+    attn = (torch.randn(b, 16, t, 128, device=DEV) * 3).bfloat16()
+    attn[0, :, 0] = 0.0  # all-zero token
+    attn[-1, 5, -1, 7] = 300.0  # outlier
+    q8, s8 = AT.heads_to_rows(attn, quant=True)
+    rows = attn.transpose(1, 2).reshape(b * t, 16 * 128)
+    q_ref, s_ref = quantize_per_token(rows)
+    assert torch.equal(q8, q_ref) and torch.equal(s8, s_ref.reshape(-1))
+    assert torch.equal(AT.heads_to_rows(attn, quant=False), rows)
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,11 @@ class ReferenceOps:
         v_cache.index_copy_(2, slots, v)
         return q * cos + rotate_half(q) * sin
 
+    def attention_o(self, attn: Tensor, o_proj: nn.Module) -> Tensor:
+        """o_proj over the attention output [B, H, T, D] as token rows [B, T, H*D]."""
+        b, h, t, d = attn.shape
+        return o_proj(attn.transpose(1, 2).reshape(b, t, h * d))
+
 
 @dataclass
 class _Layer:
@@ -170,7 +175,7 @@ class LeanDecoder:
         self.ops: Any = ReferenceOps()
         self.fused_ops = (self.device.type == "cuda") if fused_ops is None else fused_ops
         if self.fused_ops:
-            from vlmq.runtime.fused import FusedOps
+            from vlmq.runtime.ops import FusedOps
 
             self.ops = FusedOps(self.ops)
 
@@ -197,11 +202,10 @@ class LeanDecoder:
         return torch.zeros(m.shape, dtype=self.dtype, device=m.device).masked_fill_(~m, float("-inf"))
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, gmask: Tensor) -> Tensor:
-        """q [B, H, T, D] against k/v [B, Hkv, S, D] -> [B, T, H*D]."""
+        """q [B, H, T, D] against k/v [B, Hkv, S, D] -> [B, H, T, D]."""
         b, h, t, d = q.shape
         qg = q.reshape(b, self.n_kv, (h // self.n_kv) * t, d)
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=gmask, scale=self.scale)
-        return out.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=gmask, scale=self.scale).reshape(b, h, t, d)
 
     def _layers(self, h: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, mask: Tensor, kv_len: int | None) -> Tensor:
         """All decoder layers over h [B, T, H]; writes K/V at cache ``slots`` [T]; attends to the
@@ -219,7 +223,7 @@ class LeanDecoder:
             else:
                 if kv_len is not None:
                     kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
-                attn_out = layer.o(self._attention(q, kc, vc, gmask))
+                attn_out = ops.attention_o(self._attention(q, kc, vc, gmask), layer.o)
             h, gate_up = ops.add_norm_linear(h, attn_out, layer.ln2, self.eps, layer.gate_up)
             delta = ops.act_linear(gate_up, layer.down)
         return h + delta
