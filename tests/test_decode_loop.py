@@ -50,9 +50,10 @@ def make_inputs(processor, rows: list[str]) -> dict:
     return dict(processor(text=texts, images=images or None, padding=True, return_tensors="pt"))
 
 
-def lean_run(model, inputs: dict, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+def lean_run(model, inputs: dict, graphs: bool = False, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """N_NEW greedy tokens and their logits from the lean loop (``kw``: LeanDecoder options)."""
     b = inputs["input_ids"].shape[0]
-    dec = LeanDecoder(model, b, 128, graphs=False, **kw)
+    dec = LeanDecoder(model, b, 128, graphs=graphs, **kw)
     dec.prefill(**inputs)
     logits = [dec.logits.clone()]
     for _ in range(N_NEW - 1):

@@ -9,12 +9,12 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("triton")
 
-from test_decode_loop import N_NEW, assert_greedy_equivalent, hf_run, make_inputs, sharpened_model  # noqa: E402
+from test_decode_loop import assert_greedy_equivalent, hf_run, lean_run, make_inputs, sharpened_model  # noqa: E402
 from vlmq.bench import quantize_language_model  # noqa: E402
 from vlmq.models.demo import build_demo_processor  # noqa: E402
 from vlmq.runtime import attention as AT  # noqa: E402
 from vlmq.runtime import fused as FU  # noqa: E402
-from vlmq.runtime.decode import LeanDecoder, ReferenceOps, rms_norm  # noqa: E402
+from vlmq.runtime.decode import ReferenceOps, rms_norm  # noqa: E402
 from vlmq.runtime.linear import quantize_per_token  # noqa: E402
 
 DEV = "cuda"
@@ -102,17 +102,6 @@ def processor():
     return proc
 
 
-def lean(model, inputs, graphs: bool, fused: bool, graph_prefill: bool = False):
-    b = inputs["input_ids"].shape[0]
-    dec = LeanDecoder(model, b, 128, graphs=graphs, fused_ops=fused, graph_prefill=graph_prefill)
-    dec.prefill(**inputs)
-    logits = [dec.logits.clone()]
-    for _ in range(N_NEW - 1):
-        dec.step()
-        logits.append(dec.logits.clone())
-    return dec.tokens[:, :N_NEW].clone(), torch.stack(logits, 1)
-
-
 @pytest.mark.parametrize("w8a8", [False, True], ids=["bf16", "w8a8"])
 @pytest.mark.parametrize("rows", [["text"], ["image", "text"]], ids=["text", "image_text_b2"])
 def test_graph_loop_matches_hf(processor, w8a8, rows):
@@ -121,11 +110,11 @@ def test_graph_loop_matches_hf(processor, w8a8, rows):
         quantize_language_model(model, backend="triton")
     inputs = {k: v.to(DEV) for k, v in make_inputs(processor, rows).items()}
     ref_tokens, ref_logits = hf_run(model, inputs)
-    eager_tokens, eager_logits = lean(model, inputs, graphs=False, fused=True)
-    graph_tokens, graph_logits = lean(model, inputs, graphs=True, fused=True, graph_prefill=True)
+    eager_tokens, eager_logits = lean_run(model, inputs, graphs=False, fused_ops=True)
+    graph_tokens, graph_logits = lean_run(model, inputs, graphs=True, fused_ops=True, graph_prefill=True)
     # graph replay runs the very same kernels as the eager fused loop
     assert torch.equal(graph_tokens, eager_tokens)
     assert torch.allclose(graph_logits, eager_logits, rtol=0, atol=1e-6)
     assert_greedy_equivalent(graph_tokens, ref_tokens, graph_logits, ref_logits, 2e-2, exact=False)
-    plain_tokens, plain_logits = lean(model, inputs, graphs=True, fused=False)
+    plain_tokens, plain_logits = lean_run(model, inputs, graphs=True, fused_ops=False)
     assert_greedy_equivalent(plain_tokens, ref_tokens, plain_logits, ref_logits, 2e-2, exact=False)
