@@ -14,7 +14,7 @@ from vlmq.bench import quantize_language_model  # noqa: E402
 from vlmq.models.demo import build_demo_processor  # noqa: E402
 from vlmq.runtime import attention as AT  # noqa: E402
 from vlmq.runtime import fused as FU  # noqa: E402
-from vlmq.runtime.decode import ReferenceOps, rms_norm  # noqa: E402
+from vlmq.runtime.decode import LeanDecoder, ReferenceOps, rms_norm  # noqa: E402
 from vlmq.runtime.linear import quantize_per_token  # noqa: E402
 
 DEV = "cuda"
@@ -118,3 +118,17 @@ def test_graph_loop_matches_hf(processor, w8a8, rows):
     assert_greedy_equivalent(graph_tokens, ref_tokens, graph_logits, ref_logits, 2e-2, exact=False)
     plain_tokens, plain_logits = lean_run(model, inputs, graphs=True, fused_ops=False)
     assert_greedy_equivalent(plain_tokens, ref_tokens, plain_logits, ref_logits, 2e-2, exact=False)
+
+
+def test_replay_lm_prefill_repeats_the_prefill(processor):
+    """`vlmq bench` times the language model's prefill by replaying its graph: same logits again."""
+    model = sharpened_model(torch.bfloat16).to(DEV)
+    inputs = {k: v.to(DEV) for k, v in make_inputs(processor, ["image", "text"]).items()}
+    dec = LeanDecoder(model, 2, 128, graphs=True, graph_prefill=True)
+    with pytest.raises(RuntimeError, match="no graphed prefill"):
+        dec.replay_lm_prefill()
+    dec.prefill(**inputs)
+    first = dec.logits.clone()
+    dec.logits.zero_()
+    dec.replay_lm_prefill()
+    assert torch.equal(dec.logits, first)

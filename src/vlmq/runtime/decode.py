@@ -170,6 +170,7 @@ class LeanDecoder:
         self.graph_prefill = graph_prefill and self.use_graphs
         self._graph: Any = None
         self._prefill_graphs: dict[int, tuple[Any, dict[str, Tensor]]] = {}
+        self._last_prefill_graph: Any = None
         self._pool: Any = None
         self._stream: Any = None  # the capture side stream (one per decoder)
         self.ops: Any = ReferenceOps()
@@ -319,6 +320,14 @@ class LeanDecoder:
         for name, value in (("emb", emb), ("cos", cos), ("sin", sin), ("mask", mask)):
             static[name].copy_(value)
         graph.replay()
+        self._last_prefill_graph = graph
+
+    def replay_lm_prefill(self) -> None:
+        """Run the language-model part of the last graphed prefill again (same inputs): lets a
+        benchmark time the quantized part apart from the vision tower and the input preparation."""
+        if self._last_prefill_graph is None:
+            raise RuntimeError("no graphed prefill to replay (graph_prefill=True on CUDA, then prefill())")
+        self._last_prefill_graph.replay()
 
     @torch.no_grad()
     def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
