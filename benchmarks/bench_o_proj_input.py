@@ -1,8 +1,9 @@
-"""What o_proj's input costs at prefill (H100): SDPA returns [B, H, T, D] and o_proj wants token
-rows [B*T, H*D]. Times torch's transpose copy (what the loop ran before) and the quant pass that W8A8
-paid after it, `heads_to_rows` (the loop's pass now: bf16 rows, or int8 rows + per-token scales for
-W8A8), and the whole o_proj op as each model runs it: bf16 = `heads_to_rows` + cuBLAS, W8A8 =
-`heads_to_rows(quant=True)` + int8 GEMM. CUDA graph over rotating inputs and weights, µs per call.
+"""What o_proj's input costs at prefill (H100). SDPA on GQA-grouped queries returns
+[B, Hkv, G*T, D] (token-major in memory); o_proj wants token rows [B*T, H*D]. Times torch's reshape +
+transpose copies (what the loop ran before) and the quant pass W8A8 paid after them; `heads_to_rows`
+(the loop's pass now: bf16 rows, or int8 rows + per-token scales for W8A8); and the whole o_proj op as
+each model runs it: bf16 = `heads_to_rows` + cuBLAS, W8A8 = int8 `heads_to_rows` + int8 GEMM. CUDA
+graph over rotating inputs and weights, µs per call.
 
     PYTHONPATH=src python benchmarks/bench_o_proj_input.py --out $OUT/o_proj_input.json
 """
@@ -22,14 +23,19 @@ from bench_w8a8_linear import time_graph
 from vlmq.runtime.attention import heads_to_rows
 from vlmq.runtime.kernels.triton_w8a8 import quantize_rows, w8a8_gemm_prequant
 
+N_KV, GROUPS = 2, 8  # Qwen2.5-VL-3B: 16 query heads on 2 kv heads
+
 
 def rows(attn: torch.Tensor) -> torch.Tensor:
-    b, h, t, d = attn.shape
-    return attn.transpose(1, 2).reshape(b * t, h * d)
+    """The loop's old path: SDPA output [B, Hkv, G*T, D] -> [B, H, T, D] -> token rows (torch copies)."""
+    b, n_kv, gt, d = attn.shape
+    t = gt // GROUPS
+    return attn.reshape(b, n_kv * GROUPS, t, d).transpose(1, 2).reshape(b * t, n_kv * GROUPS * d)
 
 
 def measure(m: int, r: int = 8) -> dict:
-    attn = [torch.randn(1, 16, m, 128, device="cuda").bfloat16() for _ in range(r)]
+    # SDPA's output layout on the GPU: logically [B, Hkv, G*T, D], token-major in memory
+    attn = [torch.randn(1, GROUPS * m, N_KV, 128, device="cuda").bfloat16().transpose(1, 2) for _ in range(r)]
     w_bf16 = [(torch.randn(2048, 2048, device="cuda") * 0.02).bfloat16() for _ in range(r)]
     w_q = [torch.randint(-128, 128, (2048, 2048), device="cuda", dtype=torch.int8) for _ in range(r)]
     w_s = [torch.rand(2048, device="cuda") * 1e-3 + 1e-4 for _ in range(r)]
@@ -37,11 +43,12 @@ def measure(m: int, r: int = 8) -> dict:
         "M": m,
         "torch_transpose_copy_us": time_graph(lambda i: rows(attn[i]), r),
         "torch_copy_then_quant_us": time_graph(lambda i: quantize_rows(rows(attn[i])), r),
-        "heads_to_rows_bf16_us": time_graph(lambda i: heads_to_rows(attn[i], quant=False), r),
-        "heads_to_rows_int8_us": time_graph(lambda i: heads_to_rows(attn[i], quant=True), r),
-        "o_proj_bf16_us": time_graph(lambda i: F.linear(heads_to_rows(attn[i], quant=False), w_bf16[i]), r),
+        "heads_to_rows_bf16_us": time_graph(lambda i: heads_to_rows(attn[i], quant=False, groups=GROUPS), r),
+        "heads_to_rows_int8_us": time_graph(lambda i: heads_to_rows(attn[i], quant=True, groups=GROUPS), r),
+        "o_proj_bf16_us": time_graph(
+            lambda i: F.linear(heads_to_rows(attn[i], quant=False, groups=GROUPS), w_bf16[i]), r),
         "o_proj_w8a8_us": time_graph(
-            lambda i: w8a8_gemm_prequant(*heads_to_rows(attn[i], quant=True), w_q[i], w_s[i]), r),
+            lambda i: w8a8_gemm_prequant(*heads_to_rows(attn[i], quant=True, groups=GROUPS), w_q[i], w_s[i]), r),
     }
     row["o_proj_x"] = row["o_proj_bf16_us"] / row["o_proj_w8a8_us"]
     return row

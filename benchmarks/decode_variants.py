@@ -20,6 +20,7 @@ from make_random_snapshot import build  # noqa: E402
 
 from vlmq.bench import make_inputs, quantize_language_model  # noqa: E402
 from vlmq.runtime.decode import LeanDecoder  # noqa: E402
+from vlmq.runtime.kernels import tiles  # noqa: E402
 from vlmq.runtime.kernels import triton_w8a8 as tk  # noqa: E402
 
 # (tensor-core GEMM trigger, GEMV trigger, GEMV on)
@@ -44,14 +45,15 @@ def main() -> None:
     torch.manual_seed(0)
     model, processor = build("3b", "cuda")
     inputs = {b: {k: v.cuda() for k, v in make_inputs(processor, "text", b, 512, (448, 336)).items()} for b in (1, 8)}
-    pick = tk.pick_config
+    gemv_tile = tiles._gemv_tile
     with torch.no_grad():
         for b in (1, 8):
             print(f"bf16 batch {b}: tok/s", [round(tok_s(model, inputs[b], b), 1) for _ in range(2)], flush=True)
         quantize_language_model(model, backend="triton")
         for gemm_trigger, gemv_trigger, gemv in VARIANTS:
             tk.GEMM_TRIGGER, tk.GEMV_TRIGGER = gemm_trigger, gemv_trigger
-            tk.pick_config = pick if gemv else (lambda m, n, k, static=False: pick(max(m, 5), n, k, static))
+            tiles._gemv_tile = gemv_tile if gemv else (lambda m, n, k: None)  # off: the tensor-core decode tiles
+            tiles.pick_config.cache_clear()
             for b in (1, 8):
                 runs = [round(tok_s(model, inputs[b], b), 1) for _ in range(2)]
                 print(f"w8a8 GEMM trigger {gemm_trigger} GEMV trigger {gemv_trigger} GEMV {'on' if gemv else 'off'}"

@@ -196,22 +196,26 @@ FUSED_SCRIPT = textwrap.dedent("""
         assert ((o3.float() - o1.float()).norm() / o1.float().norm()).item() < 1e-3
         q_ref, s_ref = quantize_per_token(o3.float().reshape(2, -1))
         assert torch.equal(q8, q_ref) and torch.equal(s8, s_ref.reshape(-1))
-    # prefill: SDPA's [B, H, T, D] output -> o_proj's int8 token rows, and the ops object around it
-    for nh in (4, 6):  # 6 heads: padded to 8 inside the kernel
-        attn = torch.randn(2, nh, 5, 32).bfloat16()
-        attn[1, :, 2] = 0.0  # an all-zero token row
-        q8, s8 = AT.heads_to_rows(attn, quant=True)
-        rows = attn.transpose(1, 2).reshape(10, nh * 32)
-        q_ref, s_ref = quantize_per_token(rows)
-        assert torch.equal(q8, q_ref) and torch.equal(s8, s_ref.reshape(-1))
-        assert torch.equal(AT.heads_to_rows(attn, quant=False), rows)
-        lin = nn.Linear(nh * 32, 48).bfloat16()
-        assert torch.equal(OPS.FusedOps(ref).attention_o(attn, lin), ref.attention_o(attn, lin))
-        o_lin = W8A8Linear.from_float(nn.Linear(nh * 32, 48, bias=False).bfloat16(), backend="reference")
-        a = ref.attention_o(attn, o_lin)
-        b = OPS.FusedOps(ref).attention_o(attn, o_lin)
-        assert a.shape == b.shape == (2, 5, 48)
-        assert ((a.float() - b.float()).abs() <= a.float().abs() * 2**-7 + 1e-6).all()
+    # prefill: SDPA's output on GQA-grouped queries [B, Hkv, G*T, D] -> o_proj's token rows, contiguous
+    # and in the token-major layout the GPU's SDPA backends return; then the ops object around it
+    for nkv, G in ((4, 1), (2, 3)):  # 6 heads: padded to 8 inside the kernel
+        nh = nkv * G
+        flat = torch.randn(2, nkv, G * 5, 32).bfloat16()
+        strided = torch.randn(2, G * 5, nkv, 32).bfloat16().transpose(1, 2)
+        for attn in (flat, strided):
+            attn[1, :, 2::5] = 0.0  # token 2 of row 1: all zeros in every head
+            rows = attn.reshape(2, nh, 5, 32).transpose(1, 2).reshape(10, nh * 32)
+            q8, s8 = AT.heads_to_rows(attn, quant=True, groups=G)
+            q_ref, s_ref = quantize_per_token(rows)
+            assert torch.equal(q8, q_ref) and torch.equal(s8, s_ref.reshape(-1))
+            assert torch.equal(AT.heads_to_rows(attn, quant=False, groups=G), rows)
+            o_lin = W8A8Linear.from_float(nn.Linear(nh * 32, 48, bias=False).bfloat16(), backend="reference")
+            a = ref.attention_o(attn, o_lin, G)
+            b = OPS.FusedOps(ref).attention_o(attn, o_lin, G)
+            assert a.shape == b.shape == (2, 5, 48)
+            assert ((a.float() - b.float()).abs() <= a.float().abs() * 2**-7 + 1e-6).all()
+            lin = nn.Linear(nh * 32, 48).bfloat16()
+            assert torch.equal(OPS.FusedOps(ref).attention_o(attn, lin, G), ref.attention_o(attn, lin, G))
     print("FUSED-OK")
 """)
 

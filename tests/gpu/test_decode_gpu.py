@@ -83,16 +83,20 @@ def test_decode_attention(b, s, cur):
 
 
 @pytest.mark.parametrize("b,t", [(1, 2048), (8, 436), (2, 1)])
-def test_heads_to_rows_quant_exact(b, t):
-    """Prefill o_proj input: SDPA-shaped [B, H, T, D] -> token rows, and int8 rows == quantize_per_token."""
-    attn = (torch.randn(b, 16, t, 128, device=DEV) * 3).bfloat16()
-    attn[0, :, 0] = 0.0  # all-zero token
-    attn[-1, 5, -1, 7] = 300.0  # outlier
-    q8, s8 = AT.heads_to_rows(attn, quant=True)
-    rows = attn.transpose(1, 2).reshape(b * t, 16 * 128)
+def test_heads_to_rows_on_sdpa_output(b, t):
+    """Prefill o_proj input from SDPA's own output on GQA-grouped queries (the loop's call, its
+    memory layout as the backend returns it) -> token rows, and int8 rows == quantize_per_token."""
+    nkv, g, d = 2, 8, 128
+    q = (torch.randn(b, nkv, g * t, d, device=DEV) * 3).bfloat16()
+    k, v = ((torch.randn(b, nkv, t, d, device=DEV) * 3).bfloat16() for _ in range(2))
+    mask = torch.zeros(b, 1, g * t, t, device=DEV, dtype=torch.bfloat16)
+    attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    attn[-1, 1, -1, 7] = 300.0  # outlier (last token, head 15)
+    rows = attn.reshape(b, nkv * g, t, d).transpose(1, 2).reshape(b * t, nkv * g * d)
+    q8, s8 = AT.heads_to_rows(attn, quant=True, groups=g)
     q_ref, s_ref = quantize_per_token(rows)
     assert torch.equal(q8, q_ref) and torch.equal(s8, s_ref.reshape(-1))
-    assert torch.equal(AT.heads_to_rows(attn, quant=False), rows)
+    assert torch.equal(AT.heads_to_rows(attn, quant=False, groups=g), rows)
 
 
 @pytest.fixture(scope="module")

@@ -152,7 +152,8 @@ def test_deterministic_and_pick_config_buckets() -> None:
     a = w8a8_linear(x, w_q, w_s)
     b = w8a8_linear(x, w_q, w_s)
     assert torch.equal(a, b)
-    assert pick_config(1, 2048, 2048).block_m == 16
+    assert pick_config(1, 2048, 2048).gemv and not pick_config(1, 2048, 2048, static=True).gemv
+    assert pick_config(16, 2048, 2048).block_m == 16 and not pick_config(16, 2048, 2048).gemv
     assert pick_config(8192, 2048, 2048).block_m >= 64
 
 
@@ -192,16 +193,52 @@ def test_gemv_decode_exact_and_same_as_tensor_cores(m: int, n: int, k: int, pdl:
         gemv = KernelConfig(16, bn, bk, fused=False, pdl=pdl, gemv=True)
         q = torch.randint(-128, 128, (m, k), generator=g, device=DEV, dtype=torch.int8)
         w = torch.randint(-128, 128, (n, k), generator=g, device=DEV, dtype=torch.int8)
-        out = torch.full((m, n), -7, device=DEV, dtype=torch.int32)
-        tk._launch(q, w, out, torch.ones(m, device=DEV), torch.ones(n, device=DEV), None, None,
-                   tk.A_INT8_ROWSCALE, True, gemv, pdl=pdl)  # fmt: skip
-        assert torch.equal(out.long(), (q.double() @ w.double().t()).long())
+        ones_m, ones_n = torch.ones(m, device=DEV), torch.ones(n, device=DEV)
         s = torch.rand(m, generator=g, device=DEV) + 0.01
         w_s = torch.rand(n, generator=g, device=DEV) * 1e-3 + 1e-4
         b = torch.randn(n, generator=g, device=DEV).to(torch.bfloat16)
+        out = torch.full((m, n), -7, device=DEV, dtype=torch.int32)
         y = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)
+        torch.cuda.synchronize()  # under PDL the kernel reads w, w_scale, bias before its wait
+        tk._launch(q, w, out, ones_m, ones_n, None, None, tk.A_INT8_ROWSCALE, True, gemv, pdl=pdl)
+        assert torch.equal(out.long(), (q.double() @ w.double().t()).long())
         tk._launch(q, w, y, s, w_s, b, None, tk.A_INT8_ROWSCALE, False, gemv, pdl=pdl)
         y_tc = tk.w8a8_gemm_prequant(q, s, w, w_s, b, config=KernelConfig(16, 32, 256, 1, fused=False))
         assert torch.equal(y, y_tc)
         ref = (q.double() @ w.double().t()) * s.double()[:, None] * w_s.double()[None, :] + b.double()
         assert _rel(y, ref) < 4e-3
+
+
+def test_gemv_waits_for_its_producer_in_a_pdl_chain() -> None:
+    """The decode chain as the loop runs it: a quant kernel that lets the GEMV launch at its entry,
+    then the GEMV (weights loaded before its wait), captured in a CUDA graph over fresh inputs; a
+    GEMV that read the activations before the producer's writes landed would see the previous ones."""
+    g = _gen(13)
+    n, k, reps = 2560, 2048, 8
+    w = torch.randint(-128, 128, (n, k), generator=g, device=DEV, dtype=torch.int8)
+    w_s = torch.rand(n, generator=g, device=DEV) * 1e-3 + 1e-4
+    b = torch.randn(n, generator=g, device=DEV).to(torch.bfloat16)
+    xs = [(torch.randn(1, k, generator=g, device=DEV) * (i + 1)).to(torch.bfloat16) for i in range(reps)]
+    cfg = pick_config(1, n, k)
+    assert cfg.gemv and cfg.pdl
+
+    def chain() -> list[torch.Tensor]:
+        outs = []
+        for x in xs:
+            q, s = quantize_rows(x, pdl=True)
+            outs.append(tk.w8a8_gemm_prequant(q, s, w, w_s, b, config=cfg))
+        return outs
+
+    chain()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain()
+    for _ in range(3):
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for x, o in zip(xs, outs, strict=True):
+            q, s = quantize_per_token(x.float())
+            ref = (q.double() @ w.double().t()) * s.double().reshape(-1, 1) * w_s.double()[None, :] + b.double()
+            assert _rel(o, ref) < 4e-3

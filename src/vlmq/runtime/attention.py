@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vlmq.runtime.fused import _pdl_kw, _rnd
-from vlmq.runtime.kernels.tiles import next_pow2, pdl_enter
-from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE, _quantize
+from vlmq.runtime.fused import round_to
+from vlmq.runtime.kernels.tiles import next_pow2, pdl_enter, pdl_kwargs
+from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE, quantize_int8
 
 
 @triton.jit
@@ -100,14 +100,14 @@ def _decode_attn_combine_quant(ws_ptr, out_ptr, q_ptr, s_ptr, n_kv, n_heads, G: 
     l_ = tl.load(ws_ptr + rows * (D + 2) + D + 1)
     w = tl.exp(m - tl.max(m, axis=1)[:, None])
     acc = tl.load(ws_ptr + rows[:, :, None] * (D + 2) + d[None, None, :])
-    o = _rnd(tl.sum(acc * w[:, :, None], axis=1) / tl.sum(l_ * w, axis=1)[:, None], out_ptr.dtype.element_ty)
+    o = round_to(tl.sum(acc * w[:, :, None], axis=1) / tl.sum(l_ * w, axis=1)[:, None], out_ptr.dtype.element_ty)
     o = tl.where(h_ok[:, None], o, 0.0)
     offs = b * n_heads * D + hh[:, None] * D + d[None, :]
     if STORE_OUT:
         tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
     scale = tl.maximum(tl.div_rn(tl.max(tl.max(tl.abs(o), axis=1), axis=0), 127.0), MIN_SCALE)
     tl.store(s_ptr + b, scale)
-    tl.store(q_ptr + offs, _quantize(o, tl.div_rn(1.0, scale)), mask=h_ok[:, None])
+    tl.store(q_ptr + offs, quantize_int8(o, tl.div_rn(1.0, scale)), mask=h_ok[:, None])
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, cur: Tensor,
@@ -119,7 +119,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Ten
     n_kv = k_cache.shape[1]
     out = torch.empty((b, 1, h * d), dtype=q.dtype, device=q.device)
     _decode_attn_combine[(b * n_kv, h // n_kv)](ws, out, n_kv, G=h // n_kv, GP=_gp(h // n_kv), D=d, SPLITS=splits,
-                                                num_warps=1, **_pdl_kw())  # fmt: skip
+                                                num_warps=1, **pdl_kwargs())  # fmt: skip
     return out
 
 
@@ -137,7 +137,7 @@ def decode_attention_quant(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_vali
     out_or_dtype = out if out is not None else torch.empty(1, dtype=q.dtype, device=q.device)  # rounding dtype
     _decode_attn_combine_quant[(b,)](ws, out_or_dtype, q8, s8, n_kv, h, G=h // n_kv,
                                      GP=_gp(h // n_kv), HP=next_pow2(h), D=d, SPLITS=splits,
-                                     STORE_OUT=with_output, num_warps=8, **_pdl_kw())  # fmt: skip
+                                     STORE_OUT=with_output, num_warps=8, **pdl_kwargs())  # fmt: skip
     return out, q8, s8
 
 
@@ -158,7 +158,7 @@ def _decode_attn_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid
     _decode_attn_partial[(b * n_kv, splits)](
         q.contiguous(), k_cache, v_cache, key_valid.view(torch.uint8), cur, ws, scale, h, n_kv, s,
         k_cache.stride(0), k_cache.stride(1), per_split,
-        G=g, GP=gp, D=d, BLOCK_S=block_s, SPLITS=splits, num_warps=4, **_pdl_kw(),
+        G=g, GP=gp, D=d, BLOCK_S=block_s, SPLITS=splits, num_warps=4, **pdl_kwargs(),
     )  # fmt: skip
     return ws
 
@@ -174,36 +174,41 @@ def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_
 
 
 @triton.jit
-def _heads_to_rows(o_ptr, y_ptr, s_ptr, T, n_heads, s_b, s_h, s_t,
+def _heads_to_rows(o_ptr, y_ptr, s_ptr, T, n_heads, G, s_b, s_kv, s_s,
                    HP: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
-    """One token: its [H, D] attention output (strided) -> one row of H*D, as is or as int8 + scale."""
+    """One token: its H x D attention output (GQA-grouped, any strides) -> one row of H*D, as is
+    or as int8 + scale. Head h = kv head h // G, group member h % G (SDPA on [B, Hkv, G*T, D])."""
     pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)  # b * T + t
     b = row // T
     t = row % T
-    hh = tl.arange(0, HP)
+    hh = tl.arange(0, HP).to(tl.int64)
     d = tl.arange(0, D)
     ok = (hh < n_heads)[:, None]
-    x = tl.load(o_ptr + b * s_b + hh[:, None] * s_h + t * s_t + d[None, :], mask=ok, other=0.0)
+    src = o_ptr + b * s_b + (hh // G)[:, None] * s_kv + ((hh % G) * T + t)[:, None] * s_s + d[None, :]
+    x = tl.load(src, mask=ok, other=0.0)
     dst = y_ptr + row * n_heads * D + hh[:, None] * D + d[None, :]
     if QUANT:
         x = x.to(tl.float32)
         scale = tl.maximum(tl.div_rn(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 127.0), MIN_SCALE)
         tl.store(s_ptr + row, scale)
-        tl.store(dst, _quantize(x, tl.div_rn(1.0, scale)), mask=ok)
+        tl.store(dst, quantize_int8(x, tl.div_rn(1.0, scale)), mask=ok)
     else:
         tl.store(dst, x, mask=ok)
 
 
-def heads_to_rows(attn: Tensor, quant: bool) -> Tensor | tuple[Tensor, Tensor]:
-    """SDPA output ``attn`` [B, H, T, D] (D a power of two, contiguous) -> o_proj's input rows
-    [B*T, H*D]: as they are (bf16 o_proj) or as int8 + fp32 per-token scale [B*T] (W8A8 o_proj),
-    the quantization riding on the pass that the layout change costs anyway."""
-    b, h, t, d = attn.shape
-    if attn.stride(3) != 1 or next_pow2(d) != d:
-        raise ValueError(f"need a contiguous power-of-two head dim, got shape {tuple(attn.shape)}")
+def heads_to_rows(attn: Tensor, quant: bool, groups: int = 1) -> Tensor | tuple[Tensor, Tensor]:
+    """Prefill attention output -> o_proj's input rows [B*T, H*D]: as they are (bf16 o_proj) or as
+    int8 + fp32 per-token scale [B*T] (W8A8 o_proj), the quantization riding on the pass that the
+    layout change costs anyway. ``attn`` is SDPA's output on GQA-grouped queries, [B, Hkv, G*T, D]
+    with ``groups`` = G (1: plain [B, H, T, D]), in whatever memory layout SDPA returned; D a power
+    of two with unit stride."""
+    b, n_kv, gt, d = attn.shape
+    t, h = gt // groups, n_kv * groups
+    if attn.stride(3) != 1 or next_pow2(d) != d or gt % groups:
+        raise ValueError(f"need [B, Hkv, G*T, D] with a unit-stride power-of-two D, got {tuple(attn.shape)}")
     y = torch.empty((b * t, h * d), dtype=torch.int8 if quant else attn.dtype, device=attn.device)
     s = torch.empty(b * t if quant else 1, dtype=torch.float32, device=attn.device)
-    _heads_to_rows[(b * t,)](attn, y, s, t, h, attn.stride(0), attn.stride(1), attn.stride(2),
-                             HP=next_pow2(h), D=d, QUANT=quant, num_warps=4, **_pdl_kw())  # fmt: skip
+    _heads_to_rows[(b * t,)](attn, y, s, t, h, groups, attn.stride(0), attn.stride(1), attn.stride(2),
+                             HP=next_pow2(h), D=d, QUANT=quant, num_warps=4, **pdl_kwargs())  # fmt: skip
     return (y, s) if quant else y

@@ -72,10 +72,11 @@ class ReferenceOps:
         v_cache.index_copy_(2, slots, v)
         return q * cos + rotate_half(q) * sin
 
-    def attention_o(self, attn: Tensor, o_proj: nn.Module) -> Tensor:
-        """o_proj over the attention output [B, H, T, D] as token rows [B, T, H*D]."""
-        b, h, t, d = attn.shape
-        return o_proj(attn.transpose(1, 2).reshape(b, t, h * d))
+    def attention_o(self, attn: Tensor, o_proj: nn.Module, groups: int) -> Tensor:
+        """o_proj over SDPA's output on grouped queries [B, Hkv, G*T, D] as token rows [B, T, H*D]."""
+        b, n_kv, gt, d = attn.shape
+        t = gt // groups
+        return o_proj(attn.reshape(b, n_kv * groups, t, d).transpose(1, 2).reshape(b, t, n_kv * groups * d))
 
 
 @dataclass
@@ -203,10 +204,11 @@ class LeanDecoder:
         return torch.zeros(m.shape, dtype=self.dtype, device=m.device).masked_fill_(~m, float("-inf"))
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, gmask: Tensor) -> Tensor:
-        """q [B, H, T, D] against k/v [B, Hkv, S, D] -> [B, H, T, D]."""
+        """q [B, H, T, D] against k/v [B, Hkv, S, D] -> [B, Hkv, G*T, D] (the G query heads of a kv
+        head stacked along the sequence, in SDPA's own memory layout)."""
         b, h, t, d = q.shape
         qg = q.reshape(b, self.n_kv, (h // self.n_kv) * t, d)
-        return F.scaled_dot_product_attention(qg, k, v, attn_mask=gmask, scale=self.scale).reshape(b, h, t, d)
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=gmask, scale=self.scale)
 
     def _layers(self, h: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, mask: Tensor, kv_len: int | None) -> Tensor:
         """All decoder layers over h [B, T, H]; writes K/V at cache ``slots`` [T]; attends to the
@@ -224,7 +226,7 @@ class LeanDecoder:
             else:
                 if kv_len is not None:
                     kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
-                attn_out = ops.attention_o(self._attention(q, kc, vc, gmask), layer.o)
+                attn_out = ops.attention_o(self._attention(q, kc, vc, gmask), layer.o, self.n_heads // self.n_kv)
             h, gate_up = ops.add_norm_linear(h, attn_out, layer.ln2, self.eps, layer.gate_up)
             delta = ops.act_linear(gate_up, layer.down)
         return h + delta

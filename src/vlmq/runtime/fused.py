@@ -23,12 +23,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vlmq.runtime.kernels.tiles import next_pow2, pdl_enter, pdl_launch, pdl_supported
-from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE, _quantize
+from vlmq.runtime.kernels.tiles import next_pow2, pdl_enter, pdl_kwargs
+from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE, quantize_int8
 
 
 @triton.jit
-def _rnd(x, dt: tl.constexpr):
+def round_to(x, dt: tl.constexpr):
     """fp32 -> nearest ``dt`` value (kept in fp32). Explicit round-half-even for bf16: the
     interpreter truncates on a plain cast (the GPU rounds; both agree with this)."""
     if dt == tl.bfloat16:
@@ -44,7 +44,7 @@ def _quant_store(y, q_ptr, s_ptr, row, offs, mask):
     amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
     scale = tl.maximum(tl.div_rn(amax, 127.0), MIN_SCALE)
     tl.store(s_ptr + row, scale)
-    tl.store(q_ptr + offs, _quantize(y, tl.div_rn(1.0, scale)), mask=mask)
+    tl.store(q_ptr + offs, quantize_int8(y, tl.div_rn(1.0, scale)), mask=mask)
 
 
 @triton.jit
@@ -58,11 +58,11 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, h_out_ptr, w_ptr, y_ptr, s_ptr, H, eps,
     dt = h_ptr.dtype.element_ty
     h = tl.load(h_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA:
-        h = _rnd(h + tl.load(d_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32), dt)
+        h = round_to(h + tl.load(d_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32), dt)
         tl.store(h_out_ptr + row * H + cols, h.to(dt), mask=mask)
     var = tl.sum(h * h, axis=0) / H
-    normed = _rnd(h * (1.0 / tl.sqrt_rn(var + eps)), dt)
-    y = _rnd(tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * normed, dt)
+    normed = round_to(h * (1.0 / tl.sqrt_rn(var + eps)), dt)
+    y = round_to(tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * normed, dt)
     if QUANT:
         _quant_store(y, y_ptr, s_ptr, row, row * H + cols, mask)
     else:
@@ -79,7 +79,7 @@ def _silu_mul_kernel(gu_ptr, y_ptr, s_ptr, n_cols, BLOCK: tl.constexpr, QUANT: t
     dt = gu_ptr.dtype.element_ty
     g = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    y = _rnd(_rnd(g / (1.0 + tl.exp(-g)), dt) * u, dt)
+    y = round_to(round_to(g / (1.0 + tl.exp(-g)), dt) * u, dt)
     if QUANT:
         _quant_store(y, y_ptr, s_ptr, row, row * n_cols + cols, mask)
     else:
@@ -112,20 +112,14 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, kc_ptr, vc_p
         s2 = tl.load(sin_ptr + row * 2 * HALF + HALF + d).to(tl.float32)
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
         # q * cos + rotate_half(q) * sin, rounded to the model dtype after each op like torch
-        o1 = _rnd(_rnd(f1 * c1, dt) + _rnd(-f2 * s1, dt), dt).to(dt)
-        o2 = _rnd(_rnd(f2 * c2, dt) + _rnd(f1 * s2, dt), dt).to(dt)
+        o1 = round_to(round_to(f1 * c1, dt) + round_to(-f2 * s1, dt), dt).to(dt)
+        o2 = round_to(round_to(f2 * c2, dt) + round_to(f1 * s2, dt), dt).to(dt)
         if head < n_heads:
             dst = q_ptr + ((b * n_heads + head) * T + t) * 2 * HALF
         else:
             dst = kc_ptr + b * kc_sb + (head - n_heads) * kc_sh + slot * kc_ss
         tl.store(dst + d, o1)
         tl.store(dst + HALF + d, o2)
-
-
-def _pdl_kw() -> dict[str, bool]:
-    """USE_PDL and the launch option that goes with it (see the module docstring)."""
-    on = pdl_supported()
-    return {"USE_PDL": on, **pdl_launch(on)}
 
 
 def _warps(block: int) -> int:
@@ -142,7 +136,7 @@ def add_rms_norm(h: Tensor, delta: Tensor | None, weight: Tensor, eps: float,
     block = next_pow2(hid)
     _add_rms_norm_kernel[(m,)](h, delta if delta is not None else h, h_out, weight, y, s, hid, eps,
                                BLOCK=block, HAS_DELTA=delta is not None, QUANT=quant,
-                               num_warps=_warps(block), **_pdl_kw())  # fmt: skip
+                               num_warps=_warps(block), **pdl_kwargs())  # fmt: skip
     return h_out, ((y, s) if quant else y)
 
 
@@ -154,7 +148,7 @@ def silu_mul(gu: Tensor, quant: bool) -> Tensor | tuple[Tensor, Tensor]:
     s = torch.empty(m if quant else 1, dtype=torch.float32, device=gu.device)
     block = next_pow2(i)
     _silu_mul_kernel[(m,)](gu, y, s, i, BLOCK=block, QUANT=quant, num_warps=_warps(block),
-                           **_pdl_kw())
+                           **pdl_kwargs())
     return (y, s) if quant else y
 
 
@@ -168,6 +162,6 @@ def rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: 
     _rope_cache_kernel[(b * t, n_heads + 2 * n_kv)](
         qkv, cos, sin, slots, q, k_cache, v_cache, t, qkv.stride(1), n_heads, n_kv,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=head_dim // 2, num_warps=1,
-        **_pdl_kw(),
+        **pdl_kwargs(),
     )  # fmt: skip
     return q

@@ -70,13 +70,14 @@ class FusedOps:
             return self.ref.rope_cache(qkv, cos, sin, k_cache, v_cache, slots, n_heads, n_kv, head_dim)
         return rope_cache(qkv, cos, sin, k_cache, v_cache, slots, n_heads, n_kv, head_dim)
 
-    def attention_o(self, attn: Tensor, o_proj: nn.Module) -> Tensor:
-        """Prefill: o_proj's input rows from one Triton pass over the attention output [B, H, T, D];
-        a W8A8 o_proj gets them as int8 + per-token scale from that same pass."""
-        b, h, t, d = attn.shape
+    def attention_o(self, attn: Tensor, o_proj: nn.Module, groups: int) -> Tensor:
+        """Prefill: o_proj's input rows from one Triton pass over SDPA's output [B, Hkv, G*T, D]; a
+        W8A8 o_proj gets them as int8 + per-token scale from that same pass."""
+        b, _, gt, d = attn.shape
         if not (_fusable(attn, o_proj) and attn.stride(3) == 1 and d & (d - 1) == 0):
-            return self.ref.attention_o(attn, o_proj)
-        return _apply(o_proj, heads_to_rows(attn, quant=_prequant_ok(o_proj)), attn.dtype).view(b, t, -1)
+            return self.ref.attention_o(attn, o_proj, groups)
+        rows = heads_to_rows(attn, quant=_prequant_ok(o_proj), groups=groups)
+        return _apply(o_proj, rows, attn.dtype).view(b, gt // groups, -1)
 
     def decode_attention_o(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, cur: Tensor,
                            scale: float, o_proj: nn.Module) -> Tensor:

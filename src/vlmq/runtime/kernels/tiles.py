@@ -82,7 +82,7 @@ def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
 def _gemv_tile(m: int, n: int, k: int) -> tuple[int, int, int] | None:
     """(columns per program, K chunk, warps) where the dp4a GEMV beat the tensor-core kernel in the
     H100 sweep (`sweep_dp4a*.json`): M <= 2 for every LM shape, M <= 4 except gate/up; else None."""
-    if m > GEMV_MAX_M or (m > 2 and n >= 8192):
+    if m > GEMV_MAX_M or (m > 2 and n >= 8192) or k % 4:  # dp4a reads K as int32 words
         return None
     if k >= 8192:  # down_proj
         return (2, 2048, 4) if m <= 2 else (4, 2048, 4)
@@ -102,6 +102,13 @@ def pdl_supported() -> bool:
 def pdl_launch(enabled: bool) -> dict[str, bool]:
     """Launch options for a kernel that starts with ``pdl_enter`` (or its own ``gdc_wait``)."""
     return {"launch_pdl": True} if enabled else {}
+
+
+def pdl_kwargs() -> dict[str, bool]:
+    """``USE_PDL`` and the launch option that goes with it, for a kernel that starts with ``pdl_enter``:
+    on wherever the GPU has programmatic dependent launch."""
+    on = pdl_supported()
+    return {"USE_PDL": on, **pdl_launch(on)}
 
 
 @triton.jit

@@ -54,7 +54,7 @@ A_INT8_ROWSCALE, A_INT8_SCALAR, A_FUSED_DYNAMIC, A_FUSED_STATIC = 0, 1, 2, 3
 
 
 @triton.jit
-def _quantize(x, inv_scale):
+def quantize_int8(x, inv_scale):
     q = x * inv_scale
     q = tl.minimum(tl.maximum(q, -128.0), 127.0)
     return ((q + _RNE_MAGIC) - _RNE_MAGIC).to(tl.int8)
@@ -82,7 +82,7 @@ def _quant_rows_kernel(
             scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), 127.0), MIN_SCALE)
             tl.store(s_ptr + row, scale)
             inv = tl.div_rn(1.0, scale)
-        tl.store(q_row + rk, _quantize(x, inv), mask=rk < K)
+        tl.store(q_row + rk, quantize_int8(x, inv), mask=rk < K)
     else:
         if STATIC:
             inv = tl.div_rn(1.0, tl.load(static_ptr))
@@ -102,7 +102,7 @@ def _quant_rows_kernel(
             x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
             if HAS_PQS:
                 x = x * tl.load(pqs_ptr + kk, mask=kk < K, other=0.0)
-            tl.store(q_row + kk, _quantize(x, inv), mask=kk < K)
+            tl.store(q_row + kk, quantize_int8(x, inv), mask=kk < K)
 
 
 @triton.jit
@@ -117,9 +117,9 @@ def _load_a(a_ptrs, pqs_ptr, kk, k_lim, a_inv, A_MODE: tl.constexpr,
         if HAS_PQS:
             a = a * tl.load(pqs_ptr + kk, mask=kk < k_lim, other=0.0)[None, :]
         if A_MODE == 2:
-            a = _quantize(a, a_inv[:, None])
+            a = quantize_int8(a, a_inv[:, None])
         else:
-            a = _quantize(a, a_inv)
+            a = quantize_int8(a, a_inv)
     return a
 
 
@@ -273,6 +273,8 @@ def _launch(
     bias: Tensor | None, pqs: Tensor | None, a_mode: int, out_int32: bool, cfg: KernelConfig,
     pdl: bool = False,
 ) -> None:  # fmt: skip
+    """Launch the kernel ``cfg`` picks. With ``pdl`` it is launched early and reads ``w``, ``w_scale``
+    and ``bias`` before waiting on its predecessor: those must not come from the kernel just before."""
     m, k = a.shape
     n = w.shape[0]
     if cfg.gemv:

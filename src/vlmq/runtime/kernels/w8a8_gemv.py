@@ -34,7 +34,7 @@ def _dp4a(a, b, acc):
 
 
 @triton.jit
-def _chunk(a_rows, w_rows, kk, K, m_ok, w, acc, DP4A: tl.constexpr):
+def _chunk(a_rows, kk, K, m_ok, w, acc, DP4A: tl.constexpr):
     """acc[M, N, k] += a[m, k] * w[n, k] over one K chunk (``w`` already loaded)."""
     a = tl.load(a_rows + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0)
     if DP4A:  # int32 words of four int8 each
@@ -68,11 +68,11 @@ def _w8a8_gemv_kernel(
     rm = tl.arange(0, BLOCK_M)
     m_ok = rm < M
     a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
-    acc = _chunk(a_rows, w_rows, rk, K, m_ok, w, tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.int32), DP4A)
+    acc = _chunk(a_rows, rk, K, m_ok, w, tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.int32), DP4A)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + rk
         w = tl.load(w_rows + kk[None, :], mask=(kk < K)[None, :], other=0)
-        acc = _chunk(a_rows, w_rows, kk, K, m_ok, w, acc, DP4A)
+        acc = _chunk(a_rows, kk, K, m_ok, w, acc, DP4A)
     acc = tl.sum(acc, axis=2)
     if TRIGGER == 2:
         tl.extra.cuda.gdc_launch_dependents()
@@ -95,14 +95,17 @@ def launch_gemv(
     a: Tensor, w: Tensor, out: Tensor, a_scale: Tensor, w_scale: Tensor, bias: Tensor | None,
     out_int32: bool, block_n: int, block_k: int, num_warps: int, pdl: bool, trigger: int,
 ) -> None:  # fmt: skip
-    """``out[M, N] = dequant(a[M, K] @ w[N, K]^T)`` (+ bias), ``a`` int8 with per-row ``a_scale``."""
+    """``out[M, N] = dequant(a[M, K] @ w[N, K]^T)`` (+ bias), ``a`` int8 with per-row ``a_scale``.
+    With ``pdl`` the kernel reads ``w``, ``w_scale`` and ``bias`` before waiting on its predecessor:
+    they must not be written by the kernel launched just before (model parameters never are)."""
     m, k = a.shape
     n = w.shape[0]
     if m > MAX_M:
         raise ValueError(f"the GEMV kernel takes at most {MAX_M} rows, got {m}")
     dp4a = _words_ok(a) and _words_ok(w) and not interpreting()  # no inline PTX in the interpreter
     if dp4a:
-        a, w, k, block_k = a.view(torch.int32), w.view(torch.int32), k // 4, max(1, block_k // 4)
+        a, w, k = a.view(torch.int32), w.view(torch.int32), k // 4
+    block_k = max(16 if not dp4a else 1, block_k // 4)  # words, or the same register footprint in bytes
     _w8a8_gemv_kernel[(triton.cdiv(n, block_n),)](
         a, w, out, a_scale, w_scale, bias if bias is not None else w_scale,
         m, n, k, a.stride(0), w.stride(0), out.stride(0),
