@@ -132,6 +132,9 @@ def test_cache_overflow_and_right_padding_refused(processor):
     mask[:, -1] = 0
     with pytest.raises(ValueError, match="left padding"):
         dec.prefill(inputs["input_ids"], mask)
+    dec.prefill(**inputs)  # eager on CPU: no prefill graph that `vlmq bench` could replay
+    with pytest.raises(RuntimeError, match="no graphed prefill"):
+        dec.replay_lm_prefill()
 
 
 FUSED_SCRIPT = textwrap.dedent("""
