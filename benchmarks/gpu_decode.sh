@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the lent H100 (one self-contained call): GPU tests of the lean loop + fused kernels,
-# `vlmq bench --shape 3b` (lean loop, linear table, bf16 vs W8A8 in one process), and the 3B
-# lean-vs-HF agreement check. Results under $OUT (default ./tmp/gpu_out).
+# `vlmq bench --shape 3b` (lean loop, linear table, bf16 vs W8A8 in one process), the 3B
+# lean-vs-HF agreement check, and with EXTRA=1 the decode-variant / o_proj-input / read-floor
+# benchmarks. Results under $OUT (default ./tmp/gpu_out).
 set -uo pipefail
 OUT=${OUT:-tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -17,4 +18,12 @@ timeout ${T_BENCH:-260} $PY -m vlmq bench --shape 3b --batch-sizes ${BATCHES:-1,
   ${BENCH_EXTRA:-} --out "$OUT/bench_3b.json" 2>&1 | tail -40 | tee "$OUT/bench.txt"
 step check3b
 timeout ${T_CHECK:-120} $PY benchmarks/check_decode_3b.py --profile --out "$OUT/check_3b.json" 2>&1 | grep -v Warn | tail -50 | tee "$OUT/check.txt"
+if [ -n "${EXTRA:-}" ]; then  # EXTRA=1: the decode-variant, o_proj-input and read-floor benchmarks too
+  step variants
+  timeout ${T_VARIANTS:-300} $PY benchmarks/decode_variants.py 2>&1 | grep -v Warn | tail -20 | tee "$OUT/decode_variants.txt"
+  step o_proj_input
+  (cd benchmarks && timeout 120 $PY bench_o_proj_input.py --out "$OUT/o_proj_input.json") 2>&1 | tail -5
+  step read_floor
+  (cd benchmarks && timeout 120 $PY bench_read_floor.py --out "$OUT/read_floors.json") 2>&1 | tail -5
+fi
 step done
