@@ -197,6 +197,12 @@ def _heads_to_rows(o_ptr, y_ptr, s_ptr, T, n_heads, G, s_b, s_kv, s_s,
         tl.store(dst, x, mask=ok)
 
 
+def rows_layout_ok(attn: Tensor, groups: int) -> bool:
+    """Whether ``heads_to_rows`` takes ``attn``: [B, Hkv, G*T, D], D a power of two with unit stride."""
+    d = attn.shape[3]
+    return attn.stride(3) == 1 and next_pow2(d) == d and attn.shape[2] % groups == 0
+
+
 def heads_to_rows(attn: Tensor, quant: bool, groups: int = 1) -> Tensor | tuple[Tensor, Tensor]:
     """Prefill attention output -> o_proj's input rows [B*T, H*D]: as they are (bf16 o_proj) or as
     int8 + fp32 per-token scale [B*T] (W8A8 o_proj), the quantization riding on the pass that the
@@ -205,7 +211,7 @@ def heads_to_rows(attn: Tensor, quant: bool, groups: int = 1) -> Tensor | tuple[
     of two with unit stride."""
     b, n_kv, gt, d = attn.shape
     t, h = gt // groups, n_kv * groups
-    if attn.stride(3) != 1 or next_pow2(d) != d or gt % groups:
+    if not rows_layout_ok(attn, groups):
         raise ValueError(f"need [B, Hkv, G*T, D] with a unit-stride power-of-two D, got {tuple(attn.shape)}")
     y = torch.empty((b * t, h * d), dtype=torch.int8 if quant else attn.dtype, device=attn.device)
     s = torch.empty(b * t if quant else 1, dtype=torch.float32, device=attn.device)

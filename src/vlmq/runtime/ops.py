@@ -11,6 +11,7 @@ from vlmq.runtime.attention import (
     decode_attention_quant,
     decode_attention_reference,
     heads_to_rows,
+    rows_layout_ok,
 )
 from vlmq.runtime.fused import add_rms_norm, rope_cache, silu_mul
 from vlmq.runtime.kernels.tiles import interpreting
@@ -73,8 +74,8 @@ class FusedOps:
     def attention_o(self, attn: Tensor, o_proj: nn.Module, groups: int) -> Tensor:
         """Prefill: o_proj's input rows from one Triton pass over SDPA's output [B, Hkv, G*T, D]; a
         W8A8 o_proj gets them as int8 + per-token scale from that same pass."""
-        b, _, gt, d = attn.shape
-        if not (_fusable(attn, o_proj) and attn.stride(3) == 1 and d & (d - 1) == 0):
+        b, _, gt, _ = attn.shape
+        if not (_fusable(attn, o_proj) and rows_layout_ok(attn, groups)):
             return self.ref.attention_o(attn, o_proj, groups)
         rows = heads_to_rows(attn, quant=_prequant_ok(o_proj), groups=groups)
         return _apply(o_proj, rows, attn.dtype).view(b, gt // groups, -1)

@@ -88,9 +88,6 @@ def _w8a8_gemv_kernel(
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-MAX_M = GEMV_MAX_M
-
-
 def launch_gemv(
     a: Tensor, w: Tensor, out: Tensor, a_scale: Tensor, w_scale: Tensor, bias: Tensor | None,
     out_int32: bool, block_n: int, block_k: int, num_warps: int, pdl: bool, trigger: int,
@@ -100,8 +97,8 @@ def launch_gemv(
     they must not be written by the kernel launched just before (model parameters never are)."""
     m, k = a.shape
     n = w.shape[0]
-    if m > MAX_M:
-        raise ValueError(f"the GEMV kernel takes at most {MAX_M} rows, got {m}")
+    if m > GEMV_MAX_M:
+        raise ValueError(f"the GEMV kernel takes at most {GEMV_MAX_M} rows, got {m}")
     dp4a = _words_ok(a) and _words_ok(w) and not interpreting()  # no inline PTX in the interpreter
     if dp4a:
         a, w, k = a.view(torch.int32), w.view(torch.int32), k // 4
