@@ -156,6 +156,14 @@ def candidates(m: int, n: int, k: int) -> list[KernelConfig]:
                     continue
                 stages = max(2, min(5, (160 * 1024) // (bk * (bm + bn))))
                 out.append(KernelConfig(bm, bn, bk, split, 8, 4, stages, False, True))
+        # swap AB: 64/128 weight rows on the MMA's M side (wgmma), the few tokens on its N side
+        for bn, bk, split in itertools.product((64, 128), (128, 256, 512), (1, 2, 4, 8)):
+            bm = max(16, triton.next_power_of_2(m))
+            if m < 4 or k // bk < split or triton.cdiv(n, bn) * split > 4 * 132:
+                continue
+            stages = max(2, min(5, (160 * 1024) // (bk * (bm + bn))))
+            for warps in (4, 8) if bn == 128 else (4,):
+                out.append(KernelConfig(bm, bn, bk, split, 8, warps, stages, False, True, swap_ab=True))
         if m <= GEMV_MAX_M:  # CUDA-core GEMV: whole weight rows per program, in registers
             for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (512, 1024, 2048, 4096, 8192), (1, 2, 4, 8)):
                 if triton.next_power_of_2(m) * bn * bk <= 512 * 32 * warps:  # <= 128 int32 words per thread
@@ -164,7 +172,8 @@ def candidates(m: int, n: int, k: int) -> list[KernelConfig]:
     pointer = [(128, 128, 64, 4, 5), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 256, 128, 8, 4),
                (64, 256, 128, 4, 4), (64, 256, 128, 8, 4), (128, 128, 128, 8, 3), (64, 128, 256, 4, 3)]
     persistent = [(128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 64, 4, 5),
-                  (128, 128, 128, 8, 4), (128, 256, 64, 8, 5), (64, 256, 128, 4, 4), (64, 256, 128, 8, 4)]  # fmt: skip
+                  (128, 128, 128, 8, 4), (128, 256, 64, 8, 5), (64, 256, 128, 4, 4), (64, 256, 128, 8, 4),
+                  (128, 256, 256, 8, 2)]  # fmt: skip
     out = [KernelConfig(bm, bn, bk, 1, g, w, st, False) for bm, bn, bk, w, st in pointer for g in (4, 8)]
     for (bm, bn, bk, w, st), g in itertools.product(persistent, (4, 8)):
         out.append(KernelConfig(bm, bn, bk, 1, g, w, st, False, persistent=True))

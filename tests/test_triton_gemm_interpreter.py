@@ -29,7 +29,8 @@ for m, n, k in [(3, 48, 64), (20, 70, 80), (64, 100, 112)]:  # N, K not tile mul
     a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
     w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     exact = (a.long() @ w.long().t()).int()
-    for cfg in [KernelConfig(16, 16, 32, 1, fused=False), KernelConfig(16, 32, 32, 3, fused=False)]:
+    swapped = [KernelConfig(bm, 64, 32, s, fused=False, swap_ab=True) for bm, s in ((16, 1), (32, 2))]
+    for cfg in [KernelConfig(16, 16, 32, 1, fused=False), KernelConfig(16, 32, 32, 3, fused=False), *swapped]:
         assert torch.equal(w8a8_int_gemm(a, w, cfg), exact), cfg
         checks += 1
     sa, sw, b = torch.rand(m, generator=g) + 0.1, torch.rand(n, generator=g) * 1e-2, torch.randn(n, generator=g)
@@ -54,7 +55,8 @@ for m, n, k in [(3, 48, 64), (20, 70, 80), (64, 100, 112)]:  # N, K not tile mul
     layer = W8A8Linear.from_quantized(w, sw, b, backend="reference")
     q, s = layer.quantize_input(x)
     ref = (q.double() @ w.double().t()) * s.double().reshape(-1, 1) * sw.double()[None, :] + b.double()
-    for cfg in [KernelConfig(16, 16, 32, 1, fused=False), KernelConfig(16, 16, 32, 2, fused=True)]:
+    for cfg in [KernelConfig(16, 16, 32, 1, fused=False), KernelConfig(16, 16, 32, 2, fused=True),
+                KernelConfig(16, 64, 32, 2, fused=False, swap_ab=True)]:
         y = torch.full((m, n), float("nan"))
         w8a8_linear(x, w, sw, b, out=y, config=cfg)
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6, cfg

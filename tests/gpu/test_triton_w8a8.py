@@ -21,6 +21,7 @@ SHAPES = [
     (1, 2048, 2048),
     (7, 256, 2048),
     (16, 2560, 2048),
+    (12, 2048, 11008),
     (33, 2048, 11008),
     (64, 11008, 2048),
     (300, 333, 200),
@@ -34,6 +35,9 @@ FORCED = [
     KernelConfig(32, 16, 512, 4, fused=False),
     KernelConfig(16, 64, 256, 2, fused=False, pdl=True),
     KernelConfig(16, 16, 512, 1, fused=False, pdl=True),
+    KernelConfig(16, 64, 256, 4, fused=False, pdl=True, swap_ab=True),
+    KernelConfig(64, 128, 128, 1, 8, 8, 4, fused=False, swap_ab=True),
+    KernelConfig(32, 64, 256, 2, fused=True, swap_ab=True),
     KernelConfig(128, 256, 128, 1, 8, 8, 3, fused=False),
     KernelConfig(128, 128, 128, 1, 8, 4, 4, fused=True),
     KernelConfig(128, 128, 128, 1, 8, 4, 4, fused=False, persistent=True),
@@ -242,3 +246,4 @@ def test_gemv_waits_for_its_producer_in_a_pdl_chain() -> None:
             q, s = quantize_per_token(x.float())
             ref = (q.double() @ w.double().t()) * s.double().reshape(-1, 1) * w_s.double()[None, :] + b.double()
             assert _rel(o, ref) < 4e-3
+

@@ -30,6 +30,7 @@ class KernelConfig:
     tail_m: int = 0  # persistent: rows after the last full round of big tiles use tail_m x tail_n tiles
     tail_n: int = 0
     gemv: bool = False  # int8 A, M <= 4: CUDA-core GEMV (w8a8_gemv.py), block_n columns per program
+    swap_ab: bool = False  # pointer kernel: block_n weight rows as the MMA's M side (wgmma at few tokens)
 
 
 def next_pow2(v: int) -> int:
@@ -48,11 +49,18 @@ def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
         return KernelConfig(16, gemv[0], gemv[1], 1, 8, gemv[2], 1, False, pdl, gemv=True)
     if m <= 64:
         bm = max(16, next_pow2(m))
+        # from M = 5 (past the GEMV) gate/up and down_proj at M <= 16 swap AB: 64 weight rows on the
+        # MMA's M side, the tokens on its N side (sweep_swap_ab.json: 2-5% faster; qkv/o_proj within 1%)
+        swap = m > GEMV_MAX_M
         if k >= 8192:  # down_proj: few N tiles, long K -> split-K keeps all SMs streaming
+            if swap and m <= 16:
+                return KernelConfig(16, 64, 512, 4 if m <= 8 else 2, 8, 4, 4, False, pdl, swap_ab=True)
             if m <= 16:
                 return KernelConfig(16, 32, 256, 4, 8, 4, 5, False, pdl)
             return KernelConfig(bm, 16, 512, 1, 8, 4, 4, False, pdl)
         if n >= 8192:  # gate/up: wide N tiles
+            if swap:
+                return KernelConfig(bm, 64, 256 if bm == 16 else 128, 1, 8, 4, 5, False, pdl, swap_ab=True)
             bn = 128 if n <= 12288 or m == 1 else 64
             stages = 5 if bn == 64 else (3 if bm == 64 else 4)
             return KernelConfig(bm, bn, 256, 1, 8, 4, stages, False, pdl)

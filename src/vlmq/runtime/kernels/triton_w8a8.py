@@ -124,6 +124,14 @@ def _load_a(a_ptrs, pqs_ptr, kk, k_lim, a_inv, A_MODE: tl.constexpr,
 
 
 @triton.jit
+def _load_w(w_cols, kk, k_lim, EVEN_K: tl.constexpr):
+    """[BLOCK_K, BLOCK_N] slice of the [N, K] weight (K contiguous in memory)."""
+    if EVEN_K:
+        return tl.load(w_cols + kk[:, None])
+    return tl.load(w_cols + kk[:, None], mask=(kk < k_lim)[:, None], other=0)
+
+
+@triton.jit
 def _w8a8_gemm_kernel(
     a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, pqs_ptr, ws_ptr, lock_ptr,
     M, N, K, SPLIT_K,
@@ -131,7 +139,7 @@ def _w8a8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, A_MODE: tl.constexpr, HAS_PQS: tl.constexpr,
     HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, EVEN_K: tl.constexpr,
-    AMAX_K: tl.constexpr, USE_PDL: tl.constexpr, TRIGGER: tl.constexpr,
+    AMAX_K: tl.constexpr, USE_PDL: tl.constexpr, TRIGGER: tl.constexpr, SWAP_AB: tl.constexpr,
 ):  # fmt: skip
     if TRIGGER == 1:  # the next kernel may launch now (it waits for our writes)
         tl.extra.cuda.gdc_launch_dependents()
@@ -182,15 +190,20 @@ def _w8a8_gemm_kernel(
         a_scale = tl.load(a_scale_ptr)
         a_inv = tl.div_rn(1.0, a_scale)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        kk = k0 + rk
-        a = _load_a(a_rows + kk[None, :], pqs_ptr, kk, k_end, a_inv, A_MODE, HAS_PQS, EVEN_K)
-        if EVEN_K:
-            w = tl.load(w_cols + kk[:, None])
-        else:
-            w = tl.load(w_cols + kk[:, None], mask=(kk < k_end)[:, None], other=0)
-        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    if SWAP_AB:  # weight rows fill the MMA's 64-row side, tokens its narrow side: y^T = W x^T
+        acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            kk = k0 + rk
+            a = _load_a(a_rows + kk[None, :], pqs_ptr, kk, k_end, a_inv, A_MODE, HAS_PQS, EVEN_K)
+            w = _load_w(w_cols, kk, k_end, EVEN_K)
+            acc_t = tl.dot(tl.trans(w), tl.trans(a), acc_t, out_dtype=tl.int32)
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            kk = k0 + rk
+            a = _load_a(a_rows + kk[None, :], pqs_ptr, kk, k_end, a_inv, A_MODE, HAS_PQS, EVEN_K)
+            acc = tl.dot(a, _load_w(w_cols, kk, k_end, EVEN_K), acc, out_dtype=tl.int32)
 
     if TRIGGER == 2:  # the next kernel may launch now, during our epilogue
         tl.extra.cuda.gdc_launch_dependents()
@@ -300,8 +313,7 @@ def _launch(
         A_MODE=a_mode, HAS_PQS=pqs is not None, HAS_BIAS=bias is not None,
         OUT_INT32=out_int32, EVEN_K=k % cfg.block_k == 0,
         AMAX_K=min(next_pow2(k), max(cfg.block_k, 16384 // cfg.block_m)), USE_PDL=pdl,
-        TRIGGER=GEMM_TRIGGER if pdl else 0,
-
+        TRIGGER=GEMM_TRIGGER if pdl else 0, SWAP_AB=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(pdl),
     )  # fmt: skip
 
