@@ -156,6 +156,9 @@ def measure_lean(model, inputs: dict, batch: int, new_tokens: int, device: torch
     if "pixel_values" in inputs:
         embed = inputs["input_ids"].to(device), inputs["pixel_values"], inputs["image_grid_thw"]
         out["vision_ms"] = median_time(lambda: dec.embed_inputs(*embed), device, iters=iters) * 1e3
+        dec.lean_vision = False  # transformers' own windowed attention (one SDPA call per window)
+        out["vision_hf_ms"] = median_time(lambda: dec.embed_inputs(*embed), device, iters=iters) * 1e3
+        dec.lean_vision = True
     times = []
     for _ in range(max(1, iters)):
         dec.prefill(**inputs)

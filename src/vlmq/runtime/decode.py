@@ -7,7 +7,8 @@ host-side work: on CUDA it is captured once in a CUDA graph and replayed per tok
 greedy argmax, position/cache counters and the token record all updated inside the graph.
 
 Prefill: text-only or image+text. The vision tower + merger run eagerly through the HF module
-(bf16 in both models); 3-D mrope positions are computed here like HF's ``get_rope_index``
+(bf16 in both models), with each layer's windowed attention batched into one SDPA call
+(`vision.batched_window_attention`); 3-D mrope positions are computed here like HF's ``get_rope_index``
 (text tokens sequential, image tokens on their t/h/w grid); the LM prefill runs eagerly or,
 with ``graph_prefill=True``, from a CUDA graph captured per prompt length. After an image,
 every decode token uses position ``max(prefill positions) + 1 + step`` on all three rope
@@ -20,6 +21,7 @@ Batches must be left-padded (or unpadded); padded keys are masked.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmq.runtime.fusion import fuse_linears
+from vlmq.runtime.vision import batched_window_attention
 
 # ---------------------------------------------------------------------------
 # reference ops (the fused module may replace them on CUDA)
@@ -127,8 +130,9 @@ class LeanDecoder:
     """Greedy generation for one batch size with a static KV cache of ``max_len`` tokens."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, graphs: bool | None = None,
-                 graph_prefill: bool = False, fused_ops: bool | None = None) -> None:
+                 graph_prefill: bool = False, fused_ops: bool | None = None, lean_vision: bool = True) -> None:
         self.model = model
+        self.lean_vision = lean_vision  # one SDPA per vision layer (runtime/vision.py) instead of one per window
         mm = model.model
         lm = mm.language_model
         cfg = model.config.get_text_config()
@@ -288,7 +292,9 @@ class LeanDecoder:
         emb = self.embed(input_ids)
         if pixel_values is None:
             return emb
-        out = self.model.model.get_image_features(pixel_values.to(self.device), image_grid_thw.to(self.device))
+        visual = self.model.model.visual
+        with batched_window_attention(visual) if self.lean_vision else contextlib.nullcontext():
+            out = self.model.model.get_image_features(pixel_values.to(self.device), image_grid_thw.to(self.device))
         feats = getattr(out, "pooler_output", None)
         if feats is None:  # versions that return the merged features directly (or as last_hidden_state)
             feats = getattr(out, "last_hidden_state", out)

@@ -1,0 +1,87 @@
+"""The batched window attention (runtime/vision.py) against transformers' own vision tower, on
+the demo Qwen2.5-VL with grids whose windows differ in length (padded batch + key mask)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmq.models.demo import build_demo_model
+from vlmq.runtime import vision
+
+
+@pytest.fixture(scope="module")
+def visual():
+    model = build_demo_model(torch.float32)
+    return model.model.visual
+
+
+def tower_inputs(grids: list[list[int]], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    grid = torch.tensor(grids)
+    cfg_dim = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(int(grid.prod(-1).sum()), cfg_dim, generator=g), grid
+
+
+def merged(out) -> torch.Tensor:
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+@pytest.mark.parametrize("grids", [[[1, 12, 20]], [[1, 12, 20], [1, 8, 8]], [[1, 8, 8]], [[2, 4, 6]]],
+                         ids=["uneven_windows", "two_images", "one_window", "two_frames"])
+def test_batched_windows_match_transformers(visual, grids) -> None:
+    pixels, grid = tower_inputs(grids, seed=len(grids))
+    with torch.no_grad():
+        ref = merged(visual(pixels, grid_thw=grid))
+        with vision.batched_window_attention(visual):
+            out = merged(visual(pixels, grid_thw=grid))
+        again = merged(visual(pixels, grid_thw=grid))  # the patch is gone after the with
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+    assert torch.equal(again, ref)
+    assert "forward" not in vars(visual.blocks[0].attn)
+
+
+def test_plan_windows_pads_uneven_windows() -> None:
+    layout = vision.plan_windows(torch.tensor([0, 3, 3, 8, 10]))  # an empty window is dropped
+    assert (layout.windows, layout.longest) == (3, 5)
+    assert layout.slots.tolist() == [0, 1, 2, 5, 6, 7, 8, 9, 10, 11]
+    assert layout.key_mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] * 2 + [False] * 3]
+    assert vision.plan_windows(torch.tensor([0, 4, 8])).key_mask is None
+
+
+def test_windowed_attention_is_per_window() -> None:
+    """Each window attends only to itself: moving a token of one window changes no other window."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(10, 2, 4, generator=g) for _ in range(3))
+    layout = vision.plan_windows(torch.tensor([0, 3, 8, 10]))
+    out = vision.windowed_attention(q, k, v, layout, 0.5)
+    for s, e in ((0, 3), (3, 8), (8, 10)):
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), scale=0.5).transpose(0, 1)
+        assert torch.allclose(out[s:e], ref, atol=1e-6)
+    v2 = v.clone()
+    v2[9] += 5.0
+    out2 = vision.windowed_attention(q, k, v2, layout, 0.5)
+    assert torch.equal(out2[:8], out[:8]) and not torch.equal(out2[8:], out[8:])
+
+
+def test_unrecognised_tower_runs_unchanged() -> None:
+    tower = torch.nn.Module()
+    with vision.batched_window_attention(tower):
+        pass
+    assert not vision.supports(tower)
+
+
+def test_negative_control_one_window_per_layer_differs(visual, monkeypatch) -> None:
+    """If the layout ignored the windows (all tokens in one), the tower's output would change:
+    the comparison above can fail."""
+    pixels, grid = tower_inputs([[1, 12, 20]], seed=5)
+    whole = vision.plan_windows
+    monkeypatch.setattr(vision, "plan_windows", lambda cu: whole(cu[[0, -1]]))
+    with torch.no_grad():
+        ref = merged(visual(pixels, grid_thw=grid))
+        with vision.batched_window_attention(visual):
+            assert "forward" in vars(visual.blocks[0].attn)
+            out = merged(visual(pixels, grid_thw=grid))
+    assert (out - ref).abs().max().item() > 1e-3 * ref.abs().max().item()
