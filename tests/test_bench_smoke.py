@@ -28,7 +28,8 @@ def check_results(data: dict, loop: str) -> None:
                 assert "lm_prefill_ms" not in r  # timed from the prefill's CUDA graph: GPU only
         assert res["image_b1"]["prompt_tokens"] != res["text_b1"]["prompt_tokens"]
         if loop == "lean":
-            assert res["image_b1"]["vision_ms"] > 0
+            assert res["image_b1"]["vision_ms"] > 0 and res["image_b1"]["vision_hf_ms"] > 0
+            assert res["image_b1"]["vision_lean_vs_hf_rel"] < 1e-2  # batched windows == transformers' (bf16)
     ratios = data["ratios"]
     for case in CASES:  # the hf loop's decode time is a difference of two timings: noisy on CPU
         assert ratios[case]["prefill_speedup"] > 0 and ratios[case]["decode_speedup"] >= (0 if loop == "hf" else 1e-6)

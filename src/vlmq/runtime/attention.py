@@ -18,7 +18,7 @@ from torch import Tensor
 
 from vlmq.runtime.fused import round_to
 from vlmq.runtime.kernels.tiles import next_pow2, pdl_enter, pdl_kwargs
-from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE, quantize_int8
+from vlmq.runtime.kernels.triton_w8a8 import quant_store
 
 
 @triton.jit
@@ -105,9 +105,7 @@ def _decode_attn_combine_quant(ws_ptr, out_ptr, q_ptr, s_ptr, n_kv, n_heads, G: 
     offs = b * n_heads * D + hh[:, None] * D + d[None, :]
     if STORE_OUT:
         tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
-    scale = tl.maximum(tl.div_rn(tl.max(tl.max(tl.abs(o), axis=1), axis=0), 127.0), MIN_SCALE)
-    tl.store(s_ptr + b, scale)
-    tl.store(q_ptr + offs, quantize_int8(o, tl.div_rn(1.0, scale)), mask=h_ok[:, None])
+    quant_store(o, q_ptr + offs, s_ptr + b, h_ok[:, None])
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, cur: Tensor,
@@ -189,10 +187,7 @@ def _heads_to_rows(o_ptr, y_ptr, s_ptr, T, n_heads, G, s_b, s_kv, s_s,
     x = tl.load(src, mask=ok, other=0.0)
     dst = y_ptr + row * n_heads * D + hh[:, None] * D + d[None, :]
     if QUANT:
-        x = x.to(tl.float32)
-        scale = tl.maximum(tl.div_rn(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 127.0), MIN_SCALE)
-        tl.store(s_ptr + row, scale)
-        tl.store(dst, quantize_int8(x, tl.div_rn(1.0, scale)), mask=ok)
+        quant_store(x.to(tl.float32), dst, s_ptr + row, ok)
     else:
         tl.store(dst, x, mask=ok)
 

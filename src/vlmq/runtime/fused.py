@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from vlmq.runtime.kernels.tiles import next_pow2, pdl_enter, pdl_kwargs
-from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE, quantize_int8
+from vlmq.runtime.kernels.triton_w8a8 import quant_store
 
 
 @triton.jit
@@ -37,14 +37,6 @@ def round_to(x, dt: tl.constexpr):
         return b.to(tl.float32, bitcast=True)
     else:
         return x.to(dt).to(tl.float32)
-
-
-@triton.jit
-def _quant_store(y, q_ptr, s_ptr, row, offs, mask):
-    amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
-    scale = tl.maximum(tl.div_rn(amax, 127.0), MIN_SCALE)
-    tl.store(s_ptr + row, scale)
-    tl.store(q_ptr + offs, quantize_int8(y, tl.div_rn(1.0, scale)), mask=mask)
 
 
 @triton.jit
@@ -64,7 +56,7 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, h_out_ptr, w_ptr, y_ptr, s_ptr, H, eps,
     normed = round_to(h * (1.0 / tl.sqrt_rn(var + eps)), dt)
     y = round_to(tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * normed, dt)
     if QUANT:
-        _quant_store(y, y_ptr, s_ptr, row, row * H + cols, mask)
+        quant_store(y, y_ptr + row * H + cols, s_ptr + row, mask)
     else:
         tl.store(y_ptr + row * H + cols, y.to(dt), mask=mask)
 
@@ -81,7 +73,7 @@ def _silu_mul_kernel(gu_ptr, y_ptr, s_ptr, n_cols, BLOCK: tl.constexpr, QUANT: t
     u = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     y = round_to(round_to(g / (1.0 + tl.exp(-g)), dt) * u, dt)
     if QUANT:
-        _quant_store(y, y_ptr, s_ptr, row, row * n_cols + cols, mask)
+        quant_store(y, y_ptr + row * n_cols + cols, s_ptr + row, mask)
     else:
         tl.store(y_ptr + row * n_cols + cols, y.to(dt), mask=mask)
 

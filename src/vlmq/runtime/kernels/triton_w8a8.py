@@ -61,6 +61,15 @@ def quantize_int8(x, inv_scale):
 
 
 @triton.jit
+def quant_store(x, q_ptrs, s_ptr, mask):
+    """One token's int8 quantization from registers, for any tile rank: scale = max|x| / 127 over the
+    whole tile (floored at MIN_SCALE) stored at ``s_ptr``, ``round(x / scale)`` at ``q_ptrs``."""
+    scale = tl.maximum(tl.div_rn(tl.max(tl.where(mask, tl.abs(x), 0.0)), 127.0), MIN_SCALE)
+    tl.store(s_ptr, scale)
+    tl.store(q_ptrs, quantize_int8(x, tl.div_rn(1.0, scale)), mask=mask)
+
+
+@triton.jit
 def _quant_rows_kernel(
     x_ptr, q_ptr, s_ptr, pqs_ptr, static_ptr,
     K, stride_xm, stride_qm,
