@@ -85,3 +85,22 @@ def test_negative_control_one_window_per_layer_differs(visual, monkeypatch) -> N
             assert "forward" in vars(visual.blocks[0].attn)
             out = merged(visual(pixels, grid_thw=grid))
     assert (out - ref).abs().max().item() > 1e-3 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("grids", [[[1, 12, 20]], [[1, 12, 20], [1, 8, 8]], [[2, 4, 6]]],
+                         ids=["uneven_windows", "two_images", "two_frames"])
+def test_lean_vision_matches_transformers(visual, grids) -> None:
+    """LeanVision (index work planned once per grid, the HF blocks' own modules) == the tower's
+    forward; a second call with the same grid reuses the plan and gives the same result."""
+    assert vision.LeanVision.supports(visual)
+    pixels, grid = tower_inputs(grids, seed=7)
+    lean = vision.LeanVision(visual, graphs=False)
+    with torch.no_grad():
+        ref = merged(visual(pixels, grid_thw=grid))
+        out = lean(pixels, grid)
+        pixels2 = pixels.flip(0)
+        out2, ref2 = lean(pixels2, grid), merged(visual(pixels2, grid_thw=grid))
+    assert len(lean._plans) == 1
+    for o, r in ((out, ref), (out2, ref2)):
+        assert o.shape == r.shape
+        assert (o - r).abs().max().item() < 1e-5 * r.abs().max().item()

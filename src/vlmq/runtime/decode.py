@@ -6,11 +6,12 @@ cache with a validity mask, residuals) so that one decode step has fixed shapes 
 host-side work: on CUDA it is captured once in a CUDA graph and replayed per token, with the
 greedy argmax, position/cache counters and the token record all updated inside the graph.
 
-Prefill: text-only or image+text. The vision tower + merger run eagerly through the HF module
-(bf16 in both models), with each layer's windowed attention batched into one SDPA call
-(`vision.batched_window_attention`); 3-D mrope positions are computed here like HF's ``get_rope_index``
-(text tokens sequential, image tokens on their t/h/w grid); the LM prefill runs eagerly or,
-with ``graph_prefill=True``, from a CUDA graph captured per prompt length. After an image,
+Prefill: text-only or image+text. The vision tower + merger (bf16 in both models) run through
+`vision.LeanVision`: the HF blocks' own modules, index work cached per image grid, each layer's
+windowed attention as one SDPA call, and with ``graph_prefill`` a CUDA graph per grid. 3-D
+mrope positions are computed here like HF's ``get_rope_index`` (text tokens sequential, image
+tokens on their t/h/w grid); the LM prefill runs eagerly or, with ``graph_prefill=True``, from a
+CUDA graph captured per prompt length. After an image,
 every decode token uses position ``max(prefill positions) + 1 + step`` on all three rope
 sections (HF's ``rope_deltas``).
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmq.runtime.fusion import fuse_linears
-from vlmq.runtime.vision import batched_window_attention
+from vlmq.runtime.vision import LeanVision, batched_window_attention
 
 # ---------------------------------------------------------------------------
 # reference ops (the fused module may replace them on CUDA)
@@ -132,7 +133,8 @@ class LeanDecoder:
     def __init__(self, model: nn.Module, batch: int, max_len: int, graphs: bool | None = None,
                  graph_prefill: bool = False, fused_ops: bool | None = None, lean_vision: bool = True) -> None:
         self.model = model
-        self.lean_vision = lean_vision  # one SDPA per vision layer (runtime/vision.py) instead of one per window
+        self.lean_vision = lean_vision  # vision tower via runtime/vision.py (else transformers' forward)
+        self._vision: LeanVision | None = None
         mm = model.model
         lm = mm.language_model
         cfg = model.config.get_text_config()
@@ -292,18 +294,26 @@ class LeanDecoder:
         emb = self.embed(input_ids)
         if pixel_values is None:
             return emb
+        feats = self._image_features(pixel_values, image_grid_thw)
+        mask = input_ids == self.image_token_id
+        if int(mask.sum()) != feats.shape[0]:
+            raise ValueError(f"{int(mask.sum())} image tokens but {feats.shape[0]} image features")
+        return emb.masked_scatter(mask[..., None], feats.to(emb.dtype))
+
+    def _image_features(self, pixel_values: Tensor, image_grid_thw: Tensor) -> Tensor:
+        """Merged vision features [image tokens, hidden]: `LeanVision` (per-grid plan, CUDA graph with
+        ``graph_prefill``) where the tower is recognised, else transformers' ``get_image_features``."""
         visual = self.model.model.visual
+        if self.lean_vision and LeanVision.supports(visual):
+            if self._vision is None:
+                self._vision = LeanVision(visual, graphs=self.graph_prefill)
+            return self._vision(pixel_values, image_grid_thw)
         with batched_window_attention(visual) if self.lean_vision else contextlib.nullcontext():
             out = self.model.model.get_image_features(pixel_values.to(self.device), image_grid_thw.to(self.device))
         feats = getattr(out, "pooler_output", None)
         if feats is None:  # versions that return the merged features directly (or as last_hidden_state)
             feats = getattr(out, "last_hidden_state", out)
-        if isinstance(feats, (list, tuple)):
-            feats = torch.cat(list(feats))
-        mask = input_ids == self.image_token_id
-        if int(mask.sum()) != feats.shape[0]:
-            raise ValueError(f"{int(mask.sum())} image tokens but {feats.shape[0]} image features")
-        return emb.masked_scatter(mask[..., None], feats.to(emb.dtype))
+        return torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
     def _prefill_lm(self, emb: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> None:
         t = emb.shape[1]

@@ -12,6 +12,11 @@ and runs a single SDPA over it (a key mask only where windows differ in length).
 planned once per distinct ``cu_seqlens`` tensor (the window one and the full one), so a forward
 syncs twice instead of once per layer. Everything else (patch embedding, rotary tables, window
 order, MLPs, merger) stays transformers' own code, so the output matches theirs to rounding.
+
+`LeanVision` goes one step further for the decode loop: the per-grid index work (window order,
+rotary tables, window layouts; host loops in transformers) is done once per image grid and cached,
+the tower runs as a short loop over the HF blocks' own modules, and on CUDA that loop is captured
+in a CUDA graph per grid and replayed (no Python per layer).
 """
 
 from __future__ import annotations
@@ -63,6 +68,14 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout, sc
     return out.transpose(1, 2).reshape(layout.windows * layout.longest, h, d)[layout.slots]
 
 
+def attend(attn: nn.Module, x: Tensor, layout: WindowLayout, cos_sin: tuple[Tensor, Tensor], rotary) -> Tensor:
+    """One vision attention module (HF's weights) on x [S, C]: qkv, rotary, windowed SDPA, proj."""
+    s = x.shape[0]
+    q, k, v = attn.qkv(x).reshape(s, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = rotary(q, k, *cos_sin)
+    return attn.proj(windowed_attention(q, k, v, layout, attn.scaling).reshape(s, -1))
+
+
 def _rotary_fn(attn: nn.Module):
     """transformers' ``apply_rotary_pos_emb_vision`` from the module that defines this attention."""
     fn = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision", None)
@@ -100,12 +113,7 @@ def batched_window_attention(visual: nn.Module) -> Iterator[None]:
 
     def forward(self: nn.Module, hidden_states: Tensor, cu_seqlens: Tensor,
                 position_embeddings: tuple[Tensor, Tensor] | None = None, **_: object) -> Tensor:  # fmt: skip
-        s = hidden_states.shape[0]
-        q, k, v = self.qkv(hidden_states).reshape(s, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        cos, sin = position_embeddings
-        q, k = rotary(q, k, cos, sin)
-        out = windowed_attention(q, k, v, layout_for(cu_seqlens), self.scaling)
-        return self.proj(out.reshape(s, -1))
+        return attend(self, hidden_states, layout_for(cu_seqlens), position_embeddings, rotary)
 
     attns = [blk.attn for blk in visual.blocks]
     rotary = _rotary_fn(attns[0])
@@ -116,3 +124,94 @@ def batched_window_attention(visual: nn.Module) -> Iterator[None]:
     finally:
         for attn in attns:
             del attn.forward  # back to the class's forward
+
+
+_INDEX_HELPERS = ("get_vision_position_ids", "get_vision_attention_seqlens", "get_vision_window_index")
+
+
+def _index_helpers(visual: nn.Module) -> list | None:
+    """transformers' own window/position index functions, as imported by the tower's module."""
+    module = sys.modules[type(visual).__module__]
+    fns = [getattr(module, name, None) for name in _INDEX_HELPERS]
+    return None if None in fns else fns
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """Everything about an image grid that transformers recomputes (on the host) every forward."""
+
+    window_index: Tensor  # [S / merge unit]: merged-patch order with each window contiguous
+    reverse: Tensor  # [S / merge unit]: back to the processor's order
+    cos_sin: tuple[Tensor, Tensor]  # rotary tables [S, head_dim], in window order
+    window: WindowLayout
+    full: WindowLayout
+
+
+def plan_grid(visual: nn.Module, grid_thw: Tensor) -> GridPlan:
+    """Window order, rotary tables and both attention layouts for ``grid_thw`` (on its device)."""
+    position_ids_fn, seqlens_fn, window_fn = _index_helpers(visual)
+    merge, unit = visual.spatial_merge_size, visual.spatial_merge_unit
+    position_ids = position_ids_fn(grid_thw, merge)
+    cu_seqlens, _ = seqlens_fn(grid_thw, visual.config)
+    window_index, cu_window = window_fn(grid_thw, spatial_merge_size=merge, window_size=visual.window_size,
+                                        patch_size=visual.patch_size)  # fmt: skip
+    window_index = window_index.to(grid_thw.device)
+    cos, sin = visual.rotary_pos_emb(torch.empty(0, device=grid_thw.device), position_ids)
+    n = cos.shape[0]
+    cos, sin = (t.reshape(n // unit, unit, -1)[window_index].reshape(n, -1) for t in (cos, sin))
+    return GridPlan(window_index, torch.argsort(window_index), (cos, sin), plan_windows(cu_window),
+                    plan_windows(cu_seqlens))  # fmt: skip
+
+
+def tower_forward(visual: nn.Module, pixels: Tensor, plan: GridPlan, rotary) -> Tensor:
+    """HF's vision forward on precomputed indices: patches -> window order -> blocks -> merger."""
+    h = visual.patch_embed(pixels)
+    s, unit = h.shape[0], visual.spatial_merge_unit
+    h = h.reshape(s // unit, unit, -1)[plan.window_index].reshape(s, -1)
+    for i, blk in enumerate(visual.blocks):
+        layout = plan.full if i in visual.fullatt_block_indexes else plan.window
+        h = h + attend(blk.attn, blk.norm1(h), layout, plan.cos_sin, rotary)
+        h = h + blk.mlp(blk.norm2(h))
+    return visual.merger(h)[plan.reverse]
+
+
+class LeanVision:
+    """Merged image features [tokens, out_dim] for ``(pixel_values, image_grid_thw)``, as
+    ``get_image_features`` returns them concatenated; with ``graphs``, replayed from a CUDA graph per
+    grid (the returned tensor is that graph's output buffer: the next call with the same grid reuses it)."""
+
+    def __init__(self, visual: nn.Module, graphs: bool) -> None:
+        self.visual, self.graphs = visual, graphs
+        self.rotary = _rotary_fn(visual.blocks[0].attn)
+        self.dtype = visual.patch_embed.proj.weight.dtype
+        self._plans: dict[tuple, GridPlan] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+
+    @staticmethod
+    def supports(visual: nn.Module) -> bool:
+        return supports(visual) and _index_helpers(visual) is not None and hasattr(visual, "fullatt_block_indexes")
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
+        key = tuple(tuple(int(v) for v in row) for row in grid_thw.tolist())
+        device = self.visual.patch_embed.proj.weight.device
+        if key not in self._plans:
+            self._plans[key] = plan_grid(self.visual, grid_thw.to(device))
+        plan, pixels = self._plans[key], pixel_values.to(device=device, dtype=self.dtype)
+        if not self.graphs:
+            return tower_forward(self.visual, pixels, plan, self.rotary)
+        if key not in self._graphs:
+            static = pixels.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside the capture (lazy inits, kernel choice)
+                tower_forward(self.visual, static, plan, self.rotary)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = tower_forward(self.visual, static, plan, self.rotary)
+            self._graphs[key] = (graph, static, out)
+        graph, static, out = self._graphs[key]
+        static.copy_(pixels)
+        graph.replay()
+        return out
