@@ -104,3 +104,31 @@ def test_lean_vision_matches_transformers(visual, grids) -> None:
     for o, r in ((out, ref), (out2, ref2)):
         assert o.shape == r.shape
         assert (o - r).abs().max().item() < 1e-5 * r.abs().max().item()
+
+
+def test_padded_mlp_on_an_odd_width_matches_transformers() -> None:
+    """A tower whose MLP width (50) is not a multiple of MLP_PAD: LeanVision's padded, fused MLP
+    gives transformers' output, and the HF modules keep their shapes as views of the padded weights."""
+    from vlmq.models.demo import demo_config, random_model
+
+    cfg = demo_config()
+    cfg.vision_config.intermediate_size = 50
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    visual = random_model(Qwen2_5_VLForConditionalGeneration, cfg, seed=3, dtype=torch.float32).model.visual
+    pixels, grid = tower_inputs([[1, 12, 20]], seed=9)
+    with torch.no_grad():
+        ref = merged(visual(pixels, grid_thw=grid))
+        lean = vision.LeanVision(visual, graphs=False)
+        mlp = lean.mlps[0]
+        assert isinstance(mlp, vision.PaddedMLP) and mlp.gate_up.out_features == 2 * vision.MLP_PAD
+        assert mlp.down.in_features == vision.MLP_PAD
+        out = lean(pixels, grid)
+        after = merged(visual(pixels, grid_thw=grid))  # the HF forward on the rebound views
+    hf_mlp = visual.blocks[0].mlp
+    assert hf_mlp.gate_proj.weight.shape == (50, 32) and hf_mlp.down_proj.weight.shape == (32, 50)
+    assert hf_mlp.gate_proj.weight.data_ptr() == mlp.gate_up.weight.data_ptr()
+    assert hf_mlp.down_proj.weight.data_ptr() == mlp.down.weight.data_ptr()
+    assert vision.LeanVision(visual, graphs=False).mlps[0].down is mlp.down  # no second padded copy
+    assert torch.allclose(after, ref, rtol=0, atol=1e-6 * ref.abs().max().item())
+    assert (out - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
