@@ -132,3 +132,36 @@ def test_padded_mlp_on_an_odd_width_matches_transformers() -> None:
     assert vision.LeanVision(visual, graphs=False).mlps[0].down is mlp.down  # no second padded copy
     assert torch.allclose(after, ref, rtol=0, atol=1e-6 * ref.abs().max().item())
     assert (out - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+
+
+FUSED_SCRIPT = r"""
+import torch
+from vlmq.models.demo import build_demo_model
+from vlmq.runtime import vision
+from test_vision_windows import merged, tower_inputs
+
+visual = build_demo_model(torch.float32).model.visual
+pixels, grid = tower_inputs([[1, 12, 20], [1, 8, 8]], seed=11)
+with torch.no_grad():
+    ref = merged(visual(pixels, grid_thw=grid))
+    lean = vision.LeanVision(visual, graphs=False, fused=True)
+    assert lean.fused and lean.mlps[0].silu_mul is not None
+    out = lean(pixels, grid)
+err = ((out - ref).abs().max() / ref.abs().max()).item()
+assert err < 1e-5, err
+print("FUSED-OK", err)
+"""
+
+
+def test_lean_vision_with_the_fused_kernels_in_triton_interpreter() -> None:
+    """The CUDA path's Triton add+RMSNorm and SiLU*up kernels in the tower, run by Triton's
+    interpreter on CPU (fp32), against transformers' forward."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
+                                                                          os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert "FUSED-OK" in proc.stdout, proc.stdout[-300:] + proc.stderr[-3000:]

@@ -173,14 +173,22 @@ class PaddedMLP(nn.Module):
     hidden width zero-padded to a multiple of ``MLP_PAD`` (padded units are exactly 0: act(0) * 0).
     The HF modules are rebound to views of the padded weights: no second copy."""
 
-    def __init__(self, mlp: nn.Module) -> None:
+    def __init__(self, mlp: nn.Module, fused: bool = False) -> None:
         super().__init__()
         self.gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj], pad_to=MLP_PAD)
         self.down = pad_input_features(mlp.down_proj, MLP_PAD)
         self.act = mlp.act_fn
+        self.silu_mul = None
+        if fused and type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation"):  # the loop's Triton SiLU * up
+            from vlmq.runtime.fused import silu_mul
+
+            self.silu_mul = silu_mul
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate_up = self.gate_up(x)
+        if self.silu_mul is not None:
+            return self.down(self.silu_mul(gate_up, quant=False))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down(self.act(gate) * up)
 
     @staticmethod
@@ -189,15 +197,30 @@ class PaddedMLP(nn.Module):
         return hasattr(mlp, "act_fn") and all(type(p) is nn.Linear for p in parts)
 
 
-def tower_forward(visual: nn.Module, pixels: Tensor, plan: GridPlan, rotary, mlps: list[nn.Module]) -> Tensor:
-    """HF's vision forward on precomputed indices: patches -> window order -> blocks -> merger."""
+def tower_forward(visual: nn.Module, pixels: Tensor, plan: GridPlan, rotary, mlps: list[nn.Module],
+                  fused: bool = False) -> Tensor:  # fmt: skip
+    """HF's vision forward on precomputed indices: patches -> window order -> blocks -> merger. With
+    ``fused`` (CUDA), each residual add + RMSNorm is the decode loop's one-pass Triton kernel."""
     h = visual.patch_embed(pixels)
     s, unit = h.shape[0], visual.spatial_merge_unit
     h = h.reshape(s // unit, unit, -1)[plan.window_index].reshape(s, -1)
-    for i, (blk, mlp) in enumerate(zip(visual.blocks, mlps, strict=True)):
+    blocks = list(visual.blocks)
+    if fused:
+        from vlmq.runtime.fused import add_rms_norm
+
+    def add_norm(h: Tensor, delta: Tensor | None, norm: nn.Module | None) -> tuple[Tensor, Tensor | None]:
+        if norm is None:  # after the last block: the merger norms itself
+            return h + delta, None
+        if fused:
+            return add_rms_norm(h, delta, norm.weight, norm.variance_epsilon, quant=False)
+        h = h if delta is None else h + delta
+        return h, norm(h)
+
+    h, x = add_norm(h.contiguous(), None, blocks[0].norm1)
+    for i, (blk, mlp) in enumerate(zip(blocks, mlps, strict=True)):
         layout = plan.full if i in visual.fullatt_block_indexes else plan.window
-        h = h + attend(blk.attn, blk.norm1(h), layout, plan.cos_sin, rotary)
-        h = h + mlp(blk.norm2(h))
+        h, x = add_norm(h, attend(blk.attn, x, layout, plan.cos_sin, rotary), blk.norm2)
+        h, x = add_norm(h, mlp(x), blocks[i + 1].norm1 if i + 1 < len(blocks) else None)
     return visual.merger(h)[plan.reverse]
 
 
@@ -206,11 +229,17 @@ class LeanVision:
     ``get_image_features`` returns them concatenated; with ``graphs``, replayed from a CUDA graph per
     grid (the returned tensor is that graph's output buffer: the next call with the same grid reuses it)."""
 
-    def __init__(self, visual: nn.Module, graphs: bool) -> None:
+    def __init__(self, visual: nn.Module, graphs: bool, fused: bool | None = None) -> None:
         self.visual, self.graphs = visual, graphs
         self.rotary = _rotary_fn(visual.blocks[0].attn)
-        self.dtype = visual.patch_embed.proj.weight.dtype
-        self.mlps = [PaddedMLP(b.mlp) if PaddedMLP.supports(b.mlp) else b.mlp for b in visual.blocks]
+        weight = visual.patch_embed.proj.weight
+        self.dtype = weight.dtype
+        # the decode loop's Triton norm / SiLU kernels (CUDA, bf16/fp16 like the loop's)
+        self.fused = (weight.is_cuda and weight.dtype != torch.float32) if fused is None else fused
+        norms_ok = all(hasattr(b, n) and hasattr(getattr(b, n), "variance_epsilon") for b in visual.blocks
+                       for n in ("norm1", "norm2"))  # fmt: skip
+        self.fused = self.fused and norms_ok
+        self.mlps = [PaddedMLP(b.mlp, self.fused) if PaddedMLP.supports(b.mlp) else b.mlp for b in visual.blocks]
         self._plans: dict[tuple, GridPlan] = {}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
 
@@ -226,17 +255,17 @@ class LeanVision:
             self._plans[key] = plan_grid(self.visual, grid_thw.to(device))
         plan, pixels = self._plans[key], pixel_values.to(device=device, dtype=self.dtype)
         if not self.graphs:
-            return tower_forward(self.visual, pixels, plan, self.rotary, self.mlps)
+            return tower_forward(self.visual, pixels, plan, self.rotary, self.mlps, self.fused)
         if key not in self._graphs:
             static = pixels.clone()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside the capture (lazy inits, kernel choice)
-                tower_forward(self.visual, static, plan, self.rotary, self.mlps)
+                tower_forward(self.visual, static, plan, self.rotary, self.mlps, self.fused)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = tower_forward(self.visual, static, plan, self.rotary, self.mlps)
+                out = tower_forward(self.visual, static, plan, self.rotary, self.mlps, self.fused)
             self._graphs[key] = (graph, static, out)
         graph, static, out = self._graphs[key]
         static.copy_(pixels)
