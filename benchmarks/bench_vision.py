@@ -5,7 +5,7 @@ Times, per batch of same-size images, the merged features of:
   batched   the same forward with each layer's windows in one SDPA call (vision.batched_window_attention)
   lean      vision.LeanVision eager (index work cached per grid, the HF blocks' modules in a loop)
   graphed   vision.LeanVision replayed from a CUDA graph per grid
-and with --profile the ten most expensive CUDA kernels of one eager LeanVision forward.
+and with --profile the most expensive CUDA kernels of one LeanVision forward (into --out as well).
 
   PYTHONPATH=src python benchmarks/bench_vision.py --out $OUT/vision.json
 """
@@ -23,7 +23,8 @@ from triton.testing import do_bench
 from vlmq.runtime import vision
 
 
-def build_tower() -> torch.nn.Module:
+def build_tower(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """Qwen2.5-VL-3B's vision tower with random weights (seed 0), SDPA attention."""
     from transformers import Qwen2_5_VLConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
@@ -31,7 +32,7 @@ def build_tower() -> torch.nn.Module:
                                           "num_heads": 16, "depth": 32}).vision_config  # the 3B's tower  # fmt: skip
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return Qwen2_5_VisionTransformerPretrainedModel._from_config(cfg).to("cuda", torch.bfloat16).eval()
+    return Qwen2_5_VisionTransformerPretrainedModel._from_config(cfg).to(device, dtype).eval()
 
 
 @torch.no_grad()
@@ -53,12 +54,19 @@ def measure(visual: torch.nn.Module, batch: int, h: int, w: int, profile: bool) 
     for name, fn in fns.items():
         row[f"{name}_ms"] = do_bench(fn, warmup=3, rep=200, return_mode="median")
         row[f"{name}_rel"] = float((fn().float() - ref).norm() / ref.norm())
-    if profile:
+    if profile:  # the eager forward of the graphed variant (same kernels, fused norm/SiLU included)
+        eager_fused = vision.LeanVision(visual, graphs=False, fused=graphed.fused)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            lean(pixels, grid)
+            eager_fused(pixels, grid)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10), flush=True)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+        total = sum(e.self_device_time_total for e in events) or 1.0
+        row["profile"] = [{"kernel": e.key[:120], "calls": e.count, "gpu_us": round(e.self_device_time_total, 1),
+                           "share": round(e.self_device_time_total / total, 3)} for e in events[:12]]  # fmt: skip
+        for p in row["profile"]:
+            print(f"  {p['share']:6.1%} {p['gpu_us']:10.1f} us {p['calls']:5d}x  {p['kernel']}", flush=True)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k != "profile"}),
+          flush=True)
     return row
 
 

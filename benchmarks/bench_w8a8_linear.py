@@ -172,8 +172,7 @@ def candidates(m: int, n: int, k: int) -> list[KernelConfig]:
     pointer = [(128, 128, 64, 4, 5), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 256, 128, 8, 4),
                (64, 256, 128, 4, 4), (64, 256, 128, 8, 4), (128, 128, 128, 8, 3), (64, 128, 256, 4, 3)]
     persistent = [(128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 64, 4, 5),
-                  (128, 128, 128, 8, 4), (128, 256, 64, 8, 5), (64, 256, 128, 4, 4), (64, 256, 128, 8, 4),
-                  (128, 256, 256, 8, 2)]  # fmt: skip
+                  (128, 128, 128, 8, 4), (128, 256, 64, 8, 5), (64, 256, 128, 4, 4), (64, 256, 128, 8, 4)]  # fmt: skip
     out = [KernelConfig(bm, bn, bk, 1, g, w, st, False) for bm, bn, bk, w, st in pointer for g in (4, 8)]
     for (bm, bn, bk, w, st), g in itertools.product(persistent, (4, 8)):
         out.append(KernelConfig(bm, bn, bk, 1, g, w, st, False, persistent=True))

@@ -120,3 +120,17 @@ def test_tile_configs_fit_each_gpus_shared_memory(gpu: str) -> None:
         if gpu == "h100" and a_bytes == 1:  # the measured H100 tiles are used as swept
             assert (fit.block_m, fit.block_n, fit.block_k, fit.num_stages) == (
                 cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages), fit
+
+
+def test_swap_ab_only_where_the_h100_sweep_won() -> None:
+    """pick_config swaps A/B for gate/up at M 5-64 and down_proj at M 5-16 (sweep_swap_ab.json),
+    never for qkv/o_proj, never in the GEMV's range, never at prefill."""
+    from vlmq.runtime.kernels.tiles import GEMV_MAX_M, pick_config
+
+    for (n, k), m in itertools.product(LM_SHAPES, (1, 2, 3, 4, 5, 8, 16, 17, 32, 64, 65, 512, 2048)):
+        cfg = pick_config(m, n, k)
+        gate_up, down = n >= 8192, k >= 8192
+        want = GEMV_MAX_M < m and ((gate_up and m <= 64) or (down and m <= 16))
+        assert cfg.swap_ab == want, (m, n, k, cfg)
+        if cfg.swap_ab:
+            assert cfg.block_n == 64 and not cfg.gemv and not cfg.persistent

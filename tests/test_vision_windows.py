@@ -66,11 +66,37 @@ def test_windowed_attention_is_per_window() -> None:
     assert torch.equal(out2[:8], out[:8]) and not torch.equal(out2[8:], out[8:])
 
 
-def test_unrecognised_tower_runs_unchanged() -> None:
-    tower = torch.nn.Module()
-    with vision.batched_window_attention(tower):
+def test_unrecognised_or_flash_towers_are_left_alone(visual) -> None:
+    """A tower without Qwen2.5-VL's attention, or one configured for flash attention (already one
+    varlen call per layer), is not patched; a recognised one is."""
+    assert vision.attention_patchable(visual) and vision.LeanVision.supports(visual)
+    assert not vision.attention_patchable(torch.nn.Module())
+    attn_impl = visual.config._attn_implementation
+    try:
+        visual.config._attn_implementation = "flash_attention_2"
+        assert not vision.attention_patchable(visual) and not vision.LeanVision.supports(visual)
+        with vision.batched_window_attention(visual):
+            assert "forward" not in vars(visual.blocks[0].attn)
+    finally:
+        visual.config._attn_implementation = attn_impl
+
+
+def test_patch_restores_an_instance_forward_and_refuses_nesting(visual) -> None:
+    attn = visual.blocks[0].attn
+    hook = attn.forward  # a bound method set on the instance, as hooks/offloaders do
+    attn.forward = hook
+    try:
+        with vision.batched_window_attention(visual):
+            assert vars(attn)["forward"] is not hook
+            with pytest.raises(RuntimeError, match="already active"):
+                with vision.batched_window_attention(visual):
+                    pass
+        assert vars(attn)["forward"] is hook
+    finally:
+        del attn.forward
+    with vision.batched_window_attention(visual):  # usable again after the refused nesting
         pass
-    assert not vision.supports(tower)
+    assert "forward" not in vars(attn)
 
 
 def test_negative_control_one_window_per_layer_differs(visual, monkeypatch) -> None:
@@ -87,8 +113,8 @@ def test_negative_control_one_window_per_layer_differs(visual, monkeypatch) -> N
     assert (out - ref).abs().max().item() > 1e-3 * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("grids", [[[1, 12, 20]], [[1, 12, 20], [1, 8, 8]], [[2, 4, 6]]],
-                         ids=["uneven_windows", "two_images", "two_frames"])
+@pytest.mark.parametrize("grids", [[[1, 12, 20]], [[1, 12, 20], [1, 8, 8]], [[2, 4, 6]], [[1, 16, 16]]],
+                         ids=["uneven_windows", "two_images", "two_frames", "equal_windows"])
 def test_lean_vision_matches_transformers(visual, grids) -> None:
     """LeanVision (index work planned once per grid, the HF blocks' own modules) == the tower's
     forward; a second call with the same grid reuses the plan and gives the same result."""
@@ -165,3 +191,47 @@ def test_lean_vision_with_the_fused_kernels_in_triton_interpreter() -> None:
                                                                           os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert "FUSED-OK" in proc.stdout, proc.stdout[-300:] + proc.stderr[-3000:]
+
+
+def test_decoder_falls_back_to_transformers_tower(monkeypatch) -> None:
+    """LeanDecoder's image features: LeanVision where supported, transformers' tower with batched
+    windows where not, transformers' own forward with lean_vision=False; all the same features."""
+    from vlmq.runtime.decode import LeanDecoder
+
+    model = build_demo_model(torch.float32)
+    pixels, grid = tower_inputs([[1, 12, 20], [1, 8, 8]], seed=13)
+    dec = LeanDecoder(model, 1, 64)
+    lean = dec._image_features(pixels, grid)
+    assert dec._vision is not None
+    dec.lean_vision = False
+    hf = dec._image_features(pixels, grid)
+    dec.lean_vision = True
+    calls = []
+    real = vision.batched_window_attention
+
+    def spy(visual):
+        calls.append(visual)
+        return real(visual)
+
+    monkeypatch.setattr(vision.LeanVision, "supports", staticmethod(lambda visual: False))
+    monkeypatch.setattr("vlmq.runtime.decode.batched_window_attention", spy)
+    fallback = dec._image_features(pixels, grid)
+    assert calls == [model.model.visual]
+    for out in (lean, fallback):
+        assert (out - hf).abs().max().item() < 1e-5 * hf.abs().max().item()
+
+
+def test_fuse_linears_padding_is_part_of_the_cache_key() -> None:
+    from vlmq.runtime.fusion import fuse_linears, pad_input_features
+
+    a, b = torch.nn.Linear(8, 100), torch.nn.Linear(8, 100)
+    x = torch.randn(3, 8)
+    ref = torch.cat([a(x), b(x)], -1).detach()
+    plain = fuse_linears([a, b])
+    padded = fuse_linears([a, b], pad_to=64)
+    assert plain.out_features == 200 and padded.out_features == 256
+    y = padded(x).detach()
+    assert torch.allclose(y[:, :100], ref[:, :100]) and torch.allclose(y[:, 128:228], ref[:, 100:])
+    assert not y[:, 100:128].any() and not y[:, 228:].any()  # zero rows, zero bias
+    down = torch.nn.Linear(64, 8)
+    assert pad_input_features(down, 64) is down  # nothing to pad: no copy

@@ -1,7 +1,5 @@
 """`python -m vlmq ...` == `vlmq ...`."""
 
-import sys
+from vlmq.cli import entry
 
-from vlmq.cli import main
-
-sys.exit(main())
+entry()

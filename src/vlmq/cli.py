@@ -148,8 +148,22 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def entry() -> None:
+    """The console script: ``main()``; after a signal, a hard exit once output and logs are flushed.
+    Native threads (torch, tokenizers, safetensors) stopped mid-work by the signal can otherwise abort
+    the interpreter's shutdown ("terminate called without an active exception", SIGABRT instead of
+    the documented exit code). The export's staging was already cleaned up while unwinding."""
+    code = main()
+    if code in (EXIT_TERMINATED, EXIT_INTERRUPTED):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     # Run the imported module, not this __main__ copy: subcommands register into vlmq.cli.COMMANDS.
-    from vlmq.cli import main as package_main
+    from vlmq.cli import entry as package_entry
 
-    sys.exit(package_main())
+    package_entry()

@@ -246,4 +246,3 @@ def test_gemv_waits_for_its_producer_in_a_pdl_chain() -> None:
             q, s = quantize_per_token(x.float())
             ref = (q.double() @ w.double().t()) * s.double().reshape(-1, 1) * w_s.double()[None, :] + b.double()
             assert _rel(o, ref) < 4e-3
-

@@ -306,7 +306,8 @@ class LeanDecoder:
         visual = self.model.model.visual
         if self.lean_vision and LeanVision.supports(visual):
             if self._vision is None:
-                self._vision = LeanVision(visual, graphs=self.graph_prefill, fused=self.fused_ops)
+                graphs = self.graph_prefill  # the Triton norm/SiLU kernels only inside the graph
+                self._vision = LeanVision(visual, graphs=graphs, fused=self.fused_ops and graphs)
             return self._vision(pixel_values, image_grid_thw)
         with batched_window_attention(visual) if self.lean_vision else contextlib.nullcontext():
             out = self.model.model.get_image_features(pixel_values.to(self.device), image_grid_thw.to(self.device))

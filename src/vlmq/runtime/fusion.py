@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from vlmq.runtime.linear import W8A8Linear
 
 
-def _can_fuse(mods: list[nn.Module]) -> bool:
+def can_fuse(mods: list[nn.Module]) -> bool:
+    """One GEMM can serve ``mods``: same linear type, dtype, bias presence and activation handling."""
     if all(type(m) is nn.Linear for m in mods):
         return len({m.weight.dtype for m in mods}) == 1 and len({m.bias is None for m in mods}) == 1
     if all(isinstance(m, W8A8Linear) for m in mods):
@@ -52,10 +53,10 @@ def fuse_linears(mods: list[nn.Module], pad_to: int = 1) -> nn.Module:
     """One linear over the concatenated outputs of ``mods``; each module keeps a view of it. With
     ``pad_to``, each part's outputs are padded with zero rows to a multiple of it (cuBLAS picks slow
     kernels for odd sizes such as the vision MLP's 3420): part i is columns [i * padded, ...)."""
-    if not _can_fuse(mods):
+    if not can_fuse(mods):
         return _Concat(mods)
     cached = getattr(mods[0], "_lean_fused", None)  # a second decoder on the same model: no new copy
-    if cached is not None and cached[1] == tuple(m.weight.data_ptr() for m in mods):
+    if cached is not None and cached[1] == (pad_to, *(m.weight.data_ptr() for m in mods)):
         return cached[0]
     sizes = [m.out_features for m in mods]
     padded = [_round_up(n, pad_to) for n in sizes]
@@ -71,7 +72,7 @@ def fuse_linears(mods: list[nn.Module], pad_to: int = 1) -> nn.Module:
         fused.weight = nn.Parameter(cat["weight"], requires_grad=False)
         if first.bias is not None:
             fused.bias = nn.Parameter(cat["bias"], requires_grad=False)
-        return _remember(mods, fused)
+        return _remember(mods, fused, pad_to)
     fused = W8A8Linear(first.in_features, sum(padded), bias=first.bias is not None, static=first.is_static,
                        pre_quant_scale=first.pre_quant_scale is not None, device="meta", backend=first.backend)
     for n, t in cat.items():
@@ -79,7 +80,7 @@ def fuse_linears(mods: list[nn.Module], pad_to: int = 1) -> nn.Module:
     for n in ("input_scale", "pre_quant_scale"):
         if getattr(first, n) is not None:
             setattr(fused, n, getattr(first, n))
-    return _remember(mods, fused)
+    return _remember(mods, fused, pad_to)
 
 
 @torch.no_grad()
@@ -90,6 +91,8 @@ def pad_input_features(linear: nn.Linear, pad_to: int) -> nn.Linear:
     if cached is not None and cached.weight.data_ptr() == linear.weight.data_ptr():
         return cached
     k = linear.in_features
+    if k % pad_to == 0:
+        return linear
     weight = torch.cat([linear.weight, linear.weight.new_zeros(linear.out_features, _round_up(k, pad_to) - k)], 1)
     linear.weight = nn.Parameter(weight[:, :k], requires_grad=False)
     padded = nn.Linear(weight.shape[1], linear.out_features, bias=linear.bias is not None, device="meta")
@@ -100,8 +103,8 @@ def pad_input_features(linear: nn.Linear, pad_to: int) -> nn.Linear:
     return padded
 
 
-def _remember(mods: list[nn.Module], fused: nn.Module) -> nn.Module:
-    object.__setattr__(mods[0], "_lean_fused", (fused, tuple(m.weight.data_ptr() for m in mods)))
+def _remember(mods: list[nn.Module], fused: nn.Module, pad_to: int) -> nn.Module:
+    object.__setattr__(mods[0], "_lean_fused", (fused, (pad_to, *(m.weight.data_ptr() for m in mods))))
     return fused
 
 

@@ -22,8 +22,10 @@ in a CUDA graph per grid and replayed (no Python per layer).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import types
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmq.runtime.fusion import fuse_linears, pad_input_features
+from vlmq.runtime.fusion import can_fuse, fuse_linears, pad_input_features
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,12 @@ def _rotary_fn(attn: nn.Module):
     return fn
 
 
-def supports(visual: nn.Module) -> bool:
-    """A Qwen2.5-VL-style tower: blocks whose attention has fused qkv, proj, heads and rotary."""
+def attention_patchable(visual: nn.Module) -> bool:
+    """A Qwen2.5-VL-style tower whose attention runs transformers' per-window SDPA loop: blocks
+    with fused qkv, proj, heads and the rotary helper, and no flash attention (varlen already)."""
+    config = getattr(visual, "config", None)
+    if "flash" in str(getattr(config, "_attn_implementation", "") or ""):
+        return False
     blocks = getattr(visual, "blocks", None)
     if not blocks:
         return False
@@ -101,10 +107,13 @@ def supports(visual: nn.Module) -> bool:
 @contextlib.contextmanager
 def batched_window_attention(visual: nn.Module) -> Iterator[None]:
     """Inside the ``with``, ``visual``'s blocks run each layer's window attention as one SDPA call.
-    A tower this does not recognise (`supports`) runs unchanged."""
-    if not supports(visual):
+    A tower this does not recognise (`attention_patchable`) runs unchanged; a forward already set on
+    an attention instance (a hook) is put back afterwards."""
+    if not attention_patchable(visual):
         yield
         return
+    if getattr(visual, "_vlmq_batched_windows", False):
+        raise RuntimeError("batched_window_attention is already active on this vision tower")
     layouts: dict[tuple[int, int], tuple[Tensor, WindowLayout]] = {}
 
     def layout_for(cu_seqlens: Tensor) -> WindowLayout:
@@ -119,13 +128,19 @@ def batched_window_attention(visual: nn.Module) -> Iterator[None]:
 
     attns = [blk.attn for blk in visual.blocks]
     rotary = _rotary_fn(attns[0])
+    saved = [vars(attn).get("forward") for attn in attns]
     for attn in attns:
         attn.forward = types.MethodType(forward, attn)
+    object.__setattr__(visual, "_vlmq_batched_windows", True)
     try:
         yield
     finally:
-        for attn in attns:
-            del attn.forward  # back to the class's forward
+        object.__setattr__(visual, "_vlmq_batched_windows", False)
+        for attn, before in zip(attns, saved, strict=True):
+            if before is None:
+                del attn.forward  # back to the class's forward
+            else:
+                attn.forward = before
 
 
 _INDEX_HELPERS = ("get_vision_position_ids", "get_vision_attention_seqlens", "get_vision_window_index")
@@ -194,7 +209,7 @@ class PaddedMLP(nn.Module):
     @staticmethod
     def supports(mlp: nn.Module) -> bool:
         parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        return hasattr(mlp, "act_fn") and all(type(p) is nn.Linear for p in parts)
+        return hasattr(mlp, "act_fn") and all(type(p) is nn.Linear for p in parts) and can_fuse(parts[:2])
 
 
 def tower_forward(visual: nn.Module, pixels: Tensor, plan: GridPlan, rotary, mlps: list[nn.Module],
@@ -229,23 +244,35 @@ class LeanVision:
     ``get_image_features`` returns them concatenated; with ``graphs``, replayed from a CUDA graph per
     grid (the returned tensor is that graph's output buffer: the next call with the same grid reuses it)."""
 
+    MAX_GRAPHS = 4  # graphs kept (least recently used dropped): each holds the tower's working set
+
     def __init__(self, visual: nn.Module, graphs: bool, fused: bool | None = None) -> None:
         self.visual, self.graphs = visual, graphs
         self.rotary = _rotary_fn(visual.blocks[0].attn)
         weight = visual.patch_embed.proj.weight
         self.dtype = weight.dtype
-        # the decode loop's Triton norm / SiLU kernels (CUDA, bf16/fp16 like the loop's)
-        self.fused = (weight.is_cuda and weight.dtype != torch.float32) if fused is None else fused
+        # the decode loop's Triton norm / SiLU kernels (CUDA, bf16/fp16 like the loop's), by default only
+        # inside a graph: launched eagerly from Python they cost more host time than they save
+        self.fused = (weight.is_cuda and weight.dtype != torch.float32 and graphs) if fused is None else fused
         norms_ok = all(hasattr(b, n) and hasattr(getattr(b, n), "variance_epsilon") for b in visual.blocks
                        for n in ("norm1", "norm2"))  # fmt: skip
         self.fused = self.fused and norms_ok
         self.mlps = [PaddedMLP(b.mlp, self.fused) if PaddedMLP.supports(b.mlp) else b.mlp for b in visual.blocks]
         self._plans: dict[tuple, GridPlan] = {}
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = OrderedDict()
+        self._stream: torch.cuda.Stream | None = None  # one capture stream (cuBLAS keeps a workspace per stream)
 
     @staticmethod
     def supports(visual: nn.Module) -> bool:
-        return supports(visual) and _index_helpers(visual) is not None and hasattr(visual, "fullatt_block_indexes")
+        """The tower's module has transformers' index helpers (5.x since they moved to vision_utils),
+        and its rotary module is the ``(x, position_ids) -> (cos, sin)`` kind that goes with them."""
+        rotary = getattr(visual, "rotary_pos_emb", None)
+        try:
+            params = list(inspect.signature(rotary.forward).parameters) if rotary is not None else []
+        except (TypeError, ValueError):
+            params = []
+        return (attention_patchable(visual) and _index_helpers(visual) is not None
+                and hasattr(visual, "fullatt_block_indexes") and params[:2] == ["x", "position_ids"])  # fmt: skip
 
     @torch.no_grad()
     def __call__(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
@@ -257,16 +284,19 @@ class LeanVision:
         if not self.graphs:
             return tower_forward(self.visual, pixels, plan, self.rotary, self.mlps, self.fused)
         if key not in self._graphs:
+            if len(self._graphs) >= self.MAX_GRAPHS:
+                self._graphs.popitem(last=False)
             static = pixels.clone()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside the capture (lazy inits, kernel choice)
+            self._stream = self._stream or torch.cuda.Stream(device=device)
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):  # warm-up outside the capture (lazy inits, kernel choice)
                 tower_forward(self.visual, static, plan, self.rotary, self.mlps, self.fused)
-            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.current_stream().wait_stream(self._stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=self._stream):
                 out = tower_forward(self.visual, static, plan, self.rotary, self.mlps, self.fused)
             self._graphs[key] = (graph, static, out)
+        self._graphs.move_to_end(key)
         graph, static, out = self._graphs[key]
         static.copy_(pixels)
         graph.replay()
