@@ -50,7 +50,7 @@ def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
     if m <= 64:
         bm = max(16, next_pow2(m))
         # from M = 5 (past the GEMV) gate/up and down_proj at M <= 16 swap AB: 64 weight rows on the
-        # MMA's M side, the tokens on its N side (sweep_swap_ab.json: 2-5% faster; qkv/o_proj within 1%)
+        # MMA's M side, the tokens on its N side (sweep_swap_ab.json: 1.7-4.1% faster; qkv/o_proj within 1%)
         swap = m > GEMV_MAX_M
         if k >= 8192:  # down_proj: few N tiles, long K -> split-K keeps all SMs streaming
             if swap and m <= 16:
