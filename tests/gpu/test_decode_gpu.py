@@ -147,7 +147,9 @@ def test_lean_vision_graph_matches_eager_and_transformers():
 
     model = build_demo_model(torch.bfloat16).to(DEV)
     visual = model.model.visual
-    graphed, eager = LeanVision(visual, graphs=True), LeanVision(visual, graphs=False)
+    graphed = LeanVision(visual, graphs=True)
+    eager = LeanVision(visual, graphs=False, fused=graphed.fused)  # the same kernels, launched one by one
+    assert graphed.fused and not LeanVision(visual, graphs=False).fused  # Triton norm/SiLU only in graphs
     for grids in ([[1, 12, 20]], [[1, 12, 20], [1, 8, 8]]):
         for seed in (0, 1):
             pixels, grid = tower_inputs(grids, seed)
