@@ -81,6 +81,18 @@ assert (small.block_k, small.block_n) != (128, 256), small
 a = torch.randint(-128, 128, (130, 256), generator=g, dtype=torch.int8)
 w = torch.randint(-128, 128, (300, 256), generator=g, dtype=torch.int8)
 assert torch.equal(w8a8_int_gemm(a, w, small), (a.long() @ w.long().t()).int()), small
+# the row-quant kernel (dynamic with a pre-quant scale, static): int8 and scales bit-exact with torch's
+from vlmq.runtime.kernels.triton_w8a8 import quantize_rows
+from vlmq.runtime.linear import quantize_per_token, quantize_static
+for k in (200, 2048):
+    x = torch.randn(9, k, generator=g) * 3
+    x[2], x[3, 5] = 0.0, 80.0  # an all-zero row, an outlier
+    pqs = torch.rand(k, generator=g) + 0.5
+    q, s = quantize_rows(x, None, pqs)
+    q_ref, s_ref = quantize_per_token(x * pqs)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref), k
+    assert torch.equal(quantize_rows(x, torch.tensor(0.05), None)[0], quantize_static(x, torch.tensor(0.05))), k
+    checks += 2
 print("GEMM-OK", checks)
 """
 

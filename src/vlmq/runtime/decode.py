@@ -11,9 +11,8 @@ Prefill: text-only or image+text. The vision tower + merger (bf16 in both models
 windowed attention as one SDPA call, and with ``graph_prefill`` a CUDA graph per grid. 3-D
 mrope positions are computed here like HF's ``get_rope_index`` (text tokens sequential, image
 tokens on their t/h/w grid); the LM prefill runs eagerly or, with ``graph_prefill=True``, from a
-CUDA graph captured per prompt length. After an image,
-every decode token uses position ``max(prefill positions) + 1 + step`` on all three rope
-sections (HF's ``rope_deltas``).
+CUDA graph captured per prompt length. After an image, every decode token uses position
+``max(prefill positions) + 1 + step`` on all three rope sections (HF's ``rope_deltas``).
 
 The q/k/v and gate/up weights are concatenated once per layer and the HF modules are rebound to
 views of the concatenation, so HF's forward still works and no weight memory is duplicated.

@@ -80,9 +80,14 @@ def attend(attn: nn.Module, x: Tensor, layout: WindowLayout, cos_sin: tuple[Tens
     return attn.proj(windowed_attention(q, k, v, layout, attn.scaling).reshape(s, -1))
 
 
+def _defined_with(obj: nn.Module, name: str):
+    """The function ``name`` of the transformers module that defines ``obj``'s class, or None."""
+    return getattr(sys.modules[type(obj).__module__], name, None)
+
+
 def _rotary_fn(attn: nn.Module):
     """transformers' ``apply_rotary_pos_emb_vision`` from the module that defines this attention."""
-    fn = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision", None)
+    fn = _defined_with(attn, "apply_rotary_pos_emb_vision")
     if fn is None:
         raise RuntimeError(f"{type(attn).__module__} has no apply_rotary_pos_emb_vision")
     return fn
@@ -101,7 +106,7 @@ def attention_patchable(visual: nn.Module) -> bool:
     needed = ("qkv", "proj", "num_heads", "scaling")
     if attn is None or not all(hasattr(attn, name) for name in needed):
         return False
-    return getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision", None) is not None
+    return _defined_with(attn, "apply_rotary_pos_emb_vision") is not None
 
 
 @contextlib.contextmanager
@@ -148,8 +153,7 @@ _INDEX_HELPERS = ("get_vision_position_ids", "get_vision_attention_seqlens", "ge
 
 def _index_helpers(visual: nn.Module) -> list | None:
     """transformers' own window/position index functions, as imported by the tower's module."""
-    module = sys.modules[type(visual).__module__]
-    fns = [getattr(module, name, None) for name in _INDEX_HELPERS]
+    fns = [_defined_with(visual, name) for name in _INDEX_HELPERS]
     return None if None in fns else fns
 
 

@@ -86,12 +86,9 @@ def _quant_rows_kernel(
         if HAS_PQS:
             x = x * tl.load(pqs_ptr + rk, mask=rk < K, other=0.0)
         if STATIC:
-            inv = tl.div_rn(1.0, tl.load(static_ptr))
+            tl.store(q_row + rk, quantize_int8(x, tl.div_rn(1.0, tl.load(static_ptr))), mask=rk < K)
         else:
-            scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), 127.0), MIN_SCALE)
-            tl.store(s_ptr + row, scale)
-            inv = tl.div_rn(1.0, scale)
-        tl.store(q_row + rk, quantize_int8(x, inv), mask=rk < K)
+            quant_store(x, q_row + rk, s_ptr + row, rk < K)
     else:
         if STATIC:
             inv = tl.div_rn(1.0, tl.load(static_ptr))
