@@ -35,7 +35,7 @@ import triton
 from triton.testing import do_bench
 
 from vlmq.runtime.kernels import triton_w8a8 as tk
-from vlmq.runtime.kernels.tiles import GEMV_MAX_M
+from vlmq.runtime.kernels.tiles import GEMV_MAX_M, tma_k_ok, tma_smem_bytes, tma_token_block
 from vlmq.runtime.kernels.triton_w8a8 import (
     KernelConfig,
     pick_config,
@@ -164,6 +164,12 @@ def candidates(m: int, n: int, k: int) -> list[KernelConfig]:
             stages = max(2, min(5, (160 * 1024) // (bk * (bm + bn))))
             for warps in (4, 8) if bn == 128 else (4,):
                 out.append(KernelConfig(bm, bn, bk, split, 8, warps, stages, False, True, swap_ab=True))
+        # Hopper TMA kernel: all K steps of a program's weight rows streamed in before the wait;
+        # 64 weight rows as the wgmma's M side (swap) or the tokens as its M side and 16-64 rows
+        for (rows, swap), split in itertools.product(((64, True), (64, False), (32, False), (16, False)), (1, 2)):
+            if tma_k_ok(k, split) and tma_smem_bytes(m, k, rows, split, not swap) <= 220 * 1024:
+                out.append(KernelConfig(tma_token_block(m, not swap), rows, 128, split, 8, 4, 1, False, True, tma=True,
+                                        swap_ab=swap))  # fmt: skip
         if m <= GEMV_MAX_M:  # CUDA-core GEMV: whole weight rows per program, in registers
             for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (512, 1024, 2048, 4096, 8192), (1, 2, 4, 8)):
                 if triton.next_power_of_2(m) * bn * bk <= 512 * 32 * warps:  # <= 128 int32 words per thread
@@ -216,15 +222,24 @@ def precompile(items: list[tuple], jobs: int) -> None:
     print(f"precompiled {n_ok}/{len(work)} variants in {time.time() - t0:.0f}s", flush=True)
 
 
-def run_sweep(shapes: dict, ms: list[int], jobs: int, rep: int) -> list[dict]:
+def sweep_candidates(m: int, n: int, k: int, only: str) -> list[KernelConfig]:
+    """All candidates, or (``only="tma"``) pick_config's choice against the TMA kernel's variants."""
+    if only == "tma":
+        return [pick_config(m, n, k), *(c for c in candidates(m, n, k) if c.tma)]
+    return candidates(m, n, k)
+
+
+def run_sweep(shapes: dict, ms: list[int], jobs: int, rep: int, only: str = "all") -> list[dict]:
     items = [
-        (m, n, k, False, c) for (n, k, _), m in itertools.product(shapes.values(), ms) for c in candidates(m, n, k)
+        (m, n, k, False, c)
+        for (n, k, _), m in itertools.product(shapes.values(), ms)
+        for c in sweep_candidates(m, n, k, only)
     ]
     precompile(items, jobs)
-    return [_sweep_one(name, n, k, m, rep) for name, (n, k, _) in shapes.items() for m in ms]
+    return [_sweep_one(name, n, k, m, rep, only) for name, (n, k, _) in shapes.items() for m in ms]
 
 
-def _sweep_one(name: str, n: int, k: int, m: int, rep: int) -> dict:
+def _sweep_one(name: str, n: int, k: int, m: int, rep: int, only: str = "all") -> dict:
     r = n_rot(m, n, k)
     sets = make_sets(m, n, k, False, r)
     x, wb, wq, ws = sets["x"], sets["w_bf16"], sets["w_q"], sets["w_s"]
@@ -234,7 +249,7 @@ def _sweep_one(name: str, n: int, k: int, m: int, rep: int) -> dict:
     res = []
     # rank the GEMM on activations quantized upstream (the fused norm / SiLU / attention kernels),
     # what the lean loop runs; at decode M as a chain of programmatic dependent launches, as there
-    for cfg in candidates(m, n, k):
+    for cfg in sweep_candidates(m, n, k, only):
         try:
             t = time_graph(lambda i, c=cfg: _gemm_only(qs[i], wq[i], ws[i], c), r, rep)
         except Exception as e:  # noqa: BLE001 - report and skip a failing config
@@ -366,6 +381,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="JSON output path")
     ap.add_argument("--sweep", action="store_true", help="time candidate configs instead")
+    ap.add_argument("--only", choices=("all", "tma"), default="all",
+                    help="sweep: every candidate, or pick_config's choice against the TMA kernel's")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--jobs", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
@@ -388,7 +405,7 @@ def main() -> None:
         meta["ceilings"] = ceilings()
         print("ceilings:", {k: round(v, 2) for k, v in meta["ceilings"].items()}, flush=True)
     if args.sweep:
-        rows = run_sweep(shapes, ms, args.jobs, args.rep)
+        rows = run_sweep(shapes, ms, args.jobs, args.rep, args.only)
     else:
         rows = run_table(shapes, ms, args.jobs, args.rep, eager=not args.no_eager)
         print_table(rows)

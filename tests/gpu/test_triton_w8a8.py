@@ -159,6 +159,8 @@ def test_deterministic_and_pick_config_buckets() -> None:
     assert pick_config(1, 2048, 2048).gemv and not pick_config(1, 2048, 2048, static=True).gemv
     assert pick_config(16, 2048, 2048).block_m == 16 and not pick_config(16, 2048, 2048).gemv
     assert pick_config(8192, 2048, 2048).block_m >= 64
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert pick_config(16, 2560, 2048).tma == hopper and not pick_config(16, 2560, 2048, static=True).tma
 
 
 @pytest.mark.parametrize("m", [2048, 4096])
@@ -246,3 +248,86 @@ def test_gemv_waits_for_its_producer_in_a_pdl_chain() -> None:
             q, s = quantize_per_token(x.float())
             ref = (q.double() @ w.double().t()) * s.double().reshape(-1, 1) * w_s.double()[None, :] + b.double()
             assert _rel(o, ref) < 4e-3
+
+
+HOPPER = pytest.mark.skipif(torch.cuda.get_device_capability() < (9, 0), reason="the TMA kernel needs Hopper (sm90+)")
+
+
+@HOPPER
+@pytest.mark.parametrize("m", [1, 5, 8, 16, 33, 64])
+@pytest.mark.parametrize("n,k", [(2560, 2048), (2048, 2048), (22016, 2048), (200, 256)])
+@pytest.mark.parametrize("split", [1, 2, 4])
+@pytest.mark.parametrize("rows,swap", [(64, True), (64, False), (32, False), (16, False)])
+def test_tma_decode_exact_and_same_as_pointer_kernel(m: int, n: int, k: int, split: int, rows: int, swap: bool) -> None:
+    """The Gluon kernel (weights by TMA before the PDL wait; weight rows or tokens as the wgmma's M
+    side; split-K through the workspace): exact int32, dequantized output identical to the pointer
+    kernel's (same int32, same fp32 epilogue order), poisoned outputs fully written, split-K
+    workspace and counters left zeroed."""
+    if k % (split * 128):
+        pytest.skip(f"K = {k} has no {split}-way split into 128-wide steps")
+    g = _gen(m, n, k, split, rows, swap, 14)
+    pdl = (m + split) % 2 == 0  # half the cases without PDL
+    cfg = KernelConfig(max(8, triton.next_power_of_2(m)), rows, 128, split, fused=False, pdl=pdl, tma=True,
+                       swap_ab=swap)  # fmt: skip
+    q = torch.randint(-128, 128, (m, k), generator=g, device=DEV, dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), generator=g, device=DEV, dtype=torch.int8)
+    if not tk.tma_decode_usable(q, w, cfg):
+        assert tk.tma_smem_bytes(m, k, rows, split, not swap) > 200 * 1024, "only shared memory may rule it out"
+        pytest.skip("does not fit in shared memory")
+    ones_m, ones_n = torch.ones(m, device=DEV), torch.ones(n, device=DEV)
+    s = torch.rand(m, generator=g, device=DEV) + 0.01
+    w_s = torch.rand(n, generator=g, device=DEV) * 1e-3 + 1e-4
+    b = torch.randn(n, generator=g, device=DEV).to(torch.bfloat16)
+    out = torch.full((m, n), -7, device=DEV, dtype=torch.int32)
+    y = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)
+    torch.cuda.synchronize()  # under PDL the kernel reads w, w_scale, bias before its wait
+    tk._launch(q, w, out, ones_m, ones_n, None, None, tk.A_INT8_ROWSCALE, True, cfg, pdl=pdl)
+    assert torch.equal(out.long(), (q.double() @ w.double().t()).long())
+    tk._launch(q, w, y, s, w_s, b, None, tk.A_INT8_ROWSCALE, False, cfg, pdl=pdl)
+    y_ptr = tk.w8a8_gemm_prequant(q, s, w, w_s, b, config=KernelConfig(16, 32, 256, 1, fused=False))
+    assert torch.equal(y, y_ptr)
+    ref = (q.double() @ w.double().t()) * s.double()[:, None] * w_s.double()[None, :] + b.double()
+    assert _rel(y, ref) < 4e-3
+    if split > 1:
+        torch.cuda.synchronize()
+        ws, locks = tk._WORKSPACES[("cuda", q.device.index or 0)]
+        assert not ws.any() and not locks.any()
+
+
+@HOPPER
+def test_tma_decode_chain_waits_for_each_producer() -> None:
+    """A chain as the decode loop runs it, captured in a CUDA graph: quantize (PDL) -> TMA GEMM
+    (weights before its wait) -> quantize the GEMM's output -> the next TMA GEMM ..., all launched
+    early. A GEMM that read its activations before its producer finished would see stale rows."""
+    g = _gen(15)
+    m, n, k, depth = 8, 2048, 2048, 6
+    ws = [torch.randint(-128, 128, (n, k), generator=g, device=DEV, dtype=torch.int8) for _ in range(depth)]
+    w_ss = [torch.rand(n, generator=g, device=DEV) * 2e-3 + 1e-4 for _ in range(depth)]
+    x0 = torch.randn(m, k, generator=g, device=DEV).to(torch.bfloat16)
+    cfgs = [KernelConfig(8, rows, 128, split, fused=False, pdl=True, tma=True, swap_ab=rows == 64)
+            for rows, split in ((64, 1), (32, 1), (64, 2), (16, 1), (32, 2), (64, 4))]
+
+    def chain() -> list[torch.Tensor]:
+        outs, h = [], x0
+        for w, w_s, cfg in zip(ws, w_ss, cfgs, strict=True):
+            q, s = quantize_rows(h, pdl=True)
+            h = tk.w8a8_gemm_prequant(q, s, w, w_s, config=cfg)
+            outs.append(h)
+        return outs
+
+    chain()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain()
+    for rep in range(3):
+        x0.copy_(torch.randn(m, k, generator=g, device=DEV) * (rep + 1))
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        h = x0
+        for o, w, w_s in zip(outs, ws, w_ss, strict=True):
+            q, s = quantize_per_token(h.float())
+            ref = (q.double() @ w.double().t()) * s.double().reshape(-1, 1) * w_s.double()[None, :]
+            assert _rel(o, ref) < 4e-3
+            h = o

@@ -31,6 +31,32 @@ class KernelConfig:
     tail_n: int = 0
     gemv: bool = False  # int8 A, M <= 4: CUDA-core GEMV (w8a8_gemv.py), block_n columns per program
     swap_ab: bool = False  # pointer kernel: block_n weight rows as the MMA's M side (wgmma at few tokens)
+    tma: bool = False  # int8 A, M <= 64, Hopper: weights by TMA before the PDL wait (w8a8_tma_decode.py)
+
+
+TMA_BLOCK_K = 128  # w8a8_tma_decode's K step: one 128-byte-swizzled TMA row of int8
+TMA_MAX_M = 64
+
+
+def tma_token_block(m: int, tokens_m: bool = False) -> int:
+    """Token rows the TMA kernel copies per K step: a wgmma N size when the tokens are its N side,
+    its 64-row M side otherwise."""
+    return 64 if tokens_m else max(8, next_pow2(m))
+
+
+def tma_k_ok(k: int, split_k: int) -> bool:
+    """K splits into a power-of-two number of 128-wide steps per program (Gluon's shared-memory
+    shapes are powers of two)."""
+    steps = k // (split_k * TMA_BLOCK_K) if k % (split_k * TMA_BLOCK_K) == 0 else 0
+    return steps > 0 and steps & (steps - 1) == 0
+
+
+def tma_smem_bytes(m: int, k: int, rows: int, split_k: int, tokens_m: bool) -> int:
+    """Shared memory of w8a8_tma_decode for these operands: every K step of the program's slice
+    at once (weights and tokens), plus barriers and the epilogue's layout conversion."""
+    k_slice = k // split_k
+    bt = tma_token_block(m, tokens_m)
+    return k_slice * (rows + bt) + 64 * max(rows, bt) * 4 + 64
 
 
 def next_pow2(v: int) -> int:
@@ -40,10 +66,17 @@ def next_pow2(v: int) -> int:
 @functools.lru_cache(maxsize=4096)
 def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
     """Config per (M bucket, N, K), from the H100 sweeps in benchmarks/bench_w8a8_linear.py
-    (docs/KERNEL_NOTES.md): the dp4a GEMV at M <= 2-4, the pointer kernel with decode tiles up to
-    M = 64, the persistent TMA kernel for prefill. Prologue-fused quantization lost everywhere (the
+    (docs/KERNEL_NOTES.md): on Hopper the Gluon TMA kernel for qkv/o_proj at M = 3-64, the dp4a
+    GEMV at M <= 2-4, the pointer kernel with decode tiles up to M = 64, the persistent TMA kernel
+    for prefill. Prologue-fused quantization lost everywhere (the
     in-loop bf16 -> int8 conversion costs more than the separate row kernel), so it stays opt-in."""
     pdl = pdl_supported()
+    if 3 <= m <= TMA_MAX_M and k < 8192 and n < 8192 and tma_k_ok(k, 1) and not static and tma_supported():
+        # qkv / o_proj on Hopper (sweep_tma*.json): weights by TMA before the PDL wait; 64 weight
+        # rows as the wgmma's M side up to 32 tokens, the tokens as its M side at 64
+        if m <= 32:
+            return KernelConfig(tma_token_block(m), 64, TMA_BLOCK_K, 1, 8, 4, 1, False, pdl, tma=True, swap_ab=True)
+        return KernelConfig(64, 32, TMA_BLOCK_K, 1, 8, 4, 1, False, pdl, tma=True)
     gemv = _gemv_tile(m, n, k) if not static else None  # the GEMV takes per-token scales only
     if gemv is not None:
         return KernelConfig(16, gemv[0], gemv[1], 1, 8, gemv[2], 1, False, pdl, gemv=True)
@@ -97,6 +130,18 @@ def _gemv_tile(m: int, n: int, k: int) -> tuple[int, int, int] | None:
     if n >= 8192:  # gate/up
         return (2, 4096, 1)
     return (4, 2048, 4) if m <= 2 else (4, 1024, 2)
+
+
+@functools.lru_cache(maxsize=1)
+def tma_supported() -> bool:
+    """The Gluon TMA decode kernel: Hopper or newer, and a Triton with Gluon's Hopper module."""
+    if not pdl_supported():
+        return False
+    try:
+        from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=1)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from vlmq.runtime.kernels import w8a8_gemv, w8a8_persistent
 from vlmq.runtime.kernels.tiles import (
+    TMA_MAX_M,
     KernelConfig,
     fit_to_smem,
     interpreting,
@@ -38,6 +39,9 @@ from vlmq.runtime.kernels.tiles import (
     pdl_enter,
     pdl_launch,
     pick_config,
+    tma_k_ok,
+    tma_smem_bytes,
+    tma_supported,
 )
 
 __all__ = ["KernelConfig", "pick_config", "quantize_rows", "w8a8_gemm_prequant", "w8a8_int_gemm", "w8a8_linear"]
@@ -302,6 +306,15 @@ def _launch(
         w8a8_gemv.launch_gemv(a, w, out, a_scale, w_scale, bias, out_int32, cfg.block_n, cfg.block_k,
                               cfg.num_warps, pdl, GEMV_TRIGGER)  # fmt: skip
         return
+    if cfg.tma:
+        if a_mode == A_INT8_ROWSCALE and tma_decode_usable(a, w, cfg):
+            from vlmq.runtime.kernels import w8a8_tma_decode  # Gluon: imported only where it can run
+
+            ws, locks = _workspace(a.device, m * n, triton.cdiv(n, cfg.block_n)) if cfg.split_k > 1 else (out, out)
+            w8a8_tma_decode.launch_tma_decode(a, w, out, a_scale, w_scale, bias, out_int32, cfg.block_n,
+                                              cfg.split_k, not cfg.swap_ab, ws, locks, pdl)  # fmt: skip
+            return
+        cfg = dataclasses.replace(cfg, tma=False, num_stages=4)  # same tile on the pointer kernel
     cfg = fit_to_smem(cfg, a.element_size(), w8a8_persistent.smem_bytes(a.device))
     if cfg.persistent and a_mode == A_INT8_ROWSCALE and not pdl and w8a8_persistent.supported(a, w):
         w8a8_persistent.launch_persistent(a, w, out, a_scale, w_scale, bias, out_int32, cfg.block_m, cfg.block_n,
@@ -322,6 +335,21 @@ def _launch(
         TRIGGER=GEMM_TRIGGER if pdl else 0, SWAP_AB=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(pdl),
     )  # fmt: skip
+
+
+def tma_decode_usable(a: Tensor, w: Tensor, cfg: KernelConfig) -> bool:
+    """The Gluon TMA kernel's conditions: Hopper+, TMA-aligned operands, M <= 64, K a whole number
+    of 128-wide steps per split, 64 weight rows per program when they are the MMA's M side, and its
+    shared memory (all K steps at once) fitting."""
+    m, k = a.shape
+    if interpreting() or m > TMA_MAX_M or not tma_k_ok(k, cfg.split_k) or not w8a8_persistent.supported(a, w):
+        return False
+    if not tma_supported():
+        return False
+    if cfg.block_n not in (16, 32, 64) or (cfg.swap_ab and cfg.block_n != 64):
+        return False
+    need = tma_smem_bytes(m, k, cfg.block_n, cfg.split_k, not cfg.swap_ab)
+    return need <= w8a8_persistent.smem_bytes(a.device)
 
 
 def w8a8_linear(
