@@ -36,6 +36,7 @@ class KernelConfig:
 
 TMA_BLOCK_K = 128  # w8a8_tma_decode's K step: one 128-byte-swizzled TMA row of int8
 TMA_MAX_M = 64
+TMA_ONE_TOKEN_MAX_N = 2048  # at M = 1 the TMA kernel beat the GEMV for o_proj (N = 2048), not for qkv
 
 
 def tma_token_block(m: int, tokens_m: bool = False) -> int:
@@ -72,7 +73,7 @@ def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
     in-loop bf16 -> int8 conversion costs more than the separate row kernel), so it stays opt-in."""
     pdl = pdl_supported()
     tma_shape = m <= TMA_MAX_M and k < 8192 and n < 8192 and tma_k_ok(k, 1) and not static
-    if tma_shape and (m >= 2 or n <= 2048) and tma_supported():
+    if tma_shape and (m >= 2 or n <= TMA_ONE_TOKEN_MAX_N) and tma_supported():
         # qkv / o_proj on Hopper (sweep_tma3.json): weights by TMA before the PDL wait, 1.63-1.88x
         # cuBLAS bf16; 64 weight rows as the wgmma's M side up to 32 tokens, the tokens as its M side
         # at 64; at one token the dp4a GEMV still wins qkv (3.94 vs 4.23 us) but not o_proj (3.86 vs 3.53)
