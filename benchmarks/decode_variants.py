@@ -1,7 +1,7 @@
 """On the GPU: decode tokens/s of the lean loop (3B shape, random weights) under kernel choices
 that can't be judged from a linear-level table: the Hopper TMA kernel as pick_config uses it
-(qkv/o_proj at M >= 2, and o_proj at M = 1), the same without it at M = 1 (the dp4a GEMV there),
-and without it at all (the pointer kernel's decode tiles). bf16 once for reference; each variant
+(qkv/o_proj at M = 2-64, the dp4a GEMV at M = 1), the same with it also at M = 1, and without it
+(the pointer kernel's decode tiles). bf16 once for reference; each variant
 twice (median of 5 timed runs each).
 
     PYTHONPATH=src python benchmarks/decode_variants.py
@@ -23,8 +23,8 @@ from vlmq.bench import make_inputs, quantize_language_model  # noqa: E402
 from vlmq.runtime.decode import LeanDecoder  # noqa: E402
 from vlmq.runtime.kernels import tiles  # noqa: E402
 
-# name: (TMA kernel on, its largest N at M = 1)
-VARIANTS = {"tma (pick_config)": (True, tiles.TMA_ONE_TOKEN_MAX_N), "tma from M = 2": (True, 0), "no tma": (False, 0)}
+# name: (TMA kernel on, its smallest M)
+VARIANTS = {"tma (pick_config)": (True, tiles.TMA_MIN_M), "tma from M = 1": (True, 1), "no tma": (False, 1)}
 
 
 def tok_s(model, inputs: dict, batch: int, new_tokens: int = 64, iters: int = 5) -> float:
@@ -50,9 +50,9 @@ def main() -> None:
         for b in (1, 8):
             print(f"bf16 batch {b}: tok/s", [round(tok_s(model, inputs[b], b), 1) for _ in range(2)], flush=True)
         quantize_language_model(model, backend="triton")
-        for name, (tma_on, one_token_n) in VARIANTS.items():
+        for name, (tma_on, min_m) in VARIANTS.items():
             tiles.tma_supported = tma_supported if tma_on else (lambda: False)
-            tiles.TMA_ONE_TOKEN_MAX_N = one_token_n
+            tiles.TMA_MIN_M = min_m
             tiles.pick_config.cache_clear()
             for b in (1, 8):
                 runs = [round(tok_s(model, inputs[b], b), 1) for _ in range(2)]

@@ -35,8 +35,8 @@ class KernelConfig:
 
 
 TMA_BLOCK_K = 128  # w8a8_tma_decode's K step: one 128-byte-swizzled TMA row of int8
+TMA_MIN_M = 2  # at one token the dp4a GEMV: decode at batch 1 ran 488 tok/s with the TMA kernel there, 492 without
 TMA_MAX_M = 64
-TMA_ONE_TOKEN_MAX_N = 2048  # at M = 1 the TMA kernel beat the GEMV for o_proj (N = 2048), not for qkv
 
 
 def tma_token_block(m: int, tokens_m: bool = False) -> int:
@@ -72,11 +72,11 @@ def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
     for prefill. Prologue-fused quantization lost everywhere (the
     in-loop bf16 -> int8 conversion costs more than the separate row kernel), so it stays opt-in."""
     pdl = pdl_supported()
-    tma_shape = m <= TMA_MAX_M and k < 8192 and n < 8192 and tma_k_ok(k, 1) and not static
-    if tma_shape and (m >= 2 or n <= TMA_ONE_TOKEN_MAX_N) and tma_supported():
-        # qkv / o_proj on Hopper (sweep_tma3.json): weights by TMA before the PDL wait, 1.63-1.88x
+    tma_shape = TMA_MIN_M <= m <= TMA_MAX_M and k < 8192 and n < 8192 and tma_k_ok(k, 1) and not static
+    if tma_shape and tma_supported():
+        # qkv / o_proj on Hopper (sweep_tma3.json): weights by TMA before the PDL wait, 1.63-1.89x
         # cuBLAS bf16; 64 weight rows as the wgmma's M side up to 32 tokens, the tokens as its M side
-        # at 64; at one token the dp4a GEMV still wins qkv (3.94 vs 4.23 us) but not o_proj (3.86 vs 3.53)
+        # at 64. gate/up and down_proj: the pointer kernel and the GEMV stayed faster
         if m <= 32:
             return KernelConfig(tma_token_block(m), 64, TMA_BLOCK_K, 1, 8, 4, 1, False, pdl, tma=True, swap_ab=True)
         return KernelConfig(64, 32, TMA_BLOCK_K, 1, 8, 4, 1, False, pdl, tma=True)
