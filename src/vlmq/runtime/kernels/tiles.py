@@ -104,12 +104,12 @@ def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
         return KernelConfig(bm, bn, 256, 1, 8, 4, 5, False, pdl)  # 256-deep K steps: PDL-chain sweep
     if m < 2048 and n < 8192:  # mid M (qkv/o/down; sweep_mid_m.json): 64-row tiles, split-K never won
         if k >= 8192 and m <= 512:
-            return KernelConfig(64, 128, 256, 1, 4, 4, 3, False)
-        return KernelConfig(64, 128, 128, 1, 4, 4, 4, False)
+            return KernelConfig(64, 128, 256, 1, 4, 4, 3, False, pdl)
+        return KernelConfig(64, 128, 128, 1, 4, 4, 4, False, pdl)
     if m < 512:  # gate/up below two rounds of 128x256 tiles
-        return KernelConfig(128, 64, 128, 1, 8, 4, 4, False)
+        return KernelConfig(128, 64, 128, 1, 8, 4, 4, False, pdl)
     if n <= 512:
-        return KernelConfig(128, 128, 128, 1, 8, 4, 4, False)
+        return KernelConfig(128, 128, 128, 1, 8, 4, 4, False, pdl)
     # prefill (H100 sweeps, 132 SMs): the persistent TMA kernel with 128x256 tiles, where a short last
     # round (qkv at M = 2048/4096) is done in smaller tail tiles; the pointer kernel's 128x128 tiles
     # only where all 128x256 tiles fit in one round and K is short (o_proj at M = 2048)
@@ -117,10 +117,10 @@ def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
     rounds = tiles / H100_SMS
     tail = (64, 128) if rounds < 2 else (128, 128)
     if 1 < rounds < 4 and rounds % 1 <= 0.5:
-        return KernelConfig(128, 256, 128, 1, 4, 8, 4, False, persistent=True, tail_m=tail[0], tail_n=tail[1])
+        return KernelConfig(128, 256, 128, 1, 4, 8, 4, False, pdl, persistent=True, tail_m=tail[0], tail_n=tail[1])
     if k >= 4096 or rounds >= 1.5:
-        return KernelConfig(128, 256, 128, 1, 8, 8, 4, False, persistent=True)
-    return KernelConfig(128, 128, 64, 1, 4, 4, 5, False)
+        return KernelConfig(128, 256, 128, 1, 8, 8, 4, False, pdl, persistent=True)
+    return KernelConfig(128, 128, 64, 1, 4, 4, 5, False, pdl)
 
 
 def _gemv_tile(m: int, n: int, k: int) -> tuple[int, int, int] | None:

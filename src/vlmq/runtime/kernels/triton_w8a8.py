@@ -316,10 +316,10 @@ def _launch(
             return
         cfg = dataclasses.replace(cfg, tma=False, num_stages=4)  # same tile on the pointer kernel
     cfg = fit_to_smem(cfg, a.element_size(), w8a8_persistent.smem_bytes(a.device))
-    if cfg.persistent and a_mode == A_INT8_ROWSCALE and not pdl and w8a8_persistent.supported(a, w):
+    if cfg.persistent and a_mode == A_INT8_ROWSCALE and w8a8_persistent.supported(a, w):
         w8a8_persistent.launch_persistent(a, w, out, a_scale, w_scale, bias, out_int32, cfg.block_m, cfg.block_n,
                                           cfg.block_k, cfg.group_m, cfg.num_warps, cfg.num_stages,
-                                          (cfg.tail_m, cfg.tail_n) if cfg.tail_m else None)  # fmt: skip
+                                          (cfg.tail_m, cfg.tail_n) if cfg.tail_m else None, pdl)  # fmt: skip
         return
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))

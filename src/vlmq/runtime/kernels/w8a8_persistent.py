@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vlmq.runtime.kernels.tiles import SMEM_RESERVE_INT8_A, max_shared_memory
+from vlmq.runtime.kernels.tiles import SMEM_RESERVE_INT8_A, max_shared_memory, pdl_enter, pdl_launch
 
 
 @triton.jit
@@ -62,8 +62,9 @@ def _w8a8_persistent_kernel(
     M, N, K, M_MAIN, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
-    NUM_PROGS: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
+    NUM_PROGS: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(USE_PDL)  # one program per SM: a successor's programs can only start as these exit
     pid = tl.program_id(0)
     k_tiles = tl.cdiv(K, BLOCK_K)
     # rows [0, M_MAIN): big tiles, every program the same number of full rounds (plus the remainder)
@@ -125,9 +126,10 @@ def main_rows(m: int, n: int, block_m: int, block_n: int, progs: int) -> int:
 def launch_persistent(
     a: Tensor, w: Tensor, out: Tensor, a_scale: Tensor, w_scale: Tensor, bias: Tensor | None,
     out_int32: bool, block_m: int, block_n: int, block_k: int, group_m: int, num_warps: int, num_stages: int,
-    tail: tuple[int, int] | None = None,
+    tail: tuple[int, int] | None = None, pdl: bool = False,
 ) -> None:  # fmt: skip
-    """``tail=(TAIL_M, TAIL_N)``: the rows after the last full round of big tiles use that tile."""
+    """``tail=(TAIL_M, TAIL_N)``: the rows after the last full round of big tiles use that tile;
+    ``pdl``: launched while the producer of ``a`` still runs (programmatic dependent launch)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     m, k = a.shape
@@ -149,5 +151,6 @@ def launch_persistent(
         a_desc, w_desc, *tails, out, a_scale, w_scale, bias if bias is not None else w_scale,
         m, n, k, m_main, out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, TAIL_M=tail_m, TAIL_N=tail_n,
-        NUM_PROGS=progs, HAS_BIAS=bias is not None, OUT_INT32=out_int32, num_warps=num_warps, num_stages=num_stages,
+        NUM_PROGS=progs, HAS_BIAS=bias is not None, OUT_INT32=out_int32, USE_PDL=pdl, num_warps=num_warps,
+        num_stages=num_stages, **pdl_launch(pdl),
     )  # fmt: skip
