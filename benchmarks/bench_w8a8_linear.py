@@ -188,7 +188,7 @@ def candidates(m: int, n: int, k: int) -> list[KernelConfig]:
         for (bm, bn, bk, w, st), split in itertools.product(((64, 128, 128, 4, 4), (128, 128, 128, 8, 3),
                                                              (64, 64, 256, 4, 4)), (2, 4)):  # fmt: skip
             out.append(KernelConfig(bm, bn, bk, split, 8, w, st, False))
-    return out
+    return out + [dataclasses.replace(c, pdl=True) for c in out]  # launched while the producer runs, or after
 
 
 def _warm_items(items: list[tuple]) -> int:
