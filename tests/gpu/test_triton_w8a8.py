@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -293,6 +294,23 @@ def test_tma_decode_exact_and_same_as_pointer_kernel(m: int, n: int, k: int, spl
         torch.cuda.synchronize()
         ws, locks = tk._WORKSPACES[("cuda", q.device.index or 0)]
         assert not ws.any() and not locks.any()
+
+
+@HOPPER
+@pytest.mark.parametrize("m", [2, 8, 64])
+def test_tma_config_on_a_misaligned_view_falls_back_exactly(m: int) -> None:
+    """pick_config's TMA tile on activations TMA can't address (a view 8 bytes off a 16-byte
+    boundary) runs on the pointer kernel instead, with the same exact int32 result."""
+    g = _gen(m, 16)
+    n, k = 2560, 2048
+    cfg = pick_config(m, n, k)
+    assert cfg.tma
+    buf = torch.randint(-128, 128, (m * k + 8,), generator=g, device=DEV, dtype=torch.int8)
+    q = buf[8:].view(m, k)
+    w = torch.randint(-128, 128, (n, k), generator=g, device=DEV, dtype=torch.int8)
+    assert not tk.tma_decode_usable(q, w, cfg)
+    out = w8a8_int_gemm(q, w, config=dataclasses.replace(cfg, fused=False))
+    assert torch.equal(out.long(), (q.double() @ w.double().t()).long())
 
 
 @HOPPER

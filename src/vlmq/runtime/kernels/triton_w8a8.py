@@ -314,7 +314,8 @@ def _launch(
             w8a8_tma_decode.launch_tma_decode(a, w, out, a_scale, w_scale, bias, out_int32, cfg.block_n,
                                               cfg.split_k, not cfg.swap_ab, ws, locks, pdl)  # fmt: skip
             return
-        cfg = dataclasses.replace(cfg, tma=False, num_stages=4)  # same tile on the pointer kernel
+        # e.g. a misaligned view: the same tile on the pointer kernel (its MMAs need 16 token rows)
+        cfg = dataclasses.replace(cfg, tma=False, block_m=max(16, cfg.block_m), num_stages=4)
     cfg = fit_to_smem(cfg, a.element_size(), w8a8_persistent.smem_bytes(a.device))
     if cfg.persistent and a_mode == A_INT8_ROWSCALE and w8a8_persistent.supported(a, w):
         w8a8_persistent.launch_persistent(a, w, out, a_scale, w_scale, bias, out_int32, cfg.block_m, cfg.block_n,
