@@ -12,9 +12,12 @@ import torch
 
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="this Triton has no Gluon Hopper module")
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
-from triton.runtime.jit import mangle_type  # noqa: E402
+try:  # Triton internals (stable across 3.6-3.8): skip, not fail, on a Triton that moved them
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+except ImportError as exc:
+    pytest.skip(f"this Triton has no ahead-of-time Gluon compile path: {exc}", allow_module_level=True)
 
 from vlmq.runtime.kernels import tiles  # noqa: E402
 from vlmq.runtime.kernels import w8a8_tma_decode as td  # noqa: E402

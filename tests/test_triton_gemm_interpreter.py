@@ -146,3 +146,24 @@ def test_swap_ab_only_where_the_h100_sweep_won() -> None:
         assert cfg.swap_ab == want, (m, n, k, cfg)
         if cfg.swap_ab:
             assert cfg.block_n == 64 and not cfg.gemv and not cfg.persistent
+
+
+def test_tma_decode_kernel_only_where_it_fits_and_won(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pick_config on an sm90 GPU (faked here): the TMA decode kernel for qkv/o_proj at M = 2-64
+    (64 weight rows as the MMA's M side up to 32 tokens, the tokens above), never at one token, for
+    gate/up or down_proj, with a static input scale, or where its shared memory can't fit (K = 4096)."""
+    from vlmq.runtime.kernels import tiles
+
+    monkeypatch.setattr(tiles, "tma_supported", lambda: True)
+    tiles.pick_config.cache_clear()
+    try:
+        for (n, k), m in itertools.product([*LM_SHAPES, (4096, 4096)], (1, 2, 3, 8, 32, 33, 64, 65, 2048)):
+            cfg = tiles.pick_config(m, n, k)
+            want = (n, k) in [(2560, 2048), (2048, 2048)] and 2 <= m <= 64
+            assert cfg.tma == want, (m, n, k, cfg)
+            assert not tiles.pick_config(m, n, k, static=True).tma
+            if cfg.tma:
+                assert cfg.swap_ab == (m <= 32) and cfg.block_n == (64 if m <= 32 else 32) and cfg.split_k == 1
+                assert tiles.tma_smem_bytes(m, k, cfg.block_n, 1, not cfg.swap_ab) <= tiles.SM90_SMEM
+    finally:
+        tiles.pick_config.cache_clear()

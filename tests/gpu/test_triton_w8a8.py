@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (Triton W8A8 kernel)", allow_module_level=True)
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
+from vlmq.runtime.kernels import tiles  # noqa: E402
 from vlmq.runtime.kernels import triton_w8a8 as tk  # noqa: E402
 from vlmq.runtime.kernels.triton_w8a8 import KernelConfig, pick_config, quantize_rows, w8a8_int_gemm, w8a8_linear  # noqa: E402
 from vlmq.runtime.linear import W8A8Linear, quantize_per_token, quantize_static  # noqa: E402
@@ -274,7 +275,7 @@ def test_tma_decode_exact_and_same_as_pointer_kernel(m: int, n: int, k: int, spl
     q = torch.randint(-128, 128, (m, k), generator=g, device=DEV, dtype=torch.int8)
     w = torch.randint(-128, 128, (n, k), generator=g, device=DEV, dtype=torch.int8)
     if not tk.tma_decode_usable(q, w, cfg):
-        assert tk.tma_smem_bytes(m, k, rows, split, not swap) > 200 * 1024, "only shared memory may rule it out"
+        assert tiles.tma_smem_bytes(m, k, rows, split, not swap) > tiles.max_shared_memory(0), "only shared memory"
         pytest.skip("does not fit in shared memory")
     ones_m, ones_n = torch.ones(m, device=DEV), torch.ones(n, device=DEV)
     s = torch.rand(m, generator=g, device=DEV) + 0.01
@@ -294,6 +295,44 @@ def test_tma_decode_exact_and_same_as_pointer_kernel(m: int, n: int, k: int, spl
         torch.cuda.synchronize()
         ws, locks = tk._WORKSPACES[("cuda", q.device.index or 0)]
         assert not ws.any() and not locks.any()
+
+
+@pytest.mark.parametrize("m,n,k", [(2048, 2560, 2048), (512, 2048, 2048), (300, 2048, 11008)])
+def test_prefill_gemms_wait_for_their_producer_in_a_pdl_chain(m: int, n: int, k: int) -> None:
+    """Prefill as the loop runs it on Hopper: quantize (PDL) -> GEMM launched early with PDL (the
+    persistent kernel with its small-tile tail at 2048 x 2560, the pointer kernel at mid M), four
+    times over in a CUDA graph; every replay gets fresh activations and NaN-filled outputs."""
+    g = _gen(m, n, k, 17)
+    cfg = pick_config(m, n, k)
+    assert cfg.pdl == (torch.cuda.get_device_capability() >= (9, 0))
+    ws = [torch.randint(-128, 128, (n, k), generator=g, device=DEV, dtype=torch.int8) for _ in range(4)]
+    w_s = torch.rand(n, generator=g, device=DEV) * 1e-3 + 1e-4
+    xs = [torch.empty(m, k, device=DEV, dtype=torch.bfloat16) for _ in range(4)]
+
+    def chain() -> list[torch.Tensor]:
+        outs = []
+        for x, w in zip(xs, ws, strict=True):
+            q, s = quantize_rows(x, pdl=cfg.pdl)
+            outs.append(tk.w8a8_gemm_prequant(q, s, w, w_s, config=cfg))
+        return outs
+
+    for x in xs:
+        x.normal_(generator=g)
+    chain()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain()
+    for rep in range(2):
+        for x in xs:
+            x.copy_(torch.randn(m, k, generator=g, device=DEV) * (rep + 2))
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for x, w, o in zip(xs, ws, outs, strict=True):
+            q, s = quantize_per_token(x.float())
+            ref = (q.double() @ w.double().t()) * s.double().reshape(-1, 1) * w_s.double()[None, :]
+            assert _rel(o, ref) < 4e-3
 
 
 @HOPPER

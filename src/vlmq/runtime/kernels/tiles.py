@@ -30,13 +30,14 @@ class KernelConfig:
     tail_m: int = 0  # persistent: rows after the last full round of big tiles use tail_m x tail_n tiles
     tail_n: int = 0
     gemv: bool = False  # int8 A, M <= 4: CUDA-core GEMV (w8a8_gemv.py), block_n columns per program
-    swap_ab: bool = False  # pointer kernel: block_n weight rows as the MMA's M side (wgmma at few tokens)
-    tma: bool = False  # int8 A, M <= 64, Hopper: weights by TMA before the PDL wait (w8a8_tma_decode.py)
+    swap_ab: bool = False  # block_n weight rows as the MMA's M side, the tokens as its N side (pointer and TMA)
+    tma: bool = False  # int8 A, M <= 64, sm90: weights by TMA before the PDL wait (w8a8_tma_decode.py)
 
 
 TMA_BLOCK_K = 128  # w8a8_tma_decode's K step: one 128-byte-swizzled TMA row of int8
 TMA_MIN_M = 2  # at one token the dp4a GEMV: decode at batch 1 ran 488 tok/s with the TMA kernel there, 492 without
 TMA_MAX_M = 64
+SM90_SMEM = 232448  # opt-in shared memory per block on every sm90 card (227 KB)
 
 
 def tma_token_block(m: int, tokens_m: bool = False) -> int:
@@ -60,6 +61,35 @@ def tma_smem_bytes(m: int, k: int, rows: int, split_k: int, tokens_m: bool) -> i
     return k_slice * (rows + bt) + 64 * max(rows, bt) * 4 + 64
 
 
+def tma_config(m: int, n: int, k: int, pdl: bool) -> KernelConfig | None:
+    """The TMA decode kernel's tile for qkv/o_proj-sized GEMMs at M = 2-64 (sweep_tma3.json: 1.63-1.90x
+    cuBLAS bf16), or None: 64 weight rows as the wgmma's M side up to 32 tokens, 64 token rows as the
+    M side and 32 weight rows per program above. gate/up and down_proj stayed faster on the other kernels."""
+    if not (TMA_MIN_M <= m <= TMA_MAX_M and k < 8192 and n < 8192 and tma_k_ok(k, 1)):
+        return None
+    swap = m <= 32
+    rows = 64 if swap else 32
+    if tma_smem_bytes(m, k, rows, 1, not swap) > SM90_SMEM:
+        return None
+    return KernelConfig(tma_token_block(m, not swap), rows, TMA_BLOCK_K, 1, 8, 4, 1, False, pdl, tma=True,
+                        swap_ab=swap)  # fmt: skip
+
+
+def tma_decode_usable(a: torch.Tensor, w: torch.Tensor, cfg: KernelConfig) -> bool:
+    """Whether the TMA kernel can run ``cfg`` on these operands: sm90, 16-byte aligned bases and row
+    strides, M <= 64, K a power-of-two number of 128-wide steps per split, 64 weight rows per program
+    when they are the MMA's M side, and its shared memory (all K steps at once) fitting."""
+    m, k = a.shape
+    if interpreting() or not a.is_cuda or m > TMA_MAX_M or not tma_k_ok(k, cfg.split_k) or not tma_supported():
+        return False
+    if not all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w)):
+        return False
+    if cfg.block_n not in (16, 32, 64) or (cfg.swap_ab and cfg.block_n != 64):
+        return False
+    device = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    return tma_smem_bytes(m, k, cfg.block_n, cfg.split_k, not cfg.swap_ab) <= max_shared_memory(device)
+
+
 def next_pow2(v: int) -> int:
     return 1 << max(v - 1, 0).bit_length()
 
@@ -67,19 +97,15 @@ def next_pow2(v: int) -> int:
 @functools.lru_cache(maxsize=4096)
 def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
     """Config per (M bucket, N, K), from the H100 sweeps in benchmarks/bench_w8a8_linear.py
-    (docs/KERNEL_NOTES.md): on Hopper the Gluon TMA kernel for qkv/o_proj at M = 3-64, the dp4a
-    GEMV at M <= 2-4, the pointer kernel with decode tiles up to M = 64, the persistent TMA kernel
-    for prefill. Prologue-fused quantization lost everywhere (the
-    in-loop bf16 -> int8 conversion costs more than the separate row kernel), so it stays opt-in."""
+    (docs/KERNEL_NOTES.md): on sm90 the Gluon TMA kernel for qkv/o_proj at M = 2-64, the dp4a GEMV
+    at M = 1-4, the pointer kernel with decode tiles up to M = 64, the persistent TMA kernel for
+    prefill. Prologue-fused quantization lost everywhere (the in-loop bf16 -> int8 conversion costs
+    more than the separate row kernel), so it stays opt-in."""
     pdl = pdl_supported()
-    tma_shape = TMA_MIN_M <= m <= TMA_MAX_M and k < 8192 and n < 8192 and tma_k_ok(k, 1) and not static
-    if tma_shape and tma_supported():
-        # qkv / o_proj on Hopper (sweep_tma3.json): weights by TMA before the PDL wait, 1.63-1.89x
-        # cuBLAS bf16; 64 weight rows as the wgmma's M side up to 32 tokens, the tokens as its M side
-        # at 64. gate/up and down_proj: the pointer kernel and the GEMV stayed faster
-        if m <= 32:
-            return KernelConfig(tma_token_block(m), 64, TMA_BLOCK_K, 1, 8, 4, 1, False, pdl, tma=True, swap_ab=True)
-        return KernelConfig(64, 32, TMA_BLOCK_K, 1, 8, 4, 1, False, pdl, tma=True)
+    if not static and tma_supported():
+        tma = tma_config(m, n, k, pdl)
+        if tma is not None:
+            return tma
     gemv = _gemv_tile(m, n, k) if not static else None  # the GEMV takes per-token scales only
     if gemv is not None:
         return KernelConfig(16, gemv[0], gemv[1], 1, 8, gemv[2], 1, False, pdl, gemv=True)
@@ -116,8 +142,8 @@ def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
     tiles = triton.cdiv(m, 128) * triton.cdiv(n, 256)
     rounds = tiles / H100_SMS
     tail = (64, 128) if rounds < 2 else (128, 128)
-    # PDL saved 0.7-1 us per call for qkv/o_proj; gate/up and down_proj (100-650 us) lost ~2% with it
-    # (bench_3b_prefill_pdl.json): their successor's early launch has no SM to start on anyway
+    # PDL saved 0.6-1.2 us per call for qkv/o_proj; the persistent gate/up at 2048-8192 and down_proj at
+    # 8192 were 2-2.5% slower with it (bench_3b_prefill_pdl.json; down_proj 2048 2% faster, 4096 even)
     pdl = pdl and n < 8192 and k < 8192
     if 1 < rounds < 4 and rounds % 1 <= 0.5:
         return KernelConfig(128, 256, 128, 1, 4, 8, 4, False, pdl, persistent=True, tail_m=tail[0], tail_n=tail[1])
@@ -140,8 +166,9 @@ def _gemv_tile(m: int, n: int, k: int) -> tuple[int, int, int] | None:
 
 @functools.lru_cache(maxsize=1)
 def tma_supported() -> bool:
-    """The Gluon TMA decode kernel: Hopper or newer, and a Triton with Gluon's Hopper module."""
-    if not pdl_supported():
+    """The Gluon TMA decode kernel: an sm90 GPU (wgmma exists only there) and a Triton with Gluon's
+    Hopper module."""
+    if not pdl_supported() or torch.cuda.get_device_capability()[0] != 9:
         return False
     try:
         from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401

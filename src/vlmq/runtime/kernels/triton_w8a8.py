@@ -1,23 +1,16 @@
-"""Fused W8A8 INT8 GEMM for CUDA (Triton).
+"""W8A8 INT8 GEMM for CUDA (Triton): the pointer kernel, the per-token row-quantization kernel, and
+the launcher that sends each call to the kernel ``pick_config`` chose (dp4a GEMV, sm90 TMA decode
+kernel, persistent prefill kernel, or the pointer kernel here).
 
-One kernel computes ``y = dequant(quant(x * pqs) @ W_q^T) + bias`` with int32 accumulation.
-Activation quantization runs either
+The pointer kernel computes ``y = dequant(quant(x * pqs) @ W_q^T) + bias`` with int32 accumulation.
+Activations are quantized in its prologue (``fused=True``: each program reads its x rows twice, for
+the amax and in the main loop) or beforehand by the row kernel (``fused=False``: one read of x, int8
+plus an fp32 scale per row). Decode tiles use split-K: int32 partials are added atomically into a
+workspace and the last program of a tile (an atomic counter) runs the epilogue and resets it.
 
-* fused in the GEMM prologue (``fused=True``): each program reads its bf16 rows of x
-  twice, once for the per-token amax over all of K, once in the main loop where it
-  scales, rounds and casts to int8 in registers. Cheap when few programs share a row
-  block (decode M, or small N); or
-* in a separate row-quantization kernel (``fused=False``) that reads x once and writes
-  int8 + one fp32 scale per row, followed by the int8 GEMM. Cheaper for large M x N.
-
-Decode shapes use small BLOCK_M with split-K: partial int32 tiles are added atomically
-into a workspace and the last program of a tile (an atomic counter) runs the epilogue
-and resets the workspace, so the result stays exact and deterministic.
-
-The weight stays in its checkpoint layout, [N, K] with K contiguous: int8 tensor-core
-MMAs (wgmma on Hopper) want both operands K-major, so no transposed copy is needed.
-Numerics match ``vlmq.runtime.linear`` exactly up to fp32 epilogue rounding: IEEE
-division (``div_rn``), round-half-to-even, clamp to [-128, 127].
+Weights stay [N, K] with K contiguous, the layout int8 tensor-core MMAs want for both operands.
+Numerics match ``vlmq.runtime.linear`` exactly up to fp32 epilogue rounding: IEEE division
+(``div_rn``), round-half-to-even, clamp to [-128, 127].
 """
 
 from __future__ import annotations
@@ -31,7 +24,6 @@ from torch import Tensor
 
 from vlmq.runtime.kernels import w8a8_gemv, w8a8_persistent
 from vlmq.runtime.kernels.tiles import (
-    TMA_MAX_M,
     KernelConfig,
     fit_to_smem,
     interpreting,
@@ -39,9 +31,7 @@ from vlmq.runtime.kernels.tiles import (
     pdl_enter,
     pdl_launch,
     pick_config,
-    tma_k_ok,
-    tma_smem_bytes,
-    tma_supported,
+    tma_decode_usable,
 )
 
 __all__ = ["KernelConfig", "pick_config", "quantize_rows", "w8a8_gemm_prequant", "w8a8_int_gemm", "w8a8_linear"]
@@ -336,21 +326,6 @@ def _launch(
         TRIGGER=GEMM_TRIGGER if pdl else 0, SWAP_AB=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(pdl),
     )  # fmt: skip
-
-
-def tma_decode_usable(a: Tensor, w: Tensor, cfg: KernelConfig) -> bool:
-    """The Gluon TMA kernel's conditions: Hopper+, TMA-aligned operands, M <= 64, K a whole number
-    of 128-wide steps per split, 64 weight rows per program when they are the MMA's M side, and its
-    shared memory (all K steps at once) fitting."""
-    m, k = a.shape
-    if interpreting() or m > TMA_MAX_M or not tma_k_ok(k, cfg.split_k) or not w8a8_persistent.supported(a, w):
-        return False
-    if not tma_supported():
-        return False
-    if cfg.block_n not in (16, 32, 64) or (cfg.swap_ab and cfg.block_n != 64):
-        return False
-    need = tma_smem_bytes(m, k, cfg.block_n, cfg.split_k, not cfg.swap_ab)
-    return need <= w8a8_persistent.smem_bytes(a.device)
 
 
 def w8a8_linear(
