@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -190,6 +191,37 @@ def test_persistent_tail_on_qkv_prefill_shapes(m: int) -> None:
     assert torch.equal(w8a8_int_gemm(q, w_q, cfg), (q.double() @ w_q.double().t()).to(torch.int32))
 
 
+def _graphed(chain: Callable[[], list[torch.Tensor]]) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]:
+    """Run ``chain`` once (compiles its kernels), then capture it in a CUDA graph: (graph, its outputs)."""
+    chain()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain()
+    return graph, outs
+
+
+def _check_exact_and_as_pointer_kernel(q: torch.Tensor, w: torch.Tensor, cfg: KernelConfig, pdl: bool,
+                                       g: torch.Generator) -> None:  # fmt: skip
+    """``cfg``'s kernel on int8 ``q`` [M, K] x ``w`` [N, K] into poisoned outputs: the int32 result
+    exact, the dequantized bf16 output (+ bias) bit-identical to the pointer kernel's (same int32,
+    same fp32 epilogue order) and within 4e-3 of a float64 reference."""
+    m, n = q.shape[0], w.shape[0]
+    ones_m, ones_n = torch.ones(m, device=DEV), torch.ones(n, device=DEV)
+    s = torch.rand(m, generator=g, device=DEV) + 0.01
+    w_s = torch.rand(n, generator=g, device=DEV) * 1e-3 + 1e-4
+    b = torch.randn(n, generator=g, device=DEV).to(torch.bfloat16)
+    out = torch.full((m, n), -7, device=DEV, dtype=torch.int32)
+    y = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)
+    torch.cuda.synchronize()  # under PDL the kernel reads w, w_scale, bias before its wait
+    tk._launch(q, w, out, ones_m, ones_n, None, None, tk.A_INT8_ROWSCALE, True, cfg, pdl=pdl)
+    assert torch.equal(out.long(), (q.double() @ w.double().t()).long())
+    tk._launch(q, w, y, s, w_s, b, None, tk.A_INT8_ROWSCALE, False, cfg, pdl=pdl)
+    y_ptr = tk.w8a8_gemm_prequant(q, s, w, w_s, b, config=KernelConfig(16, 32, 256, 1, fused=False))
+    assert torch.equal(y, y_ptr)
+    ref = (q.double() @ w.double().t()) * s.double()[:, None] * w_s.double()[None, :] + b.double()
+    assert _rel(y, ref) < 4e-3
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("n,k", [(2560, 2048), (2048, 2048), (22016, 2048), (2048, 11008), (333, 200), (333, 203)])
 @pytest.mark.parametrize("pdl", [False, True])
@@ -199,23 +231,9 @@ def test_gemv_decode_exact_and_same_as_tensor_cores(m: int, n: int, k: int, pdl:
     kernel's (same int32, same fp32 epilogue), poisoned output."""
     g = _gen(m, n, k, 12)
     for bn, bk in ((4, 2048), (8, 1024), (1, 4096)):
-        gemv = KernelConfig(16, bn, bk, fused=False, pdl=pdl, gemv=True)
         q = torch.randint(-128, 128, (m, k), generator=g, device=DEV, dtype=torch.int8)
         w = torch.randint(-128, 128, (n, k), generator=g, device=DEV, dtype=torch.int8)
-        ones_m, ones_n = torch.ones(m, device=DEV), torch.ones(n, device=DEV)
-        s = torch.rand(m, generator=g, device=DEV) + 0.01
-        w_s = torch.rand(n, generator=g, device=DEV) * 1e-3 + 1e-4
-        b = torch.randn(n, generator=g, device=DEV).to(torch.bfloat16)
-        out = torch.full((m, n), -7, device=DEV, dtype=torch.int32)
-        y = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)
-        torch.cuda.synchronize()  # under PDL the kernel reads w, w_scale, bias before its wait
-        tk._launch(q, w, out, ones_m, ones_n, None, None, tk.A_INT8_ROWSCALE, True, gemv, pdl=pdl)
-        assert torch.equal(out.long(), (q.double() @ w.double().t()).long())
-        tk._launch(q, w, y, s, w_s, b, None, tk.A_INT8_ROWSCALE, False, gemv, pdl=pdl)
-        y_tc = tk.w8a8_gemm_prequant(q, s, w, w_s, b, config=KernelConfig(16, 32, 256, 1, fused=False))
-        assert torch.equal(y, y_tc)
-        ref = (q.double() @ w.double().t()) * s.double()[:, None] * w_s.double()[None, :] + b.double()
-        assert _rel(y, ref) < 4e-3
+        _check_exact_and_as_pointer_kernel(q, w, KernelConfig(16, bn, bk, fused=False, pdl=pdl, gemv=True), pdl, g)
 
 
 def test_gemv_waits_for_its_producer_in_a_pdl_chain() -> None:
@@ -238,10 +256,7 @@ def test_gemv_waits_for_its_producer_in_a_pdl_chain() -> None:
             outs.append(tk.w8a8_gemm_prequant(q, s, w, w_s, b, config=cfg))
         return outs
 
-    chain()  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = chain()
+    graph, outs = _graphed(chain)
     for _ in range(3):
         for o in outs:
             o.fill_(float("nan"))
@@ -277,20 +292,7 @@ def test_tma_decode_exact_and_same_as_pointer_kernel(m: int, n: int, k: int, spl
     if not tk.tma_decode_usable(q, w, cfg):
         assert tiles.tma_smem_bytes(m, k, rows, split, not swap) > tiles.max_shared_memory(0), "only shared memory"
         pytest.skip("does not fit in shared memory")
-    ones_m, ones_n = torch.ones(m, device=DEV), torch.ones(n, device=DEV)
-    s = torch.rand(m, generator=g, device=DEV) + 0.01
-    w_s = torch.rand(n, generator=g, device=DEV) * 1e-3 + 1e-4
-    b = torch.randn(n, generator=g, device=DEV).to(torch.bfloat16)
-    out = torch.full((m, n), -7, device=DEV, dtype=torch.int32)
-    y = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)
-    torch.cuda.synchronize()  # under PDL the kernel reads w, w_scale, bias before its wait
-    tk._launch(q, w, out, ones_m, ones_n, None, None, tk.A_INT8_ROWSCALE, True, cfg, pdl=pdl)
-    assert torch.equal(out.long(), (q.double() @ w.double().t()).long())
-    tk._launch(q, w, y, s, w_s, b, None, tk.A_INT8_ROWSCALE, False, cfg, pdl=pdl)
-    y_ptr = tk.w8a8_gemm_prequant(q, s, w, w_s, b, config=KernelConfig(16, 32, 256, 1, fused=False))
-    assert torch.equal(y, y_ptr)
-    ref = (q.double() @ w.double().t()) * s.double()[:, None] * w_s.double()[None, :] + b.double()
-    assert _rel(y, ref) < 4e-3
+    _check_exact_and_as_pointer_kernel(q, w, cfg, pdl, g)
     if split > 1:
         torch.cuda.synchronize()
         ws, locks = tk._WORKSPACES[("cuda", q.device.index or 0)]
@@ -318,10 +320,7 @@ def test_prefill_gemms_wait_for_their_producer_in_a_pdl_chain(m: int, n: int, k:
 
     for x in xs:
         x.normal_(generator=g)
-    chain()  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = chain()
+    graph, outs = _graphed(chain)
     for rep in range(2):
         for x in xs:
             x.copy_(torch.randn(m, k, generator=g, device=DEV) * (rep + 2))
@@ -373,10 +372,7 @@ def test_tma_decode_chain_waits_for_each_producer() -> None:
             outs.append(h)
         return outs
 
-    chain()  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = chain()
+    graph, outs = _graphed(chain)
     for rep in range(3):
         x0.copy_(torch.randn(m, k, generator=g, device=DEV) * (rep + 1))
         for o in outs:
