@@ -11,6 +11,10 @@ import pytest
 import torch
 
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="this Triton has no Gluon Hopper module")
+from vlmq.runtime.kernels import tiles  # noqa: E402
+
+if not tiles.gluon_version_checked():
+    pytest.skip("pick_config does not use the TMA kernel with this Triton", allow_module_level=True)
 
 try:  # Triton internals (stable across 3.6-3.8): skip, not fail, on a Triton that moved them
     from triton.backends.compiler import GPUTarget
@@ -19,7 +23,6 @@ try:  # Triton internals (stable across 3.6-3.8): skip, not fail, on a Triton th
 except ImportError as exc:
     pytest.skip(f"this Triton has no ahead-of-time Gluon compile path: {exc}", allow_module_level=True)
 
-from vlmq.runtime.kernels import tiles  # noqa: E402
 from vlmq.runtime.kernels import w8a8_tma_decode as td  # noqa: E402
 
 

@@ -167,3 +167,11 @@ def test_tma_decode_kernel_only_where_it_fits_and_won(monkeypatch: pytest.Monkey
                 assert tiles.tma_smem_bytes(m, k, cfg.block_n, 1, not cfg.swap_ab) <= tiles.SM90_SMEM
     finally:
         tiles.pick_config.cache_clear()
+
+
+def test_tma_kernel_only_with_the_triton_releases_it_was_checked_with() -> None:
+    from vlmq.runtime.kernels.tiles import gluon_version_checked
+
+    assert gluon_version_checked("3.6.0") and gluon_version_checked("3.8.1+git1234")
+    assert not gluon_version_checked("3.5.1") and not gluon_version_checked("3.9.0")
+    assert not gluon_version_checked("3.10.0")

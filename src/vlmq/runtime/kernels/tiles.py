@@ -38,6 +38,7 @@ TMA_BLOCK_K = 128  # w8a8_tma_decode's K step: one 128-byte-swizzled TMA row of 
 TMA_MIN_M = 2  # at one token the dp4a GEMV: decode at batch 1 ran 488 tok/s with the TMA kernel there, 492 without
 TMA_MAX_M = 64
 SM90_SMEM = 232448  # opt-in shared memory per block on every sm90 card (227 KB)
+TMA_TRITON = ((3, 6), (3, 8))  # the Triton releases w8a8_tma_decode's Gluon code was checked with
 
 
 def tma_token_block(m: int, tokens_m: bool = False) -> int:
@@ -164,11 +165,17 @@ def _gemv_tile(m: int, n: int, k: int) -> tuple[int, int, int] | None:
     return (4, 2048, 4) if m <= 2 else (4, 1024, 2)
 
 
+def gluon_version_checked(version: str = triton.__version__) -> bool:
+    """Triton 3.6 (run and timed on the H100) to 3.8 (compiled for sm90 in CPU CI)."""
+    major_minor = tuple(int(p) for p in version.split(".")[:2])
+    return TMA_TRITON[0] <= major_minor <= TMA_TRITON[1]
+
+
 @functools.lru_cache(maxsize=1)
 def tma_supported() -> bool:
-    """The Gluon TMA decode kernel: an sm90 GPU (wgmma exists only there) and a Triton with Gluon's
-    Hopper module."""
-    if not pdl_supported() or torch.cuda.get_device_capability()[0] != 9:
+    """The Gluon TMA decode kernel: an sm90 GPU (wgmma exists only there) and a Triton whose Gluon it was
+    checked with (experimental, its API moves between releases; elsewhere the pointer kernel runs)."""
+    if not pdl_supported() or torch.cuda.get_device_capability()[0] != 9 or not gluon_version_checked():
         return False
     try:
         from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
