@@ -35,7 +35,7 @@ import triton
 from triton.testing import do_bench
 
 from vlmq.runtime.kernels import triton_w8a8 as tk
-from vlmq.runtime.kernels.tiles import GEMV_MAX_M, SM90_SMEM, tma_k_ok, tma_smem_bytes, tma_token_block
+from vlmq.runtime.kernels.tiles import GEMV_MAX_M, SM90_SMEM, TMA_BLOCK_K, tma_k_ok, tma_smem_bytes, tma_token_block
 from vlmq.runtime.kernels.triton_w8a8 import (
     KernelConfig,
     pick_config,
@@ -168,8 +168,8 @@ def candidates(m: int, n: int, k: int) -> list[KernelConfig]:
         # 64 weight rows as the wgmma's M side (swap) or the tokens as its M side and 16-64 rows
         for (rows, swap), split in itertools.product(((64, True), (64, False), (32, False), (16, False)), (1, 2)):
             if tma_k_ok(k, split) and tma_smem_bytes(m, k, rows, split, not swap) <= SM90_SMEM:
-                out.append(KernelConfig(tma_token_block(m, not swap), rows, 128, split, 8, 4, 1, False, True, tma=True,
-                                        swap_ab=swap))  # fmt: skip
+                out.append(KernelConfig(tma_token_block(m, not swap), rows, TMA_BLOCK_K, split, 8, 4, 1, False, True,
+                                        tma=True, swap_ab=swap))  # fmt: skip
         if m <= GEMV_MAX_M:  # CUDA-core GEMV: whole weight rows per program, in registers
             for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (512, 1024, 2048, 4096, 8192), (1, 2, 4, 8)):
                 if triton.next_power_of_2(m) * bn * bk <= 512 * 32 * warps:  # <= 128 int32 words per thread

@@ -76,6 +76,11 @@ def tma_config(m: int, n: int, k: int, pdl: bool) -> KernelConfig | None:
                         swap_ab=swap)  # fmt: skip
 
 
+def tma_addressable(*tensors: torch.Tensor) -> bool:
+    """2-D tensors a TMA descriptor can address: contiguous last dim, 16-byte aligned base and row stride."""
+    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
+
+
 def tma_decode_usable(a: torch.Tensor, w: torch.Tensor, cfg: KernelConfig) -> bool:
     """Whether the TMA kernel can run ``cfg`` on these operands: sm90, 16-byte aligned bases and row
     strides, M <= 64, K a power-of-two number of 128-wide steps per split, 64 weight rows per program
@@ -83,7 +88,7 @@ def tma_decode_usable(a: torch.Tensor, w: torch.Tensor, cfg: KernelConfig) -> bo
     m, k = a.shape
     if interpreting() or not a.is_cuda or m > TMA_MAX_M or not tma_k_ok(k, cfg.split_k) or not tma_supported():
         return False
-    if not all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w)):
+    if not tma_addressable(a, w):
         return False
     if cfg.block_n not in (16, 32, 64) or (cfg.swap_ab and cfg.block_n != 64):
         return False

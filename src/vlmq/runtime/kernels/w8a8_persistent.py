@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vlmq.runtime.kernels.tiles import SMEM_RESERVE_INT8_A, max_shared_memory, pdl_enter, pdl_launch
+from vlmq.runtime.kernels.tiles import SMEM_RESERVE_INT8_A, max_shared_memory, pdl_enter, pdl_launch, tma_addressable
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def supported(a: Tensor, w: Tensor) -> bool:
     """TMA needs Hopper+, 16-byte aligned bases and row strides, and a contiguous last dim."""
     if not (a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)):
         return False
-    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w))
+    return tma_addressable(a, w)
 
 
 def main_rows(m: int, n: int, block_m: int, block_n: int, progs: int) -> int:
