@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup setup-vllm demo test lint bench-cpu clean-demo
+.PHONY: setup setup-vllm setup-browser demo test lint
 
 $(VENV)/.vlmq-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,12 +16,18 @@ setup: $(VENV)/.vlmq-installed
 setup-vllm:
 	bash .ci/setup_vllm_cpu.sh
 
+# Debian's chromium, for the test that opens the HTML report (skipped only with VLMQ_SKIP_BROWSER=1).
+setup-browser:
+	@command -v chromium >/dev/null 2>&1 || test "$$VLMQ_SKIP_BROWSER" = 1 || \
+	  { SUDO=$$(test "$$(id -u)" = 0 || echo sudo); $$SUDO apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
 # Quantize the built-in demo model (or a real snapshot if present); ARGS takes overrides.
 demo: setup
 	$(VENV)/bin/vlmq quantize --force $(ARGS)
 
 # The whole test suite, as CI runs it.
-test: setup setup-vllm
+test: setup setup-vllm setup-browser
 	$(PY) -m pytest -q tests $(ARGS)
 
 lint: setup

@@ -67,3 +67,28 @@ def test_bench_random_shape(tmp_path):
 def test_bench_needs_a_model(tmp_path):
     result = run_cli(["bench", "--device", "cpu"], cwd=tmp_path)
     assert result.rc != 0
+
+
+def test_tile_sweep_candidates_are_compilable_and_unique(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU sweep's candidate space (benchmarks/sweep_w8a8_tiles.py), importable without CUDA:
+    power-of-two blocks (Triton's and Gluon's block shapes need them), no config timed twice."""
+    from vlmq.bench import REPO_ROOT
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import bench_w8a8_linear
+    import sweep_w8a8_tiles
+
+    def pow2(v: int) -> bool:
+        return v > 0 and v & (v - 1) == 0
+
+    for n, k, _ in bench_w8a8_linear.SHAPES.values():
+        for m in (1, 2, 3, 16, 33, 64, 2048, 8192):
+            configs = sweep_w8a8_tiles.candidates(m, n, k)
+            assert configs and len(set(configs)) == len(configs), (m, n, k)
+            if m >= 2048:  # pointer and persistent kernels both in the race
+                assert {c.persistent for c in configs} == {False, True}
+            else:  # decode: the kernels built for it (GEMV, swap-AB, TMA) take part
+                assert any(c.gemv or c.swap_ab or c.tma for c in configs)
+            for c in configs:
+                assert all(pow2(b) for b in (c.block_m, c.block_n, c.block_k)), c
+                assert c.split_k >= 1 and k // c.block_k >= c.split_k or c.gemv or c.tma, c
