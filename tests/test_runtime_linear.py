@@ -192,6 +192,47 @@ def test_backend_registry() -> None:
         register_backend("int_mm")(lambda layer, x: x)
 
 
+def test_auto_backend_by_card(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here, so the card is faked: Triton's int8 MMAs from Ampere on; a T4 (sm75) gets
+    torch._int_mm; each device index is asked for its own capability (an H100 beside a T4)."""
+    from vlmq.runtime import linear
+
+    caps = {0: (7, 5), 1: (8, 6), 2: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: caps[index])
+    linear.triton_available.cache_clear()
+    try:
+        assert [resolve_backend("auto", torch.device("cuda", i)) for i in (0, 1, 2)] == ["int_mm", "triton", "triton"]
+        assert resolve_backend("triton", torch.device("cuda", 0)) == "triton"  # asked for by name: kept
+    finally:
+        linear.triton_available.cache_clear()
+
+
+def test_pdl_and_tma_only_where_card_and_triton_have_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Programmatic dependent launch needs sm90+ and a Triton with griddepcontrol (3.4+; torch 2.6/2.7
+    ship 3.2/3.3); the TMA decode kernel needs sm90 exactly. Asked per current device."""
+    from vlmq.runtime.kernels import tiles
+
+    device = {"index": 0}
+    caps = {0: (8, 6), 1: (9, 0), 2: (10, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device["index"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: caps[index])
+    monkeypatch.setattr(tiles, "interpreting", lambda: False)
+    monkeypatch.setattr(tiles, "_gluon_hopper_importable", lambda: True)
+    tiles._capability.cache_clear()
+    try:
+        seen = []
+        for index in (0, 1, 2):
+            device["index"] = index
+            seen.append((tiles.pdl_supported(), tiles.tma_supported(), tiles.pick_config(16, 2560, 2048).pdl))
+        assert seen == [(False, False, False), (True, True, True), (True, False, True)]
+        monkeypatch.setattr(tiles, "TRITON_HAS_PDL", False)
+        device["index"] = 1
+        assert not tiles.pdl_supported() and not tiles.tma_supported() and not tiles.pick_config(16, 2560, 2048).pdl
+    finally:
+        tiles._capability.cache_clear()
+
+
 def test_bad_inputs_raise() -> None:
     with pytest.raises(ValueError, match="int8"):
         W8A8Linear.from_quantized(torch.zeros(4, 4), torch.ones(4))

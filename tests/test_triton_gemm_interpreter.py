@@ -154,19 +154,17 @@ def test_tma_decode_kernel_only_where_it_fits_and_won(monkeypatch: pytest.Monkey
     gate/up or down_proj, with a static input scale, or where its shared memory can't fit (K = 4096)."""
     from vlmq.runtime.kernels import tiles
 
-    monkeypatch.setattr(tiles, "tma_supported", lambda: True)
-    tiles.pick_config.cache_clear()
-    try:
-        for (n, k), m in itertools.product([*LM_SHAPES, (4096, 4096)], (1, 2, 3, 8, 32, 33, 64, 65, 2048)):
-            cfg = tiles.pick_config(m, n, k)
-            want = (n, k) in [(2560, 2048), (2048, 2048)] and 2 <= m <= 64
-            assert cfg.tma == want, (m, n, k, cfg)
-            assert not tiles.pick_config(m, n, k, static=True).tma
-            if cfg.tma:
-                assert cfg.swap_ab == (m <= 32) and cfg.block_n == (64 if m <= 32 else 32) and cfg.split_k == 1
-                assert tiles.tma_smem_bytes(m, k, cfg.block_n, 1, not cfg.swap_ab) <= tiles.SM90_SMEM
-    finally:
-        tiles.pick_config.cache_clear()
+    monkeypatch.setattr(tiles, "tma_supported", lambda: True)  # part of pick_config's cache key
+    for (n, k), m in itertools.product([*LM_SHAPES, (4096, 4096)], (1, 2, 3, 8, 32, 33, 64, 65, 2048)):
+        cfg = tiles.pick_config(m, n, k)
+        want = (n, k) in [(2560, 2048), (2048, 2048)] and 2 <= m <= 64
+        assert cfg.tma == want, (m, n, k, cfg)
+        assert not tiles.pick_config(m, n, k, static=True).tma
+        if cfg.tma:
+            assert cfg.swap_ab == (m <= 32) and cfg.block_n == (64 if m <= 32 else 32) and cfg.split_k == 1
+            assert tiles.tma_smem_bytes(m, k, cfg.block_n, 1, not cfg.swap_ab) <= tiles.SM90_SMEM
+    monkeypatch.setattr(tiles, "tma_supported", lambda: False)  # any other card, or another Triton
+    assert not any(tiles.pick_config(m, 2560, 2048).tma for m in (2, 8, 32, 64))
 
 
 def test_tma_kernel_only_with_the_triton_releases_it_was_checked_with() -> None:

@@ -18,6 +18,7 @@ Backends are registered with ``@register_backend(name)``; a backend maps
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -47,18 +48,27 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def triton_available() -> bool:
+TRITON_MIN_CAPABILITY = (8, 0)  # Triton has no int8 tensor-core MMA before Ampere (a T4 is sm75)
+
+
+@functools.lru_cache(maxsize=16)
+def triton_available(device_index: int) -> bool:
+    """Whether the Triton W8A8 kernels run on this CUDA device."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available()
+    return torch.cuda.get_device_capability(device_index) >= TRITON_MIN_CAPABILITY
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """Map ``"auto"`` to a concrete backend for ``device``; validate other names."""
+    """Map ``"auto"`` to a concrete backend for ``device`` (the Triton kernels on Ampere or newer,
+    else ``torch._int_mm``); validate other names."""
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "int_mm"
+        if device.type != "cuda":
+            return "int_mm"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return "triton" if triton_available(index) else "int_mm"
     if name not in _BACKENDS:
         raise ValueError(f"unknown W8A8 backend {name!r}; available: {available_backends()}")
     return name

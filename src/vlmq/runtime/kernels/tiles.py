@@ -1,6 +1,6 @@
 """Tile configurations for the W8A8 GEMM kernels, chosen per (M bucket, N, K) from the H100 sweeps
-(`benchmarks/bench_w8a8_linear.py --sweep`, docs/KERNEL_NOTES.md), and the launch environment
-(Triton interpreter, programmatic dependent launch)."""
+(`benchmarks/sweep_w8a8_tiles.py`, run as `bench_w8a8_linear.py --sweep`; docs/KERNEL_NOTES.md), and
+the launch environment (Triton interpreter, programmatic dependent launch)."""
 
 from __future__ import annotations
 
@@ -100,18 +100,21 @@ def next_pow2(v: int) -> int:
     return 1 << max(v - 1, 0).bit_length()
 
 
-@functools.lru_cache(maxsize=4096)
 def pick_config(m: int, n: int, k: int, static: bool = False) -> KernelConfig:
-    """Config per (M bucket, N, K), from the H100 sweeps in benchmarks/bench_w8a8_linear.py
-    (docs/KERNEL_NOTES.md): on sm90 the Gluon TMA kernel for qkv/o_proj at M = 2-64, the dp4a GEMV
-    at M = 1-4, the pointer kernel with decode tiles up to M = 64, the persistent TMA kernel for
-    prefill. Prologue-fused quantization lost everywhere (the in-loop bf16 -> int8 conversion costs
-    more than the separate row kernel), so it stays opt-in."""
-    pdl = pdl_supported()
-    if not static and tma_supported():
-        tma = tma_config(m, n, k, pdl)
-        if tma is not None:
-            return tma
+    """Config per (M bucket, N, K) on the current device, from the H100 sweeps
+    (benchmarks/sweep_w8a8_tiles.py, docs/KERNEL_NOTES.md): on sm90 the Gluon TMA kernel for
+    qkv/o_proj at M = 2-64, the dp4a GEMV at M = 1-4, the pointer kernel with decode tiles up to
+    M = 64, the persistent TMA kernel for prefill. Prologue-fused quantization lost everywhere (the
+    in-loop bf16 -> int8 conversion costs more than the separate row kernel), so it stays opt-in."""
+    return _pick_config(m, n, k, static, pdl_supported(), tma_supported())
+
+
+@functools.lru_cache(maxsize=4096)
+def _pick_config(m: int, n: int, k: int, static: bool, pdl: bool, tma: bool) -> KernelConfig:
+    if not static and tma:
+        tma_tile = tma_config(m, n, k, pdl)
+        if tma_tile is not None:
+            return tma_tile
     gemv = _gemv_tile(m, n, k) if not static else None  # the GEMV takes per-token scales only
     if gemv is not None:
         return KernelConfig(16, gemv[0], gemv[1], 1, 8, gemv[2], 1, False, pdl, gemv=True)
@@ -176,11 +179,16 @@ def gluon_version_checked(version: str = triton.__version__) -> bool:
     return TMA_TRITON[0] <= major_minor <= TMA_TRITON[1]
 
 
-@functools.lru_cache(maxsize=1)
 def tma_supported() -> bool:
-    """The Gluon TMA decode kernel: an sm90 GPU (wgmma exists only there) and a Triton whose Gluon it was
-    checked with (experimental, its API moves between releases; elsewhere the pointer kernel runs)."""
-    if not pdl_supported() or torch.cuda.get_device_capability()[0] != 9 or not gluon_version_checked():
+    """The Gluon TMA decode kernel on the current device: sm90 (wgmma exists only there) and a Triton
+    whose Gluon it was checked with (experimental, its API moves between releases; elsewhere the
+    pointer kernel runs)."""
+    return pdl_supported() and device_capability()[0] == 9 and _gluon_hopper_importable()
+
+
+@functools.lru_cache(maxsize=1)
+def _gluon_hopper_importable() -> bool:
+    if not gluon_version_checked():
         return False
     try:
         from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
@@ -189,12 +197,27 @@ def tma_supported() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=1)
+# griddepcontrol and the launch_pdl option came with Triton 3.4 (torch 2.6/2.7 ship 3.2/3.3)
+TRITON_HAS_PDL = hasattr(tl.extra.cuda, "gdc_wait")
+
+
 def pdl_supported() -> bool:
-    """Programmatic dependent launch needs Hopper or newer (and real hardware)."""
-    if interpreting() or not torch.cuda.is_available():
+    """Programmatic dependent launch on the current device: Hopper or newer, real hardware, and a
+    Triton that has it."""
+    if interpreting() or not TRITON_HAS_PDL or not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability() >= (9, 0)
+    return device_capability() >= (9, 0)
+
+
+def device_capability() -> tuple[int, int]:
+    """(major, minor) of the current CUDA device (where Triton launches); per device, so a process
+    driving an H100 and an RTX 3090 asks each for its own."""
+    return _capability(torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def pdl_launch(enabled: bool) -> dict[str, bool]:

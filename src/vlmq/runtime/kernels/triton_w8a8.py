@@ -30,6 +30,7 @@ from vlmq.runtime.kernels.tiles import (
     next_pow2,
     pdl_enter,
     pdl_launch,
+    pdl_supported,
     pick_config,
     tma_decode_usable,
 )
@@ -271,12 +272,13 @@ def quantize_rows(
     s = input_scale.float() if static else torch.empty(m, dtype=torch.float32, device=x.device)
     block = next_pow2(k)
     single = block <= 16384
+    pdl = pdl and pdl_supported()
     _quant_rows_kernel[(m,)](
         x, q, s, pre_quant_scale if pre_quant_scale is not None else s, s,
         k, x.stride(0), q.stride(0),
         BLOCK_K=block if single else 4096, STATIC=static, HAS_PQS=pre_quant_scale is not None,
-        SINGLE=single, USE_PDL=pdl and not interpreting(),
-        num_warps=max(4, min(16, block // 1024)) if single else 8, **pdl_launch(pdl and not interpreting()),
+        SINGLE=single, USE_PDL=pdl,
+        num_warps=max(4, min(16, block // 1024)) if single else 8, **pdl_launch(pdl),
     )  # fmt: skip
     return q, s
 
@@ -358,7 +360,7 @@ def w8a8_linear(
         a_scale = input_scale.float() if static else weight_scale  # unused when dynamic
         _launch(x, weight, out, a_scale, weight_scale, bias, pre_quant_scale, a_mode, False, cfg)
     else:
-        pdl = cfg.pdl and not interpreting()
+        pdl = cfg.pdl and pdl_supported()  # a config tuned on an H100 may come to an sm8x card
         q, s = quantize_rows(x, input_scale, pre_quant_scale, pdl=pdl)
         a_mode = A_INT8_SCALAR if static else A_INT8_ROWSCALE
         _launch(q, weight, out, s, weight_scale, bias, None, a_mode, False, cfg, pdl=pdl)
@@ -395,7 +397,7 @@ def w8a8_gemm_prequant(
     out = torch.empty((m, n), dtype=out_dtype, device=q.device)
     if m:
         # PDL: launched while the producer (fused norm / SiLU kernel) still runs; gdc_wait inside
-        pdl = cfg.pdl and not interpreting()
+        pdl = cfg.pdl and pdl_supported()
         _launch(q, weight, out, q_scale, weight_scale, bias, None, A_INT8_ROWSCALE, False,
                 dataclasses.replace(cfg, fused=False), pdl=pdl)
     return out

@@ -107,10 +107,20 @@ def smem_bytes(device: torch.device) -> int:
 
 
 def supported(a: Tensor, w: Tensor) -> bool:
-    """TMA needs Hopper+, 16-byte aligned bases and row strides, and a contiguous last dim."""
-    if not (a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)):
+    """TMA needs Hopper+, a Triton with host-side tensor descriptors (3.4+), 16-byte aligned bases and
+    row strides, and a contiguous last dim."""
+    if not (a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0) and _has_tensor_descriptors()):
         return False
     return tma_addressable(a, w)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_tensor_descriptors() -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def main_rows(m: int, n: int, block_m: int, block_n: int, progs: int) -> int:
@@ -121,6 +131,24 @@ def main_rows(m: int, n: int, block_m: int, block_n: int, progs: int) -> int:
     if tiles <= progs or tiles % progs == 0:
         return m
     return min(m, (tiles // progs * progs) // per_row_block * block_m)
+
+
+def stages_that_fit(
+    num_stages: int, block_m: int, block_n: int, block_k: int, out_bytes: int, capability: tuple[int, int],
+    smem: int,
+) -> int:  # fmt: skip
+    """Pipeline stages once the epilogue's output tile has its shared memory. An fp32/int32 tile always
+    goes through shared memory; so does the bf16 tile on Blackwell (compiled for sm100, 128x256x128 at
+    4 stages needed 262,192 B of 232,448: 4 x 48 KB of operands + the 64 KB tile + 48 B). On Hopper
+    the bf16 epilogue fits ``fit_to_smem``'s reserve."""
+    tile = block_m * block_n * out_bytes
+    if out_bytes == 4:
+        budget = smem - SMEM_RESERVE_INT8_A - tile
+    elif capability[0] >= 10:
+        budget = smem - tile - 1024
+    else:
+        return num_stages
+    return max(1, min(num_stages, budget // (block_k * (block_m + block_n))))
 
 
 def launch_persistent(
@@ -138,9 +166,9 @@ def launch_persistent(
     m_main = main_rows(m, n, block_m, block_n, progs) if tail else m
     # a tail tile never larger than the main one (fit_to_smem may have shrunk the main tile)
     tail_m, tail_n = (min(tail[0], block_m), min(tail[1], block_n)) if tail and m_main < m else (0, 0)
-    if out.element_size() == 4:  # an fp32/int32 tile goes through shared memory on its way out
-        budget = smem_bytes(a.device) - SMEM_RESERVE_INT8_A - block_m * block_n * 4
-        num_stages = max(1, min(num_stages, budget // (block_k * (block_m + block_n))))
+    capability = torch.cuda.get_device_capability(a.device) if a.is_cuda else (9, 0)
+    num_stages = stages_that_fit(num_stages, block_m, block_n, block_k, out.element_size(), capability,
+                                 smem_bytes(a.device))  # fmt: skip
     a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k])
     w_desc = TensorDescriptor.from_tensor(w, [block_n, block_k])
     if tail_m:
