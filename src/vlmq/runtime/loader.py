@@ -186,6 +186,9 @@ def load_w8a8(path: Path, device: str = "auto", dtype: torch.dtype = torch.bfloa
                                   "(re-export it, or load with verify=False)")
     tensors = read_state_dict(Path(path))
     info = inspect_checkpoint(Path(path), tensors)
-    model = build_w8a8_model(info, tensors, dtype, pick_device(device), backend)
+    device = torch.device(pick_device(device))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # Triton launches, streams and graph captures use the current device
+    model = build_w8a8_model(info, tensors, dtype, device, backend)
     processor = AutoProcessor.from_pretrained(path)
     return model, processor, info
