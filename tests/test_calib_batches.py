@@ -119,3 +119,25 @@ def test_bad_images_at_batch_time_are_skipped(processor, tmp_path: Path) -> None
     assert len(batches) == 1 and batches[0]["image_grid_thw"].tolist() == [[1, 4, 4]]
     with pytest.raises(ValueError, match="batch_size"):
         make_batches(processor, samples, 0, 512)
+
+
+def test_forward_loop_counts_once_per_calibration_pass(processor, demo_samples) -> None:
+    """ModelOpt may run the forward loop more than once (the sensitivity fallback re-quantizes with
+    it): every pass recounts samples, tokens and the batcher's skips on top of the loader's skips."""
+    from vlmq.models.demo import build_demo_model
+    from vlmq.quantize.calibrate import ForwardLoop
+
+    image_sample = demo_samples[0][0]
+    long_prompt = CalibSample(image_sample.image, "Describe this image in one sentence. " * 40, "Boat.", "long/p")
+    stats = CalibStats(requested=4, skipped={"missing_file": 2}, skipped_examples=["a.jpg: missing_file"])
+    loop = ForwardLoop([long_prompt, *demo_samples[0][:3]], processor, 96, 2, stats)
+    model = build_demo_model(torch.float32)
+    counts = []
+    for _ in range(2):
+        loop(model)
+        counts.append((stats.samples, stats.tokens, dict(stats.skipped), list(stats.skipped_examples)))
+    assert counts[0] == counts[1]
+    samples, tokens, skipped, examples = counts[0]
+    assert samples == 3 and tokens > 0 and skipped == {"missing_file": 2, "too_long": 1}
+    assert examples == ["a.jpg: missing_file", "long/p: too_long"]
+    assert loop.last_log is not None and loop.last_log.batches == 2

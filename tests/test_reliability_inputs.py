@@ -19,9 +19,9 @@ from torch import nn
 from calib_fixtures import simple_entries, write_coco, write_image
 from conftest import cli_env, describe, run_cli
 from vlmq.calib import CalibDataError, demo_coco_root
+from vlmq.calib.sources import load_calibration_samples
 from vlmq.config import ConfigError, load_config
 from vlmq.models.load import SnapshotError, inspect_snapshot
-from vlmq.pipeline import load_calibration_samples
 from vlmq.quantize.calibrate import CalibrationOOMError, forward_all
 
 # --------------------------------------------------------------------------------------------

@@ -42,10 +42,7 @@ class ArchConfig:
 
 @dataclass
 class InferConfig:
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 0.0
-    top_p: float = 1.0
+    max_new_tokens: int = 64  # `vlmq check` decodes greedily: W8A8 and bf16 answers compared token by token
     text_prompts: list[str] = field(default_factory=list)
     image_prompts: list[str] = field(default_factory=list)
     heldout_samples: int = 8
@@ -57,7 +54,7 @@ class QuantConfig:
     alpha: float = 0.5
     kv_cache: str = "none"
     # Per-layer SmoothQuant strength: each shared-input group (q/k/v, o, gate/up, down) takes the
-    # alpha of alpha_grid with the least W8A8 output error on calibration inputs (alpha is then unused).
+    # alpha of alpha_grid with the least W8A8 output error on calibration inputs (`alpha` breaks ties).
     alpha_search: bool = False
     alpha_grid: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
     alpha_search_tokens: int = 512  # calibration tokens kept per linear input for the search
@@ -94,7 +91,7 @@ class CalibConfig:
 @dataclass
 class ExportConfig:
     dir: str = "models/qwen2_5_vl_3b_instruct/quantized/w8a8_int8_sq"
-    formats: list[str] = field(default_factory=lambda: ["modelopt_hf", "compressed_tensors"])
+    formats: list[str] = field(default_factory=lambda: ["compressed_tensors", "modelopt_hf"])  # as conf/export
     activations: str = "dynamic"
     smooth_o_proj: bool = True
 

@@ -9,15 +9,14 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlmq.calib import CalibStats
 from vlmq.config import Config, ConfigError
 from vlmq.console import console, library_chatter_to_log, progress_bar
 from vlmq.models.load import Snapshot, inspect_snapshot
@@ -70,76 +69,6 @@ def resolve_inputs(cfg: Config, run_dir: Path) -> RunContext:
     return RunContext(cfg, run_dir, snapshot_dir, calib_root, export_dir, demo)
 
 
-def load_text_jsonl(path: Path, num_samples: int, seed: int, instruction: str,
-                    min_samples: int) -> tuple[list, CalibStats]:
-    """A text-only JSONL source: like `jsonl`, but records with an image are skipped (counted)."""
-    from vlmq.calib import load_jsonl
-    from vlmq.calib.coco import check_counts
-
-    # Walk every record (same seeded order as `jsonl`), then keep the first text-only ones.
-    everything, stats = load_jsonl(path, None, 2**62, seed, instruction, 0)
-    for sample in everything:
-        if sample.image is not None:
-            stats.skip(sample.source, "image_in_text_source")
-    samples = [s for s in everything if s.image is None][:num_samples]
-    stats.requested = num_samples
-    stats.sources = [f"text_jsonl:{path}"]
-    check_counts(samples, stats, min_samples, str(path))
-    return samples, stats
-
-
-def load_source(cfg: Config, source: str, root: Path, min_samples: int) -> tuple[list, CalibStats]:
-    from vlmq.calib import load_coco_captions, load_jsonl
-
-    c = cfg.calib
-    if source == "coco2017":
-        return load_coco_captions(root, c.splits, c.num_samples, c.seed, c.instruction, min_samples)
-    if source == "jsonl":
-        return load_jsonl(root, None, c.num_samples, c.seed, c.instruction, min_samples)
-    if source == "text_jsonl":
-        return load_text_jsonl(root, c.num_samples, c.seed, c.instruction, min_samples)
-    raise ConfigError(f"unknown calibration source {source!r}")
-
-
-def load_calibration_samples(cfg: Config, calib_root: Path) -> tuple[list, CalibStats]:
-    """`calib.source` at `calib_root`, or, with `calib.mix`, that source plus the mix parts by ratio.
-
-    Every source goes through its own checks (hostile images, malformed lines); skips from all
-    of them are counted, and the mix as a whole must reach `calib.min_samples`."""
-    from vlmq.calib import mix_sources
-    from vlmq.calib.coco import check_counts
-
-    c = cfg.calib
-    if not c.mix:
-        return load_source(cfg, c.source, calib_root, c.min_samples)
-    parts = [(c.source, calib_root, 1.0 - sum(p.ratio for p in c.mix))]
-    parts += [(p.source, cfg.resolve_path(p.root), p.ratio) for p in c.mix]
-    total = CalibStats(requested=c.num_samples)
-    loaded = []
-    for source, root, ratio in parts:
-        samples, stats = load_source(cfg, source, root, 0)
-        for reason, count in stats.skipped.items():
-            total.skipped[reason] = total.skipped.get(reason, 0) + count
-        total.skipped_examples.extend(stats.skipped_examples[: max(0, 5 - len(total.skipped_examples))])
-        loaded.append((samples, ratio))
-    mixed = mix_sources(loaded, c.num_samples, c.seed)
-    picked = {id(s) for s in mixed}
-    total.sources = [f"{source}:{root} (ratio {ratio:.2f}, {sum(id(s) in picked for s in samples)} samples)"
-                     for (source, root, ratio), (samples, _) in zip(parts, loaded, strict=True)]
-    check_counts(mixed, total, c.min_samples, "the calibration mix " + ", ".join(str(r) for _, r, _ in parts))
-    return mixed, total
-
-
-def merge_stats(total: CalibStats, part: CalibStats) -> None:
-    total.samples += part.samples
-    total.images += part.images
-    total.tokens += part.tokens
-    total.truncated += part.truncated
-    for reason, count in part.skipped.items():
-        total.skipped[reason] = total.skipped.get(reason, 0) + count
-    total.skipped_examples.extend(part.skipped_examples[: max(0, 10 - len(total.skipped_examples))])
-
-
 def peak_memory() -> dict[str, float]:
     out = {"cpu_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
     if torch.cuda.is_available():
@@ -176,59 +105,15 @@ def estimate_export_bytes(model: torch.nn.Module, quantized: list[str]) -> int:
     return int(total * 1.02)
 
 
-def calibration_and_held_out(cfg: Config, calib_root: Path) -> tuple[list, list, CalibStats]:
-    """`calib.num_samples` samples to calibrate on plus `quant.kl_samples` held out for KL (the
-    sensitivity fallback and `vlmq sensitivity`), loaded together so they are disjoint. When the
-    data has no more than calib.num_samples samples, KL is measured on the last ones calibrated on."""
-    import dataclasses
-
-    n, k = cfg.calib.num_samples, cfg.quant.kl_samples
-    more = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, num_samples=n + k))
-    everything, stats = load_calibration_samples(more, calib_root)
-    stats.requested = n
-    if len(everything) > n:
-        return everything[:n], everything[n:], stats
-    log.warning("only %d calibration samples: KL is measured on %d of them (not held out)", len(everything),
-                min(k, len(everything)))
-    return everything, everything[-k:], stats
-
-
-def make_forward_loop(samples: list, processor: Any, cfg: Config, batch_size: int, stats: CalibStats,
-                      progress: str | None = None) -> Callable[[torch.nn.Module], None]:
-    """A ModelOpt forward loop over `samples` (the full VLM, OOM back-off), counting into `stats`.
-
-    The batch-size log of the latest call is kept as `loop.last_log`; `progress` names a progress bar."""
-    from vlmq.calib.batches import make_batches
-    from vlmq.quantize.calibrate import forward_all
-
-    def loop(m: torch.nn.Module) -> None:
-        stats.samples = stats.images = stats.tokens = stats.truncated = 0
-        pending: list[CalibStats] = []
-
-        def batches_for(chunk: list) -> list[dict]:
-            # Stats of a chunk count only once its forward pass succeeded (OOM retries re-batch it).
-            pending[:] = [CalibStats(requested=len(chunk))]
-            return make_batches(processor, chunk, len(chunk), cfg.calib.max_length, pending[0])
-
-        bar = progress_bar(progress, len(samples)) if progress else nullcontext(lambda n: None)
-        with bar as advance:
-            def done(n: int) -> None:
-                merge_stats(stats, pending[0])
-                advance(n)
-            loop.last_log = forward_all(m, samples, batches_for, batch_size, done)  # type: ignore[attr-defined]
-
-    loop.last_log = None  # type: ignore[attr-defined]
-    return loop
-
-
 def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """The whole `vlmq quantize` job; returns the manifest body."""
     from vlmq.calib.batches import make_batches
+    from vlmq.calib.sources import calibration_and_held_out, load_calibration_samples
     from vlmq.export import EXPORT_ORDER, get_exporter
     from vlmq.export.atomic import atomic_directory, check_free_space, check_target, clean_stale_staging
     from vlmq.export.manifest import package_versions, write_manifest
     from vlmq.models.load import load_model, load_processor
-    from vlmq.quantize.calibrate import audit, quantize_lm, resolve_batch_size
+    from vlmq.quantize.calibrate import ForwardLoop, audit, quantize_lm, resolve_batch_size
 
     if cfg.arch.quantized:
         raise ConfigError(f"arch {cfg.arch.name} is a quantized checkpoint; `vlmq quantize` needs a bf16 snapshot "
@@ -273,7 +158,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
             torch.cuda.set_per_process_memory_fraction(cfg.calib.gpu_memory_fraction, index)
     batch_size = resolve_batch_size(cfg.calib.batch_size, device)
 
-    forward_loop = make_forward_loop(samples, processor, cfg, batch_size, stats, progress="calibrating")
+    forward_loop = ForwardLoop(samples, processor, cfg.calib.max_length, batch_size, stats, progress="calibrating")
 
     probe = None
     if cfg.quant.max_kl is not None:

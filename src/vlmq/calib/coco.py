@@ -58,6 +58,20 @@ class CalibStats:
         if len(self.skipped_examples) < MAX_EXAMPLES:
             self.skipped_examples.append(f"{what}: {reason}")
 
+    def add_skips(self, other: CalibStats) -> None:
+        """``other``'s skip counts (and examples, up to the cap) added to these."""
+        for reason, count in other.skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+        self.skipped_examples.extend(other.skipped_examples[: max(0, MAX_EXAMPLES - len(self.skipped_examples))])
+
+    def add_batch(self, other: CalibStats) -> None:
+        """A batch's counts, as the batcher filled them, added to the run's."""
+        self.samples += other.samples
+        self.images += other.images
+        self.tokens += other.tokens
+        self.truncated += other.truncated
+        self.add_skips(other)
+
     def skipped_summary(self) -> str:
         return ", ".join(f"{r}={n}" for r, n in sorted(self.skipped.items())) or "none"
 

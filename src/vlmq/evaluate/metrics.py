@@ -31,19 +31,6 @@ def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: tor
     return float(-picked[keep].mean())
 
 
-def perplexity(nll: float) -> float:
-    return math.exp(nll)
-
-
-def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf when identical)."""
-    ref, test = ref.float(), test.float()
-    noise = (ref - test).pow(2).mean()
-    if noise == 0:
-        return math.inf
-    return float(10 * torch.log10(ref.pow(2).mean() / noise))
-
-
 def token_overlap(a: list[int], b: list[int]) -> float:
     """Fraction of positions (over the longer sequence) where two generations agree."""
     if not a and not b:

@@ -52,7 +52,7 @@ def fold_and_quantize(model: nn.Module, family: Family, act_amax: dict[str, torc
     `alpha` is one value or per linear (quant.alpha_search); LM linears not in `quantized` (the
     sensitivity fallback's) stay bf16 and are named in the `ignore` list.
 
-    Returns (model, QuantizationConfig); weights are still floating point until compressed."""
+    Returns (model, QuantizationConfig, the fold's report); weights are still floating point until compressed."""
     from compressed_tensors.quantization import (
         QuantizationConfig,
         QuantizationStatus,

@@ -14,8 +14,6 @@ from torch import nn
 
 from vlmq.export import register_exporter
 
-PROCESSOR_FILES_HINT = ("preprocessor_config.json", "tokenizer_config.json", "chat_template")
-
 
 def copy_processor_files(processor, generation_config, out_dir: Path) -> None:
     """Processor, tokenizer, chat template and generation config: a checkpoint that stands alone."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from vlmq.calib import CalibStats
 from vlmq.models.families import Family, quantized_linear_names
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,9 @@ def forward_all(model: nn.Module, samples: Sequence[Any], make_batches: Callable
                 record: CalibrationLog | None = None) -> CalibrationLog:
     """Forward every sample through the full VLM (vision tower -> merger -> LM).
 
-    On CUDA out-of-memory the batch size halves and the failed slice is retried, down to 1.
-    Repeating a sample is harmless: max calibration only keeps running maxima.
+    On CUDA out-of-memory the batch size halves and the failed slice is retried, down to 1. The
+    batches before the failure in that slice run again: harmless for max calibration (running maxima),
+    while the alpha search's input sampler may keep those rows twice.
     """
     record = record or CalibrationLog(batch_size_start=batch_size)
     device = model_device(model)
@@ -91,6 +94,45 @@ def resolve_batch_size(value: str, device: torch.device) -> int:
     if value != "auto":
         return int(value)
     return CUDA_AUTO_BATCH if device.type == "cuda" else CPU_AUTO_BATCH
+
+
+class ForwardLoop:
+    """ModelOpt's forward loop over ``samples``: the full VLM, in batches of ``batch_size`` with OOM
+    back-off (`forward_all`). Each call recounts ``stats`` (samples, tokens, the batcher's skips) on top
+    of the skips the loader counted, so a second calibration pass (the sensitivity fallback's
+    re-quantization) does not count anything twice. ``last_log``: the batch sizes of the latest call;
+    ``progress`` names a progress bar."""
+
+    def __init__(self, samples: Sequence[Any], processor: Any, max_length: int, batch_size: int,
+                 stats: CalibStats, progress: str | None = None) -> None:
+        self.samples, self.processor, self.max_length = samples, processor, max_length
+        self.batch_size, self.stats, self.progress = batch_size, stats, progress
+        self.loader_skips = CalibStats(requested=0)
+        self.loader_skips.add_skips(stats)
+        self.last_log: CalibrationLog | None = None
+
+    def __call__(self, model: nn.Module) -> None:
+        from vlmq.calib.batches import make_batches
+        from vlmq.console import progress_bar
+
+        stats = self.stats
+        stats.samples = stats.images = stats.tokens = stats.truncated = 0
+        stats.skipped, stats.skipped_examples = {}, []
+        stats.add_skips(self.loader_skips)
+        chunk_stats = CalibStats(requested=0)
+
+        def batches_for(chunk: Sequence[Any]) -> list[dict]:
+            nonlocal chunk_stats  # a chunk counts once its forward pass succeeded (OOM retries re-batch it)
+            chunk_stats = CalibStats(requested=len(chunk))
+            return make_batches(self.processor, list(chunk), len(chunk), self.max_length, chunk_stats)
+
+        bar = progress_bar(self.progress, len(self.samples)) if self.progress else nullcontext(lambda n: None)
+        with bar as advance:
+            def done(n: int) -> None:
+                stats.add_batch(chunk_stats)
+                advance(n)
+
+            self.last_log = forward_all(model, self.samples, batches_for, self.batch_size, done)
 
 
 def quantize(model: nn.Module, modelopt_config: dict, forward_loop: Callable[[nn.Module], None]) -> nn.Module:

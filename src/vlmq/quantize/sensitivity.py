@@ -218,11 +218,12 @@ cmd_sensitivity.add_arguments = _args  # type: ignore[attr-defined]
 
 def run_sensitivity(cfg, run_dir: Path) -> dict:
     """Calibrate once (the quantize recipe, alpha search included), then rank the LM's linears."""
+    from vlmq.calib.sources import calibration_and_held_out
     from vlmq.console import console, library_chatter_to_log, progress_bar
     from vlmq.models.families import quantized_linear_names
     from vlmq.models.load import inspect_snapshot, load_model, load_processor
-    from vlmq.pipeline import calibration_and_held_out, make_forward_loop, resolve_inputs
-    from vlmq.quantize.calibrate import quantize_lm, resolve_batch_size
+    from vlmq.pipeline import resolve_inputs
+    from vlmq.quantize.calibrate import ForwardLoop, quantize_lm, resolve_batch_size
 
     ctx = resolve_inputs(cfg, run_dir)
     with library_chatter_to_log():
@@ -239,7 +240,7 @@ def run_sensitivity(cfg, run_dir: Path) -> dict:
     from vlmq.calib.batches import make_batches
 
     probe = KLProbe.capture(model, make_batches(processor, held_out, batch_size, cfg.calib.max_length))
-    forward_loop = make_forward_loop(samples, processor, cfg, batch_size, stats)
+    forward_loop = ForwardLoop(samples, processor, cfg.calib.max_length, batch_size, stats)
     with library_chatter_to_log():
         model, info = quantize_lm(model, snapshot.family, cfg.quant, forward_loop, export=cfg.export)
     names = quantized_linear_names(snapshot.family, len(model.get_submodule(snapshot.family.layers)))
