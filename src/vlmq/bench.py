@@ -28,8 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmq.cli import register_command
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -357,7 +355,7 @@ def print_table(results: dict) -> None:
 BACKENDS = ("auto", "int_mm", "reference", "triton")
 
 
-def _bench_args(p: argparse.ArgumentParser) -> None:
+def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", type=Path, help="the bf16 snapshot")
     p.add_argument("--model-dir", type=Path, help="the W8A8 export (either format)")
     p.add_argument("--shape", choices=("3b", "small", "demo"),
@@ -386,7 +384,6 @@ def positive_ints(text: str, flag: str) -> list[int]:
     return values
 
 
-@register_command("bench", "prefill/decode speed and peak memory, bf16 vs W8A8, same run")
 def cmd_bench(args: argparse.Namespace) -> int:
     from vlmq.config import ConfigError
 
@@ -405,6 +402,3 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
     return 0
-
-
-cmd_bench.add_arguments = _bench_args  # type: ignore[attr-defined]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -66,37 +66,41 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
-    "quantize": (cmd_quantize, "calibrate on image+text, quantize the LM to W8A8 INT8, export"),
-    "fetch-model": (cmd_fetch_model, "download a snapshot into the models/ layout"),
-}
+def quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="replace an existing export")
 
 
-def register_command(name: str, help_text: str) -> Callable:
-    def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        COMMANDS[name] = (fn, help_text)
-        return fn
-    return wrap
+def fetch_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", choices=("hf", "modelscope"), default="hf")
+
+
+# Every subcommand: module, the function that runs it, the function that adds its options, help.
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "quantize": ("vlmq.cli", "cmd_quantize", "quantize_arguments",
+                 "calibrate on image+text, quantize the LM to W8A8 INT8, export"),
+    "fetch-model": ("vlmq.cli", "cmd_fetch_model", "fetch_model_arguments",
+                    "download a snapshot into the models/ layout"),
+    "verify": ("vlmq.commands", "cmd_verify", "verify_arguments",
+               "check a checkpoint against its manifest and its own config"),
+    "generate": ("vlmq.commands", "cmd_generate", "generate_arguments",
+                 "generate from a W8A8 checkpoint (or bf16 snapshot) for a quick look"),
+    "check": ("vlmq.evaluate.check", "cmd_check", "check_arguments",
+              "bf16 vs W8A8 on text and image+text prompts: metrics, gates, HTML+JSON report"),
+    "sensitivity": ("vlmq.quantize.sensitivity", "cmd_sensitivity", "sensitivity_arguments",
+                    "rank the LM's linears by the KL each adds when quantized alone"),
+    "bench": ("vlmq.bench", "cmd_bench", "bench_arguments",
+              "prefill/decode speed and peak memory, bf16 vs W8A8, same run"),
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import vlmq.bench  # noqa: F401  (these register their subcommands)
-    import vlmq.commands  # noqa: F401
-    import vlmq.evaluate.check  # noqa: F401
-    import vlmq.quantize.sensitivity  # noqa: F401
-
     parser = argparse.ArgumentParser(prog="vlmq", description="W8A8 INT8 SmoothQuant for vision-language models")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (fn, help_text) in COMMANDS.items():
+    for name, (module_name, run, add_arguments, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(func=fn)
-        if name == "quantize":
-            p.add_argument("--force", action="store_true", help="replace an existing export")
-        if name == "fetch-model":
-            p.add_argument("--source", choices=("hf", "modelscope"), default="hf")
-        add_args = getattr(fn, "add_arguments", None)
-        if add_args:
-            add_args(p)
+        p.set_defaults(func=getattr(module, run))
+        getattr(module, add_arguments)(p)
         p.add_argument("overrides", nargs="*", help="config overrides, e.g. calib.num_samples=512 quant.alpha=0.8")
     return parser
 
@@ -163,7 +167,4 @@ def entry() -> None:
 
 
 if __name__ == "__main__":
-    # Run the imported module, not this __main__ copy: subcommands register into vlmq.cli.COMMANDS.
-    from vlmq.cli import entry as package_entry
-
-    package_entry()
+    entry()

@@ -6,10 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from vlmq.cli import register_command
 
-
-def _generate_args(p: argparse.ArgumentParser) -> None:
+def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", required=True, type=Path, help="an export dir (either format) or a bf16 snapshot")
     p.add_argument("--image", type=Path, help="an image for an image+text prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -54,7 +52,6 @@ def generate_text(model, processor, prompt: str, image=None, max_new_tokens: int
     return tokenizer.decode(new_tokens, skip_special_tokens=True), new_tokens
 
 
-@register_command("generate", "generate from a W8A8 checkpoint (or bf16 snapshot) for a quick look")
 def cmd_generate(args: argparse.Namespace) -> int:
     from vlmq.calib import load_rgb
 
@@ -69,14 +66,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-cmd_generate.add_arguments = _generate_args  # type: ignore[attr-defined]
 
 
-def _verify_args(p: argparse.ArgumentParser) -> None:
+def verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", type=Path, help="an export root (with manifest.json) or one format's directory")
 
 
-@register_command("verify", "check a checkpoint against its manifest and its own config")
 def cmd_verify(args: argparse.Namespace) -> int:
     from vlmq.verify import verify_export
 
@@ -86,6 +81,3 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 1
     print(f"OK {args.dir}: {summary}")
     return 0
-
-
-cmd_verify.add_arguments = _verify_args  # type: ignore[attr-defined]

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmq.cli import register_command
 from vlmq.config import Config, ConfigError
 from vlmq.evaluate.layers import LayerProbe, layer_table, smoothing_transform
 from vlmq.evaluate.metrics import (
@@ -311,7 +310,7 @@ class CheckRejected(Exception):
     """The checkpoint failed `vlmq verify`: exit code 1, no metrics."""
 
 
-def _check_args(p: argparse.ArgumentParser) -> None:
+def check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, help="the W8A8 checkpoint (default: the export of this config)")
     p.add_argument("--baseline", type=Path, help="the bf16 snapshot (default: the one the export was made from)")
     p.add_argument("--label", help="names the run in the report (baseline / w8a8 / anything)")
@@ -325,7 +324,6 @@ def _check_args(p: argparse.ArgumentParser) -> None:
                    help="W8A8 GEMM backend")
 
 
-@register_command("check", "bf16 vs W8A8 on text and image+text prompts: metrics, gates, HTML+JSON report")
 def cmd_check(args: argparse.Namespace) -> int:
     from vlmq.config import load_config
     from vlmq.console import console, make_run_dir, setup_logging
@@ -351,6 +349,3 @@ def cmd_check(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"{results['verdict'].upper()} {paths['report']}")
     return EXIT_GATE_FAILED if failed else 0
-
-
-cmd_check.add_arguments = _check_args  # type: ignore[attr-defined]

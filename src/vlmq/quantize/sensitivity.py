@@ -26,8 +26,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlmq.cli import register_command
-
 log = logging.getLogger(__name__)
 
 
@@ -188,12 +186,11 @@ def format_table(sens: Sensitivity, top: int | None = None) -> str:
 # `vlmq sensitivity`
 # ------------------------------------------------------------------------------------------
 
-def _args(p: argparse.ArgumentParser) -> None:
+def sensitivity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="write the JSON here too (always written to the run folder)")
     p.add_argument("--top", type=int, default=None, help="rows to print (default: all)")
 
 
-@register_command("sensitivity", "rank the LM's linears by the KL each adds when quantized alone")
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from vlmq.config import load_config
     from vlmq.console import console, make_run_dir, setup_logging
@@ -213,7 +210,6 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
-cmd_sensitivity.add_arguments = _args  # type: ignore[attr-defined]
 
 
 def run_sensitivity(cfg, run_dir: Path) -> dict:
