@@ -1,6 +1,7 @@
 """`vlmq quantize` from validated config to exported checkpoint(s) and manifest.
 
-Stages: resolve inputs (cheap checks first) -> load -> calibrate + quantize -> audit -> export.
+Stages: resolve inputs (cheap checks first) -> load -> [reference logits] -> calibrate + quantize ->
+[sensitivity fallback: rank, re-quantize] -> audit -> export (atomic) -> manifest.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"arch {cfg.arch.name} is a quantized checkpoint; `vlmq quantize` needs a bf16 snapshot "
                           "(e.g. arch=qwen2_5_vl_3b_instruct.default)")
     ctx = resolve_inputs(cfg, run_dir)
-    # Cheap checks first: output target, snapshot config, calibration data; then load weights.
+    # Cheap checks first: output target, calibration data, snapshot config; then load weights.
     clean_stale_staging(ctx.export_dir)  # staging dirs of killed runs (their pid is gone)
     check_target(ctx.export_dir, cfg.force)
     with ctx.stage("prepare"), library_chatter_to_log():

@@ -158,7 +158,6 @@ class LeanDecoder:
             self.layers.append(_Layer(layer.input_layernorm.weight, fuse_linears([at.q_proj, at.k_proj, at.v_proj]),
                                       at.o_proj, layer.post_attention_layernorm.weight,
                                       fuse_linears([mlp.gate_proj, mlp.up_proj]), mlp.down_proj))
-        self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         dev, n_layers = self.device, len(self.layers)
         shape = (n_layers, batch, self.n_kv, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=dev)
