@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmq.calib.coco import (
-    DEFAULT_INSTRUCTION,
-    CalibDataError,
-    CalibSample,
-    CalibStats,
-    load_coco_captions,
-)
+from vlmq.calib.coco import load_coco_captions
 from vlmq.calib.images import DEFAULT_MAX_PIXELS, ImageRejected, load_rgb
 from vlmq.calib.jsonl import load_jsonl, mix_sources
+from vlmq.calib.samples import DEFAULT_INSTRUCTION, CalibDataError, CalibSample, CalibStats
 
 
 def demo_coco_root() -> Path:

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vlmq.calib.coco import CalibSample, CalibStats
 from vlmq.calib.images import DEFAULT_MAX_PIXELS, ImageRejected, load_rgb
+from vlmq.calib.samples import CalibSample, CalibStats
 
 _SHORTEN_TRIES = 4
 

@@ -14,7 +14,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlmq.calib.coco import (
+from vlmq.calib.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageRejected,
+    load_rgb,
+    resolve_member,
+)
+from vlmq.calib.samples import (
     DEFAULT_INSTRUCTION,
     CalibDataError,
     CalibSample,
@@ -23,12 +29,6 @@ from vlmq.calib.coco import (
     fill,
     normalize_caption,
     seeded_order,
-)
-from vlmq.calib.images import (
-    DEFAULT_MAX_PIXELS,
-    ImageRejected,
-    load_rgb,
-    resolve_member,
 )
 
 

@@ -7,8 +7,9 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from vlmq.calib.coco import CalibStats, check_counts, load_coco_captions
+from vlmq.calib.coco import load_coco_captions
 from vlmq.calib.jsonl import load_jsonl, mix_sources
+from vlmq.calib.samples import CalibStats, check_counts
 from vlmq.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
