@@ -66,8 +66,15 @@ def quantize_cmd(workdir: Path, export_dir: Path, run_name: str, *extra: str) ->
                             f"run_name={run_name}", *extra]
 
 
+def _foreground_signals() -> None:
+    # As in a terminal's foreground job: a harness started in the background (`cmd &` in a script)
+    # ignores SIGINT, which every child would inherit, and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen(cmd: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_foreground_signals)
 
 
 class MissedExport(Exception):
