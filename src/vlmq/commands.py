@@ -66,8 +66,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", type=Path, help="an export root (with manifest.json) or one format's directory")
 

@@ -210,8 +210,6 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def run_sensitivity(cfg, run_dir: Path) -> dict:
     """Calibrate once (the quantize recipe, alpha search included), then rank the LM's linears."""
     from vlmq.calib.sources import calibration_and_held_out
