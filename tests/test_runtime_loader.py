@@ -79,3 +79,18 @@ def test_refuses_tensors_that_disagree_with_config(dq, tmp_path):
     (bad3 / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="quant_method"):
         load_w8a8(bad3, device="cpu")
+
+
+def test_cuda_device_refused_with_one_line(dq, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_w8a8 on a CUDA device that isn't there: a one-line error before any file is read
+    (the card count is faked for the index check: no GPU here)."""
+    from vlmq.models.load import SnapshotError
+
+    with pytest.raises(SnapshotError, match=r"^device=cuda:0 was asked for but no CUDA device is visible$"):
+        load_w8a8(dq.exports["ct_dynamic"], device="cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SnapshotError, match=r"^device=cuda:2 was asked for but only 2 CUDA device\(s\) are visible$"):
+        load_w8a8(dq.exports["ct_dynamic"], device="cuda:2")
+    with pytest.raises(SnapshotError, match="is not a device"):
+        load_w8a8(dq.exports["ct_dynamic"], device="cuda:x")

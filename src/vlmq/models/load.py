@@ -106,8 +106,16 @@ def check_safetensors_complete(file: Path) -> None:
 def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SnapshotError("device=cuda was asked for but no CUDA device is visible")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SnapshotError(f"device={device} was asked for but no CUDA device is visible")
+        try:
+            index = torch.device(device).index
+        except RuntimeError:
+            raise SnapshotError(f"device={device} is not a device (cpu, cuda, cuda:N or auto)") from None
+        if index is not None and index >= torch.cuda.device_count():
+            raise SnapshotError(f"device={device} was asked for but only {torch.cuda.device_count()} CUDA "
+                                "device(s) are visible")
     return device
 
 

@@ -176,6 +176,7 @@ def load_w8a8(path: Path, device: str = "auto", dtype: torch.dtype = torch.bfloa
 
     from vlmq.models.load import pick_device
 
+    device = torch.device(pick_device(device))  # a device that isn't there fails before any file is read
     if verify:
         from vlmq.verify import manifest_problems
 
@@ -186,7 +187,6 @@ def load_w8a8(path: Path, device: str = "auto", dtype: torch.dtype = torch.bfloa
                                   "(re-export it, or load with verify=False)")
     tensors = read_state_dict(Path(path))
     info = inspect_checkpoint(Path(path), tensors)
-    device = torch.device(pick_device(device))
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # Triton launches, streams and graph captures use the current device
     model = build_w8a8_model(info, tensors, dtype, device, backend)
