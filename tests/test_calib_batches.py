@@ -42,13 +42,13 @@ def _check_image_tokens(processor, batch: dict[str, torch.Tensor]) -> None:
     assert batch["pixel_values"].shape[0] == int(grid.prod(dim=1).sum())
 
 
-def test_to_messages() -> None:
+def test_to_messages(processor) -> None:
     img = CalibSample(Path("/x.jpg"), "Describe.", "A cat.", "s")
-    assert to_messages(img) == [
+    assert to_messages(processor, img) == [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
     ]
-    assert to_messages(CalibSample(None, "Just text.", "", "t")) == [
+    assert to_messages(processor, CalibSample(None, "Just text.", "", "t")) == [
         {"role": "user", "content": [{"type": "text", "text": "Just text."}]}
     ]
 

@@ -22,6 +22,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from vlmq.calib import CalibDataError, ImageRejected
     from vlmq.config import ConfigError
     from vlmq.export.atomic import ExportError
+    from vlmq.models.chat import ChatTemplateError
     from vlmq.models.families import UnsupportedModelError
     from vlmq.models.load import SnapshotError
     from vlmq.quantize.calibrate import CalibrationOOMError, QuantizationAuditError
@@ -30,7 +31,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, SnapshotError, CalibDataError, ExportError, UnsupportedModelError,
             CalibrationOOMError, QuantizationAuditError, CheckpointError, ImageRejected, FileNotFoundError,
-            FallbackUnreachable)
+            FallbackUnreachable, ChatTemplateError)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -33,9 +33,11 @@ def load_any(model_dir: Path, device: str = "auto", backend: str = "auto"):
 
 
 def chat_inputs(processor, prompt: str, image=None) -> dict:
-    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
+    from vlmq.models.chat import chat, is_text_only, render
+
+    text = render(processor, chat(processor, prompt, image=image is not None), add_generation_prompt=True)
+    if is_text_only(processor):   # a tokenizer takes no images argument
+        return dict(processor(text=[text], return_tensors="pt"))
     return dict(processor(text=[text], images=[image] if image is not None else None, return_tensors="pt"))
 
 

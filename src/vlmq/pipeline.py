@@ -108,11 +108,12 @@ def estimate_export_bytes(model: torch.nn.Module, quantized: list[str]) -> int:
 
 def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """The whole `vlmq quantize` job; returns the manifest body."""
-    from vlmq.calib.batches import make_batches
+    from vlmq.calib.batches import make_batches, to_messages
     from vlmq.calib.sources import calibration_and_held_out, load_calibration_samples
     from vlmq.export import EXPORT_ORDER, get_exporter
     from vlmq.export.atomic import atomic_directory, check_free_space, check_target, clean_stale_staging
     from vlmq.export.manifest import package_versions, write_manifest
+    from vlmq.models.chat import render
     from vlmq.models.load import load_model, load_processor
     from vlmq.quantize.calibrate import ForwardLoop, audit, quantize_lm, resolve_batch_size
 
@@ -148,9 +149,10 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
              stats.skipped_summary())
 
     with ctx.stage("load"):
+        processor = load_processor(snapshot.path, cfg.arch.trust_remote_code)
+        render(processor, to_messages(processor, samples[0]))   # a template that can't render fails before loading
         model = load_model(snapshot, cfg.arch.dtype, cfg.device, cfg.arch.max_memory,
                            cfg.arch.trust_remote_code)
-        processor = load_processor(snapshot.path, cfg.arch.trust_remote_code)
     params_per_device = placement(model)
     log.info("parameters per device: %s", params_per_device)
     device = next(model.parameters()).device

@@ -26,24 +26,15 @@ from PIL import Image
 
 from vlmq.calib.images import DEFAULT_MAX_PIXELS, ImageRejected, load_rgb
 from vlmq.calib.samples import CalibSample, CalibStats
+from vlmq.models.chat import chat, render
+from vlmq.models.chat import tokenizer_of as _tokenizer
 
 _SHORTEN_TRIES = 4
 
 
-def _tokenizer(processor: Any) -> Any:
-    """A VLM processor's tokenizer; a text-only model's "processor" is the tokenizer itself."""
-    return getattr(processor, "tokenizer", processor)
-
-
-def to_messages(sample: CalibSample) -> list[dict[str, Any]]:
+def to_messages(processor: Any, sample: CalibSample) -> list[dict[str, Any]]:
     """The chat for one sample; the assistant turn is left out when there is no answer."""
-    user: list[dict[str, Any]] = [{"type": "image"}] if sample.image is not None else []
-    if sample.prompt:
-        user.append({"type": "text", "text": sample.prompt})
-    messages: list[dict[str, Any]] = [{"role": "user", "content": user}]
-    if sample.answer:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": sample.answer}]})
-    return messages
+    return chat(processor, sample.prompt, sample.answer, image=sample.image is not None)
 
 
 @dataclass
@@ -60,7 +51,7 @@ def _image_tokens(processor: Any, image: Image.Image) -> int:
 
 
 def _rendered_length(processor: Any, sample: CalibSample, image: Image.Image | None) -> tuple[str, int]:
-    text = processor.apply_chat_template(to_messages(sample), tokenize=False)
+    text = render(processor, to_messages(processor, sample))
     length = len(_tokenizer(processor)(text)["input_ids"])
     if image is not None:
         length += _image_tokens(processor, image) - 1  # one <|image_pad|> becomes N of them

@@ -165,11 +165,11 @@ def teacher_inputs(processor, case: Case, image, gen_tokens: list[int]) -> tuple
     prompt = chat_inputs(processor, case.prompt, image)
     start = prompt["input_ids"].shape[1]
     if case.kind == "caption":
-        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": case.prompt}]
-        chat = [{"role": "user", "content": content},
-                {"role": "assistant", "content": [{"type": "text", "text": case.reference}]}]
-        text = processor.apply_chat_template(chat, tokenize=False).rstrip("\n")
-        full = dict(processor(text=[text], images=[image] if image is not None else None, return_tensors="pt"))
+        from vlmq.models.chat import chat, is_text_only, render
+
+        text = render(processor, chat(processor, case.prompt, case.reference, image is not None)).rstrip("\n")
+        images = {} if is_text_only(processor) else {"images": [image] if image is not None else None}
+        full = dict(processor(text=[text], return_tensors="pt", **images))
         if not torch.equal(full["input_ids"][0, :start], prompt["input_ids"][0]):
             raise RuntimeError(f"{case.id}: the chat with the answer does not extend the prompt's tokens")
         return full, start
