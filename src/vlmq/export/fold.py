@@ -71,7 +71,7 @@ def shared_factor(act_amax: torch.Tensor, linears: tuple[nn.Linear, ...],
     """One factor for linears that read the same input: the mean of their own factors.
 
     This is how ModelOpt's export re-smooths fused q/k/v and gate/up; measured on the outlier test
-    model it beats one factor from the group's joint weight maxima (docs/BENCHMARKS.md).
+    model it beats one factor from the group's joint weight maxima (docs/QUANTIZATION.md, "Two export formats").
     `alpha` is one value, or one per linear (quant.alpha_search gives a group one alpha anyway)."""
     alphas = [alpha] * len(linears) if isinstance(alpha, (int, float)) else list(alpha)
     return torch.stack([smoothing_factor(act_amax, _col_amax(lin), a)
