@@ -83,7 +83,21 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     """`vlmq quantize` on the built-in demo, once per session, in a tmp working directory."""
     workdir = tmp_path_factory.mktemp("demo_quantize")
     log_root, export_dir = workdir / "logs", workdir / "export"
-    result = run_cli(["quantize", f"log_root={log_root}", f"export.dir={export_dir}", "run_name=x"], cwd=workdir)
+    result = run_cli(["quantize", f"log_root={log_root}", f"export.dir={export_dir}", "run_name=x",
+                      "export.formats=[compressed_tensors,modelopt_hf]"], cwd=workdir)
     assert result.rc == 0, describe(result)
     manifest = json.loads((export_dir / "manifest.json").read_text())
     return DemoRun(result, workdir, log_root, log_root / "x", export_dir, manifest)
+
+
+VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    if VLLM_PYTHON.exists():
+        return VLLM_PYTHON
+    msg = f"{VLLM_PYTHON} is missing: run .ci/setup_vllm_cpu.sh (about 2 minutes, 2.5 GB)"
+    if os.environ.get("VLMQ_SKIP_VLLM") == "1":
+        pytest.skip(f"VLMQ_SKIP_VLLM=1 and {msg}")
+    pytest.fail(msg + ", or set VLMQ_SKIP_VLLM=1 to skip this test locally", pytrace=False)

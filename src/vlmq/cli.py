@@ -45,6 +45,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     args.log_file = setup_logging(run_dir, "quantize.log")
     manifest = run_quantize(cfg, run_dir)
     console.print(quantize_summary(manifest))
+    if manifest.get("fidelity_warning"):
+        print(f"vlmq: warning: {manifest['fidelity_warning']}", file=sys.stderr)
     print(manifest["export_dir"])
     return 0
 

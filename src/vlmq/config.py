@@ -91,9 +91,10 @@ class CalibConfig:
 @dataclass
 class ExportConfig:
     dir: str = "models/qwen2_5_vl_3b_instruct/quantized/w8a8_int8_sq"
-    formats: list[str] = field(default_factory=lambda: ["compressed_tensors", "modelopt_hf"])  # as conf/export
+    formats: list[str] = field(default_factory=lambda: ["compressed_tensors"])  # as conf/export
     activations: str = "dynamic"
     smooth_o_proj: bool = True
+    score: bool = True   # load each written format with vlmq's runtime and score it against bf16 (quant.kl_samples)
 
 
 @dataclass

@@ -69,6 +69,9 @@ def quantize_summary(manifest: dict[str, Any]) -> Table:
     table.add_row("size bf16 snapshot", _gb(manifest["sizes"]["bf16_safetensors_bytes"]))
     for fmt, info in manifest["exports"].items():
         table.add_row(f"size {fmt}", _gb(info["bytes"]))
+    for fmt, info in manifest["exports"].items():
+        if "fidelity" in info:
+            table.add_row(f"fidelity {fmt}", fidelity_line(info["fidelity"]))
     for stage, seconds in manifest["timings_s"].items():
         table.add_row(f"time {stage}", f"{seconds:.2f} s")
     for key, value in manifest["peak_memory"].items():
@@ -77,6 +80,14 @@ def quantize_summary(manifest: dict[str, Any]) -> Table:
     table.add_row("export", manifest["export_dir"])
     table.add_row("logs", manifest["run_dir"])
     return table
+
+
+def fidelity_line(fid: dict[str, Any]) -> str:
+    """e.g. 'KL 0.025, top-1 0.912, ppl +2.3 % (8 held-out samples, 2400 tokens)'."""
+    ppl = f", ppl {fid['ppl_delta_pct']:+.1f} %" if fid.get("ppl_delta_pct") is not None else ""
+    where = "held-out" if fid.get("held_out", True) else "calibration (too few samples to hold out)"
+    return (f"KL {fid['kl_mean']:.3g}, top-1 {fid['top1']:.3f}{ppl} vs bf16 "
+            f"({fid['samples']} {where} samples, {fid['tokens']} tokens)")
 
 
 class _LogWriter:

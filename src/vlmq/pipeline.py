@@ -6,6 +6,7 @@ Stages: resolve inputs (cheap checks first) -> load -> [reference logits] -> cal
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import sys
@@ -126,7 +127,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     check_target(ctx.export_dir, cfg.force)
     with ctx.stage("prepare"), library_chatter_to_log():
         held_out: list = []
-        if cfg.quant.max_kl is not None:
+        if cfg.quant.max_kl is not None or cfg.export.score:
             samples, held_out, stats = calibration_and_held_out(cfg, ctx.calib_root)
         else:
             samples, stats = load_calibration_samples(cfg, ctx.calib_root)
@@ -164,17 +165,18 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     forward_loop = ForwardLoop(samples, processor, cfg.calib.max_length, batch_size, stats, progress="calibrating")
 
     probe = None
-    if cfg.quant.max_kl is not None:
-        from vlmq.quantize.sensitivity import KLProbe
+    if held_out:
+        from vlmq.evaluate.fidelity import KLProbe
 
         with ctx.stage("reference_logits"):
-            probe = KLProbe.capture(model, make_batches(processor, held_out, batch_size, cfg.calib.max_length))
+            probe = KLProbe.capture(model, make_batches(processor, held_out, batch_size, cfg.calib.max_length),
+                                    getattr(processor, "image_token_id", None))
     with ctx.stage("calibrate_quantize"), library_chatter_to_log():
         model, lmq = quantize_lm(model, snapshot.family, cfg.quant, forward_loop, export=cfg.export)
     num_layers = len(model.get_submodule(snapshot.family.layers))
     fallback_report: dict[str, Any] | None = None
     exclude: list[str] = []
-    if probe is not None:
+    if cfg.quant.max_kl is not None:
         model, lmq, exclude, fallback_report = sensitivity_fallback(
             ctx, cfg, snapshot, model, lmq, probe, forward_loop, num_layers)
     recipe = lmq.recipe
@@ -195,6 +197,12 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 exports[fmt]["bytes"] = dir_bytes(staging / fmt, "*.safetensors")
                 exports[fmt]["seconds"] = round(time.perf_counter() - started, 3)
                 advance(1)
+        if cfg.export.score and probe is not None:
+            del model   # the fake-quant model is done with; each export is loaded in its place
+            gc.collect()
+            with ctx.stage("score_exports"):
+                reused = {id(s) for s in samples} & {id(s) for s in held_out}   # tiny data: KL on calibration samples
+                score_exports(exports, staging, probe, cfg.device, held_out_is_calibration=bool(reused))
         manifest = {
             "tool": "vlmq quantize",
             "command_line": " ".join(sys.argv),
@@ -213,6 +221,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
             "exports": exports,
             "sizes": {"bf16_safetensors_bytes": bf16_bytes, "export_estimate_bytes": estimate},
             "timings_s": {**ctx.timings, "export": round(sum(e["seconds"] for e in exports.values()), 3)},
+            "fidelity_warning": fidelity_warning(exports),
             "peak_memory": peak_memory(),
             "params_per_device": params_per_device,
             "run_dir": str(run_dir),
@@ -222,6 +231,38 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     manifest["timings_s"] = dict(ctx.timings)
     (run_dir / "manifest.json").write_text((ctx.export_dir / "manifest.json").read_text())
     return manifest
+
+
+def score_exports(exports: dict[str, dict], staging: Path, probe: Any, device: str,
+                  held_out_is_calibration: bool = False) -> None:
+    """Each written format, loaded by vlmq's runtime as a user would, against the bf16 model's logits on the
+    held-out batches: KL, top-1 and perplexity change go into `exports[fmt]["fidelity"]`."""
+    from vlmq.runtime.loader import load_w8a8
+
+    for fmt, entry in exports.items():
+        with library_chatter_to_log():
+            model, _, _ = load_w8a8(staging / fmt, device)
+            fidelity = probe.score(model)
+        del model
+        gc.collect()
+        entry["fidelity"] = {**fidelity.to_dict(), "samples": probe.samples, "held_out": not held_out_is_calibration}
+        log.info("fidelity %s: %s", fmt, entry["fidelity"])
+
+
+# A format whose KL is this many times another's (and above the noise floor) gets a one-line warning.
+MUCH_WORSE_RATIO, MUCH_WORSE_MIN_KL = 3.0, 0.01
+
+
+def fidelity_warning(exports: dict[str, dict]) -> str | None:
+    """One line naming the better format when one written format is much less faithful than another."""
+    scored = {f: e["fidelity"]["kl_mean"] for f, e in exports.items() if "fidelity" in e}
+    if len(scored) < 2:
+        return None
+    best, worst = min(scored, key=scored.get), max(scored, key=scored.get)
+    if scored[worst] < MUCH_WORSE_MIN_KL or scored[worst] < MUCH_WORSE_RATIO * scored[best]:
+        return None
+    return (f"{worst} is much less faithful than {best} (KL {scored[worst]:.3g} vs {scored[best]:.3g} nats/token "
+            f"against bf16 on held-out samples): deploy {best}")
 
 
 def sensitivity_fallback(ctx: RunContext, cfg: Config, snapshot: Snapshot, model: torch.nn.Module, lmq: Any,

@@ -116,37 +116,48 @@ def select_heldout(sel: dict[str, Any], n: int) -> tuple[list, list, dict[str, A
     """(held-out samples, calibration samples, info). Held-out = the next `n` images in the loader's seeded
     order that are not in the calibration selection (a set difference, so disjoint by construction)."""
     from vlmq.calib import CalibDataError, load_coco_captions
+    from vlmq.calib.jsonl import load_jsonl
+    from vlmq.calib.sources import load_text_jsonl
 
-    info = {**sel, "requested": n, "held_out": 0, "calibration_images": 0, "note": ""}
-    if sel["source"] != "coco2017":
-        info["note"] = f"calibration source {sel['source']} is not COCO: no held-out COCO captions"
+    info = {**sel, "requested": n, "held_out": 0, "calibration_samples": 0, "note": ""}
+    loaders = {
+        "coco2017": lambda k: load_coco_captions(Path(sel["root"]), sel["splits"], k, sel["seed"], sel["instruction"]),
+        "jsonl": lambda k: load_jsonl(Path(sel["root"]), None, k, sel["seed"], sel["instruction"]),
+        "text_jsonl": lambda k: load_text_jsonl(Path(sel["root"]), k, sel["seed"], sel["instruction"], 1),
+    }
+    if sel["source"] not in loaders:
+        info["note"] = f"calibration source {sel['source']}: no held-out samples"
         return [], [], info
     try:
-        args = (Path(sel["root"]), sel["splits"])
-        calib, _ = load_coco_captions(*args, sel["num_samples"], sel["seed"], sel["instruction"])
-        pool, _ = load_coco_captions(*args, sel["num_samples"] + max(n, 1), sel["seed"], sel["instruction"])
+        calib, _ = loaders[sel["source"]](sel["num_samples"])
+        pool, _ = loaders[sel["source"]](sel["num_samples"] + max(n, 1))
     except CalibDataError as err:
-        info["note"] = f"no held-out COCO samples: {err}"
+        info["note"] = f"no held-out samples: {err}"
         return [], [], info
-    used = {s.image for s in calib}
-    held = [s for s in pool if s.image not in used][:n]
-    info.update(held_out=len(held), calibration_images=len(calib),
-                prefix_stable=[s.image for s in pool[: len(calib)]] == [s.image for s in calib])
+    # Disjoint by construction: a set difference on what identifies a sample (its image, else its record).
+    used = {s.image or s.source for s in calib}
+    held = [s for s in pool if (s.image or s.source) not in used][:n]
+    info.update(held_out=len(held), calibration_samples=len(calib),
+                prefix_stable=[s.source for s in pool[: len(calib)]] == [s.source for s in calib])
     if len(held) < n:
-        info["note"] = (f"only {len(held)} of {n} held-out images: the calibration used {len(calib)} of the "
-                        f"images in {sel['root']}" + ("; image prompts reuse calibration images" if not held else ""))
+        info["note"] = (f"only {len(held)} of {n} held-out samples: the calibration used {len(calib)} of the "
+                        f"samples in {sel['root']}" + ("; image prompts reuse calibration images" if not held else ""))
     return held, calib, info
 
 
 def build_cases(cfg: Config, held: list, calib: list) -> list[Case]:
     cases = [Case(f"text-{i}", "text", p) for i, p in enumerate(cfg.infer.text_prompts)]
-    pictures = [(s.image, True) for s in held] or [(s.image, False) for s in calib]
+    pictures = [(s.image, True) for s in held if s.image] or [(s.image, False) for s in calib if s.image]
     if cfg.infer.image_prompts and not pictures:
         log.warning("no COCO images available: image prompts skipped")
     for i, prompt in enumerate(cfg.infer.image_prompts if pictures else []):
         image, is_held = pictures[i % len(pictures)]
         cases.append(Case(f"image-{i}", "image", prompt, image, held_out=is_held))
-    cases += [Case(f"caption-{i}", "caption", s.prompt, s.image, s.answer, True) for i, s in enumerate(held)]
+    for i, s in enumerate(held):
+        if s.answer:    # a held-out chat with a reference answer (COCO caption, jsonl prompt/answer)
+            cases.append(Case(f"caption-{i}", "caption", s.prompt, s.image, s.answer, True))
+        else:           # a held-out text passage: scored on every token of its rendered chat
+            cases.append(Case(f"passage-{i}", "passage", s.prompt, None, None, True))
     return cases
 
 
@@ -162,6 +173,10 @@ def teacher_inputs(processor, case: Case, image, gen_tokens: list[int]) -> tuple
     its reference answer; prompt = the prompt followed by the baseline's greedy continuation."""
     from vlmq.commands import chat_inputs
 
+    if case.kind == "passage":   # the passage as calibration renders it; every next token is a target
+        from vlmq.models.chat import chat, render
+
+        return dict(processor(text=[render(processor, chat(processor, case.prompt))], return_tensors="pt")), 0
     prompt = chat_inputs(processor, case.prompt, image)
     start = prompt["input_ids"].shape[1]
     if case.kind == "caption":
@@ -206,7 +221,7 @@ def score_case(ref: nn.Module, test: nn.Module, processor, case: Case, max_new_t
                                **generation_agreement(ref_tokens, test_tokens)}
     target = torch.zeros_like(ids, dtype=torch.bool)
     target[:, start:] = True
-    if case.kind == "caption" and ids.shape[1] - start > 0:
+    if case.kind in ("caption", "passage") and ids.shape[1] - start > 1:
         metrics.update(nll_baseline=sequence_nll(ref_logits, ids, target),
                        nll_w8a8=sequence_nll(test_logits, ids, target), nll_tokens=int(ids.shape[1] - start))
     return {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(case).items()},

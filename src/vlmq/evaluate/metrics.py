@@ -54,7 +54,7 @@ def weighted_mean(values: list[float], weights: list[int]) -> float | None:
 
 def range_summary(amax: torch.Tensor) -> dict[str, float]:
     """Per-channel activation maxima of one layer's input -> max, median and their ratio (outlier-ness)."""
-    a = amax.float().flatten()
+    a = amax.detach().float().flatten()   # pre_quant_scale is a Parameter: no autograd warning
     top, med = float(a.max()), float(a.median())
     return {"max": top, "median": med, "ratio": top / med if med > 0 else math.inf}
 

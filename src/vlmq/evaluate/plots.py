@@ -89,7 +89,7 @@ def plot_ranges(layers: list[dict[str, Any]], path: Path) -> Path:
 
 def plot_kl(samples: list[dict[str, Any]], path: Path) -> Path:
     plt = _pyplot()
-    colors = {"text": "#3b7dd8", "image": "#e07b39", "caption": "#4aa564"}
+    colors = {"text": "#3b7dd8", "image": "#e07b39", "caption": "#4aa564", "passage": "#8a5cc2"}
     fig, ax = plt.subplots(figsize=(min(24.0, max(6.0, 0.4 * len(samples) + 2)), 3.4))
     for i, s in enumerate(samples):
         ax.bar(i, s["metrics"]["kl_mean"], color=colors.get(s["kind"], "#777777"),

@@ -151,7 +151,7 @@ SCRIPT = """<script>
 function vlmqMark(){var imgs=document.images,ok=0;for(var i=0;i<imgs.length;i++){var im=imgs[i];
 im.setAttribute('data-natural-width',im.naturalWidth);if(im.complete&&im.naturalWidth>0)ok++;}
 var s=document.getElementById('img-status');s.setAttribute('data-decoded',ok);s.setAttribute('data-total',imgs.length);
-s.textContent=ok+' of '+imgs.length+' images decoded';}
+s.textContent=ok+' of '+imgs.length+' pictures decoded ('+s.getAttribute('data-what')+')';}
 window.addEventListener('load',vlmqMark);
 </script>"""
 
@@ -206,6 +206,8 @@ def render_html(results: dict[str, Any], plots: dict[str, Path]) -> str:
     demo = ('<p class="note">DEMO model: tiny random weights, so the answers are gibberish; only the '
             "differences between bf16 and W8A8 mean anything.</p>" if r["demo"] else "")
     held = r["heldout"]
+    inputs = any(s.get("image") for s in r["samples"])
+    what = "plots and input images" if inputs else "plots; text-only run, no input images"
     held_note = f'<p class="note">{html.escape(held["note"])}</p>' if held.get("note") else ""
     gates = _table("gates", ["gate", "metric", "threshold", "value", "result"],
                    [[g["name"], g["metric"], f"{g['op']} {_fmt(g['threshold'])}", _fmt(g["value"]),
@@ -218,9 +220,11 @@ def render_html(results: dict[str, Any], plots: dict[str, Path]) -> str:
         ["W8A8 checkpoint", html.escape(f"{r['model']['path']} ({r['model']['format']}, "
                                         f"{r['model']['activations']} activations)")],
         ["verify", html.escape(r["model"]["verify"])], ["device", html.escape(r["device"])],
-        ["held-out COCO", html.escape(f"{held['held_out']} of {held['requested']} from {held['root']} "
-                                      f"{held['splits']}; calibration used {held['calibration_images']} "
-                                      f"(num_samples={held['num_samples']}, seed={held['seed']})")],
+        ["held-out samples", html.escape(f"{held['held_out']} of {held['requested']} from {held['source']} "
+                                         f"{held['root']}" + (f" {held['splits']}" if held["source"] == "coco2017"
+                                                              else "") +
+                                         f"; calibration used {held['calibration_samples']} "
+                                         f"(num_samples={held['num_samples']}, seed={held['seed']})")],
         ["created", html.escape(r["created"])], ["command", html.escape(r.get("command_line", ""))]])
     versions = _table("versions", ["package", "version"], [[html.escape(k), html.escape(v)]
                                                            for k, v in r["versions"].items()])
@@ -231,7 +235,7 @@ def render_html(results: dict[str, Any], plots: dict[str, Path]) -> str:
 script-src 'unsafe-inline'">
 <style>{CSS}</style></head><body>
 <h1>{html.escape(title)} <span class="verdict {r['verdict']}" id="verdict">{r['verdict'].upper()}</span></h1>
-{demo}<p id="img-status" data-decoded="0" data-total="0">images not checked yet</p>
+{demo}<p id="img-status" data-decoded="0" data-total="0" data-what="{what}">pictures not checked yet</p>
 {info}
 <h2>Gates</h2>{gates}
 <h2>Metrics (W8A8 vs bf16)</h2>{metrics}

@@ -26,30 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlmq.evaluate.fidelity import KLProbe
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class KLProbe:
-    """Held-out batches and the bf16 model's logits on them."""
-
-    batches: list[dict]
-    ref: list[torch.Tensor]
-
-    @classmethod
-    def capture(cls, model: nn.Module, batches: Sequence[dict]) -> KLProbe:
-        from vlmq.evaluate.fidelity import batch_logits
-
-        return cls(list(batches), batch_logits(model, batches))
-
-    def kl(self, model: nn.Module) -> float:
-        from vlmq.evaluate.fidelity import batch_logits, compare_logits
-
-        return compare_logits(self.ref, batch_logits(model, self.batches), self.batches).kl_mean
-
-    @property
-    def tokens(self) -> int:
-        return int(sum(int(b["attention_mask"].sum()) for b in self.batches))
 
 
 def _quantizers(module: nn.Module) -> list[nn.Module]:

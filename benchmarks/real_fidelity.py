@@ -1,0 +1,95 @@
+"""Fidelity of exported checkpoints on the real model (SmolLM2-135M-Instruct) and real held-out text.
+
+Every checkpoint is loaded by vlmq's runtime (real int8 GEMMs, `--backend`) and scored against one
+reference on the same batches: the held-out records rendered exactly as calibration renders them
+(the model's chat template), KL(ref || test) and top-1 over every real position, NLL/perplexity of
+the actual next tokens. The reference is the fp32 model (so the bf16 row is the floor), or bf16.
+
+    python benchmarks/real_fidelity.py default=tmp/realrun/default/compressed_tensors \
+        modelopt=tmp/realrun/default/modelopt_hf --samples 112 --json tmp/real_fidelity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+HELDOUT = REPO_ROOT / "benchmarks" / "data" / "real_text" / "heldout.jsonl"
+
+
+def heldout_batches(processor, path: Path = HELDOUT, samples: int = 112, max_length: int = 1024,
+                    batch_size: int = 8) -> list[dict]:
+    """The first `samples` held-out records (seeded order, seed 0), batched as calibration batches them."""
+    from vlmq.calib.batches import make_batches
+    from vlmq.calib.jsonl import load_jsonl
+
+    records, _ = load_jsonl(path, None, samples, 0)
+    return make_batches(processor, records, batch_size, max_length)
+
+
+def score_exports(snapshot: Path, exports: dict[str, Path], samples: int, reference: str = "fp32",
+                  backend: str = "auto") -> dict[str, dict]:
+    """{name: Fidelity dict} for bf16 (with an fp32 reference) and each export, against the `reference`
+    dtype of the snapshot. All models are loaded at once and scored batch by batch."""
+    from vlmq.evaluate.fidelity import score_models
+    from vlmq.models.load import inspect_snapshot, load_model, load_processor
+    from vlmq.runtime.loader import load_w8a8
+
+    snap = inspect_snapshot(snapshot)
+    processor = load_processor(snapshot)
+    batches = heldout_batches(processor, samples=samples)
+    ref = load_model(snap, {"fp32": "float32", "bf16": "bfloat16"}[reference], "cpu")
+    models, info = {}, {}
+    if reference == "fp32":
+        models["bf16"] = load_model(snap, "bfloat16", "cpu")
+    for name, path in exports.items():
+        models[name], _, loaded = load_w8a8(path, "cpu", backend=backend)
+        info[name] = {"format": loaded.format, "activations": loaded.activations, "quantized": len(loaded.quantized)}
+    started = time.perf_counter()
+    scores = score_models(ref, models, batches)
+    seconds = round(time.perf_counter() - started, 2)
+    return {name: {**fid.to_dict(), **info.get(name, {}), "score_seconds_all": seconds}
+            for name, fid in scores.items()}
+
+
+def table(rows: dict[str, dict]) -> str:
+    lines = [f"{'export':<28} {'KL':>8} {'top-1':>7} {'ppl':>8} {'Δppl %':>7} {'tokens':>7}"]
+    for name, r in rows.items():
+        lines.append(f"{name:<28} {r['kl_mean']:>8.4f} {r['top1']:>7.3f} {r['ppl_test']:>8.2f} "
+                     f"{r['ppl_delta_pct']:>+7.2f} {r['tokens']:>7}")
+    ref_ppl = next(iter(rows.values()))["ppl_ref"]
+    lines.append(f"(reference perplexity {ref_ppl:.2f})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("exports", nargs="*", help="name=checkpoint_dir")
+    parser.add_argument("--snapshot", type=Path, default=None, help="default: the real SmolLM2 snapshot (built)")
+    parser.add_argument("--samples", type=int, default=112)
+    parser.add_argument("--reference", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.snapshot is None:
+        from make_real_snapshot import build
+
+        args.snapshot = build()
+    exports = dict(item.split("=", 1) for item in args.exports)
+    rows = score_exports(args.snapshot, {k: Path(v) for k, v in exports.items()}, args.samples, args.reference,
+                         args.backend)
+    print(table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"reference": args.reference, "samples": args.samples,
+                                         "snapshot": str(args.snapshot), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
