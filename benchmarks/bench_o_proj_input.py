@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-from bench_w8a8_linear import time_graph
+from bench_timing import time_graph
 
 from vlmq.runtime.attention import heads_to_rows
 from vlmq.runtime.kernels.triton_w8a8 import quantize_rows, w8a8_gemm_prequant

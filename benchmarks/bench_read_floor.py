@@ -23,7 +23,8 @@ import time
 import torch
 import triton
 import triton.language as tl
-from bench_w8a8_linear import L2_BYTES_TARGET, SHAPES, time_graph
+from bench_timing import L2_BYTES_TARGET, time_graph
+from bench_w8a8_linear import SHAPES
 
 from vlmq.runtime.kernels.tiles import pdl_enter, pdl_launch
 

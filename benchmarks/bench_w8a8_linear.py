@@ -8,7 +8,8 @@ Times, for each shape and M, with activation quantization included:
 Each timing captures R calls on R different input/weight sets (R chosen so the weights
 exceed L2) in one CUDA graph and reports the median replay time / R (do_bench), so
 launch overhead and cache reuse stay out; `*_eager` columns time the same loop without
-a graph. `--sweep` instead times candidate kernel configs per shape and M.
+a graph (the harness: bench_timing.py). `--sweep` instead times candidate kernel configs per shape
+and M (sweep_w8a8_tiles.py).
 
   PYTHONPATH=src python benchmarks/bench_w8a8_linear.py --out $OUT/bench.json
 """
@@ -17,21 +18,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import itertools
 import json
-import math
-import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import triton
+from bench_timing import make_sets, n_rot, precompile, time_eager, time_graph
 from triton.testing import do_bench
 
 from vlmq.runtime.kernels.triton_w8a8 import (
@@ -53,53 +51,6 @@ SHAPES: dict[str, tuple[int, int, bool]] = {
     "gate_up_fused": (22016, 2048, False),
 }
 MS = [1, 16, 32, 64, 2048, 4096, 8192]
-L2_BYTES_TARGET = 150e6  # rotate until the weights alone are ~3x the 50 MB L2
-
-
-def n_rot(m: int, n: int, k: int) -> int:
-    return int(min(256, max(2, math.ceil(L2_BYTES_TARGET / (n * k + 2 * m * k)))))
-
-
-def make_sets(m: int, n: int, k: int, bias: bool, r: int, seed: int = 0) -> dict[str, list]:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
-    sets: dict[str, list] = {"x": [], "w_bf16": [], "w_q": [], "w_s": [], "b": []}
-    for _ in range(r):
-        sets["x"].append(torch.randn(m, k, generator=g, device=dev).to(torch.bfloat16))
-        sets["w_bf16"].append((torch.randn(n, k, generator=g, device=dev) * 0.02).to(torch.bfloat16))
-        sets["w_q"].append(torch.randint(-128, 128, (n, k), generator=g, device=dev, dtype=torch.int8))
-        sets["w_s"].append(torch.rand(n, generator=g, device=dev) * 1e-3 + 1e-4)
-        sets["b"].append(torch.randn(n, generator=g, device=dev).to(torch.bfloat16) if bias else None)
-    return sets
-
-
-@functools.lru_cache(maxsize=1)
-def _capture_stream() -> torch.cuda.Stream:
-    return torch.cuda.Stream()  # one for all captures: cuBLAS keeps a workspace per stream
-
-
-def time_graph(fn: Callable[[int], Any], r: int, rep: int = 40) -> float:
-    """Median microseconds per call of fn(i), i over r rotating sets, replayed from a graph."""
-    for i in range(r):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = _capture_stream()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph):
-        for i in range(r):
-            fn(i)
-    torch.cuda.synchronize()
-    ms = do_bench(graph.replay, warmup=5, rep=rep, return_mode="median")
-    del graph
-    return ms * 1e3 / r
-
-
-def time_eager(fn: Callable[[int], Any], r: int, rep: int = 40) -> float:
-    def loop() -> None:
-        for i in range(r):
-            fn(i)
-
-    return do_bench(loop, warmup=5, rep=rep, return_mode="median") * 1e3 / r
 
 
 def methods(sets: dict[str, list]) -> dict[str, Callable[[int], Any]]:
@@ -129,40 +80,6 @@ def ceilings() -> dict[str, float]:
     ms = do_bench(lambda: torch._int_mm(xi, yi), warmup=10, rep=200, return_mode="median")
     int8_tops = 2 * 8192**3 / (ms * 1e-3) / 1e12
     return {"copy_TBps": copy_tbs, "bf16_mm_TFLOPs": bf16_tflops, "int8_int_mm_TOPs": int8_tops}
-
-
-# -- compile ahead (for the table and the sweep) ------------------------------------
-
-
-def _warm_items(items: list[tuple]) -> int:
-    """Worker: compile (into Triton's disk cache) every (m, n, k, bias, cfg) once."""
-    done = 0
-    for m, n, k, bias, cfg in items:
-        try:
-            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-            wq = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8)
-            ws = torch.rand(n, device="cuda")
-            b = torch.randn(n, device="cuda").to(torch.bfloat16) if bias else None
-            w8a8_linear(x, wq, ws, b, config=cfg)
-            done += 1
-        except Exception as e:  # noqa: BLE001 - reported, the sweep skips this config
-            print(f"compile failed {cfg}: {e!r}"[:300], file=sys.stderr)
-    torch.cuda.synchronize()
-    return done
-
-
-def precompile(items: list[tuple], jobs: int) -> None:
-    # One representative per compile key: M==1 and K divisibility change specialization.
-    keyed = {
-        (m == 1, k, bias, dataclasses.replace(cfg, split_k=min(cfg.split_k, 2))): (m, min(n, 2048), k, bias, cfg)
-        for m, n, k, bias, cfg in items
-    }
-    work = list(keyed.values())
-    t0 = time.time()
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=ctx) as ex:
-        n_ok = sum(ex.map(_warm_items, [work[i::jobs] for i in range(jobs)]))
-    print(f"precompiled {n_ok}/{len(work)} variants in {time.time() - t0:.0f}s", flush=True)
 
 
 # -- table -------------------------------------------------------------------------------

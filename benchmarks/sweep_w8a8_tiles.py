@@ -10,7 +10,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 import triton
-from bench_w8a8_linear import make_sets, n_rot, precompile, time_graph
+from bench_timing import make_sets, n_rot, precompile, time_graph
 
 from vlmq.runtime.kernels import triton_w8a8 as tk
 from vlmq.runtime.kernels.tiles import GEMV_MAX_M, SM90_SMEM, TMA_BLOCK_K, tma_k_ok, tma_smem_bytes, tma_token_block

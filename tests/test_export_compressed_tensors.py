@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 
 from quant_fixtures import demo_quant
-from vlmq.commands import generate_text
 from vlmq.evaluate.fidelity import batch_logits, compare_logits
+from vlmq.runtime.generate import generate_text
 from vlmq.runtime.loader import load_w8a8
 
 

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from quant_fixtures import demo_quant
 from vlmq.calib import demo_coco_root, load_rgb
-from vlmq.commands import generate_text
 from vlmq.evaluate.fidelity import batch_logits, compare_logits
+from vlmq.runtime.generate import generate_text
 from vlmq.runtime.linear import W8A8Linear
 from vlmq.runtime.loader import CheckpointError, load_w8a8
 

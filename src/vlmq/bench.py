@@ -20,6 +20,7 @@ import gc
 import importlib.util
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,13 +51,19 @@ def median_time(fn: Callable[[], Any], device: torch.device, warmup: int = 1, it
 
 
 def _load_script(name: str):
-    """A module from the repository's benchmarks/ folder (None when running from an install)."""
-    path = REPO_ROOT / "benchmarks" / f"{name}.py"
+    """A module from the repository's benchmarks/ folder (None when running from an install). The folder
+    is on sys.path while it loads, as when the script runs, for the modules it shares (bench_timing)."""
+    folder = REPO_ROOT / "benchmarks"
+    path = folder / f"{name}.py"
     if not path.is_file():
         return None
     spec = importlib.util.spec_from_file_location(f"_vlmq_bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    finally:
+        sys.path.remove(str(folder))
     return module
 
 
@@ -283,7 +290,7 @@ def run_bench(baseline: Path | None = None, w8a8: Path | None = None, shape: str
             if dev.type == "cuda" else None
         del model
     else:
-        from vlmq.commands import load_any
+        from vlmq.runtime.generate import load_any
 
         for label, path in (("bf16", baseline), ("w8a8", w8a8)):
             _reset_peak(dev)
@@ -352,17 +359,16 @@ def print_table(results: dict) -> None:
                   f"weights ratio {results['ratios']['weight_bytes_ratio']}")
 
 
-BACKENDS = ("auto", "int_mm", "reference", "triton")
-
-
 def bench_arguments(p: argparse.ArgumentParser) -> None:
+    from vlmq.runtime import backend_choices
+
     p.add_argument("--baseline", type=Path, help="the bf16 snapshot")
     p.add_argument("--model-dir", type=Path, help="the W8A8 export (either format)")
     p.add_argument("--shape", choices=("3b", "small", "demo"),
                    help="random weights of this architecture instead of checkpoints")
     p.add_argument("--loop", choices=("lean", "hf"), help="decode loop (default: lean on CUDA, hf on CPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--backend", default="auto", choices=backend_choices())
     p.add_argument("--no-fused-ops", action="store_true", help="lean loop: eager torch norm/act/rope")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--new-tokens", type=int, default=32)

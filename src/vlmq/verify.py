@@ -1,8 +1,9 @@
 """`vlmq verify`: a checkpoint checked against its manifest (sha256) and its own config
 (tensors <-> quantization_config, every LM linear quantized, vision tower floating point).
 
-`verify_export` is the full check (the CLI, `vlmq check`); `manifest_problems` is the sha256 part
-for one format directory, which the runtime loader runs before it trusts a checkpoint's tensors.
+`verify_export` is the full check (the CLI, `vlmq check`). The sha256 part lives in
+`vlmq.export.manifest` (`verify_hashes`, and `manifest_problems`, which the runtime loader runs for one
+format directory before it trusts a checkpoint's tensors).
 """
 
 from __future__ import annotations
@@ -10,44 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlmq.export.manifest import MANIFEST_NAME, file_hashes, verify_hashes
+from vlmq.export.manifest import MANIFEST_NAME, manifest_root, verify_hashes
 from vlmq.models.families import quantized_linear_names
 from vlmq.runtime.loader import CheckpointError, inspect_checkpoint
-
-
-def manifest_root(path: Path) -> Path | None:
-    """The export root whose manifest.json covers `path` (path itself or its parent), else None."""
-    path = Path(path)
-    for candidate in (path, path.parent):
-        if (candidate / MANIFEST_NAME).is_file():
-            return candidate
-    return None
-
-
-def manifest_problems(path: Path) -> list[str] | None:
-    """sha256/size problems of the files under `path` against the manifest beside or above it.
-
-    None when there is no manifest (nothing to check against); [] when every file matches."""
-    path = Path(path)
-    root = manifest_root(path)
-    if root is None:
-        return None
-    if root == path:
-        return verify_hashes(root)
-    try:
-        recorded = json.loads((root / MANIFEST_NAME).read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        return [f"{root / MANIFEST_NAME} is unreadable: {err}"]
-    prefix = path.name + "/"
-    recorded = {rel[len(prefix):]: v for rel, v in recorded.items() if rel.startswith(prefix)}
-    if not recorded:
-        return [f"{root / MANIFEST_NAME} lists no files under {path.name}/"]
-    actual = file_hashes(path)
-    problems = [f"missing file {prefix}{rel}" for rel in sorted(set(recorded) - set(actual))]
-    problems += [f"unlisted file {prefix}{rel}" for rel in sorted(set(actual) - set(recorded))]
-    problems += [f"sha256 mismatch {prefix}{rel}" for rel in sorted(set(recorded) & set(actual))
-                 if recorded[rel].get("sha256") != actual[rel]["sha256"]]
-    return problems
 
 
 def _first_line(err: BaseException) -> str:

@@ -65,7 +65,7 @@ class Models:
 
 def resolve_models(cfg: Config, run_dir: Path, model_dir: Path | None, baseline: Path | None) -> Models:
     from vlmq.models.demo import is_demo_snapshot, write_demo_snapshot
-    from vlmq.pipeline import resolve_inputs
+    from vlmq.run_context import resolve_inputs
 
     ctx = resolve_inputs(cfg, run_dir)
     if model_dir is None:
@@ -171,7 +171,7 @@ def _move(inputs: dict, model: nn.Module) -> dict:
 def teacher_inputs(processor, case: Case, image, gen_tokens: list[int]) -> tuple[dict, int]:
     """(inputs of the scored sequence, index of its first target token): caption = the held-out chat with
     its reference answer; prompt = the prompt followed by the baseline's greedy continuation."""
-    from vlmq.commands import chat_inputs
+    from vlmq.runtime.generate import chat_inputs
 
     if case.kind == "passage":   # the passage as calibration renders it; every next token is a target
         from vlmq.models.chat import chat, render
@@ -201,7 +201,7 @@ def teacher_inputs(processor, case: Case, image, gen_tokens: list[int]) -> tuple
 def score_case(ref: nn.Module, test: nn.Module, processor, case: Case, max_new_tokens: int,
                probe: LayerProbe | None = None) -> dict[str, Any]:
     from vlmq.calib import load_rgb
-    from vlmq.commands import generate_text
+    from vlmq.runtime.generate import generate_text
 
     image = load_rgb(case.image, case.image.parent) if case.image is not None else None
     ref_text, ref_tokens = generate_text(ref, processor, case.prompt, image, max_new_tokens)
@@ -246,11 +246,11 @@ def apply_gates(metrics: dict[str, Any], thresholds: dict[str, float | None]) ->
 # ---------------------------------------------------------------- the command
 
 def run_check(cfg: Config, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from vlmq.commands import load_any
     from vlmq.console import library_chatter_to_log
     from vlmq.evaluate import lmms
     from vlmq.export.manifest import package_versions
     from vlmq.models.families import quantized_linear_names
+    from vlmq.runtime.generate import load_any
     from vlmq.runtime.loader import load_w8a8
     from vlmq.verify import verify_export
 
@@ -326,6 +326,8 @@ class CheckRejected(Exception):
 
 
 def check_arguments(p: argparse.ArgumentParser) -> None:
+    from vlmq.runtime import backend_choices
+
     p.add_argument("--model-dir", type=Path, help="the W8A8 checkpoint (default: the export of this config)")
     p.add_argument("--baseline", type=Path, help="the bf16 snapshot (default: the one the export was made from)")
     p.add_argument("--label", help="names the run in the report (baseline / w8a8 / anything)")
@@ -335,8 +337,7 @@ def check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-sqnr", type=float, help="gate: the worst layer's output SQNR in dB must be >= S")
     p.add_argument("--lmms-tasks", help="hand both checkpoints to lmms-eval, e.g. mmmu_val,docvqa_val")
     p.add_argument("--lmms-limit", type=int, help="lmms-eval --limit (examples per task)")
-    p.add_argument("--backend", default="auto", choices=("auto", "int_mm", "reference", "triton"),
-                   help="W8A8 GEMM backend")
+    p.add_argument("--backend", default="auto", choices=backend_choices(), help="W8A8 GEMM backend")
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
-EXPORTERS: dict[str, Callable[..., dict]] = {}
+from vlmq.export.registry import EXPORTERS, register_exporter
+
+__all__ = ["EXPORTERS", "EXPORT_ORDER", "FORMAT_MODULES", "get_exporter", "register_exporter"]
 
 # Exporters run in this order: ModelOpt's export re-smooths the live model, so it goes last.
 EXPORT_ORDER = ("compressed_tensors", "modelopt_hf")
 
-
-def register_exporter(name: str) -> Callable[[Callable[..., dict]], Callable[..., dict]]:
-    def wrap(fn: Callable[..., dict]) -> Callable[..., dict]:
-        EXPORTERS[name] = fn
-        return fn
-    return wrap
+# format name -> the module that registers its exporter, imported on first use
+FORMAT_MODULES: dict[str, str] = {
+    "compressed_tensors": "vlmq.export.compressed_tensors",
+    "modelopt_hf": "vlmq.export.modelopt_hf",
+}
 
 
 def get_exporter(name: str) -> Callable[..., dict]:
-    if name not in EXPORTERS:
-        if name == "modelopt_hf":
-            import vlmq.export.modelopt_hf  # noqa: F401
-        elif name == "compressed_tensors":
-            import vlmq.export.compressed_tensors  # noqa: F401
+    if name not in EXPORTERS and name in FORMAT_MODULES:
+        importlib.import_module(FORMAT_MODULES[name])
     if name not in EXPORTERS:
         raise KeyError(f"unknown export format '{name}'")
     return EXPORTERS[name]

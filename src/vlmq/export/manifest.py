@@ -53,18 +53,62 @@ def write_manifest(root: Path, content: dict[str, Any]) -> Path:
     return path
 
 
+def manifest_root(path: Path) -> Path | None:
+    """The export root whose manifest.json covers `path` (path itself or its parent), else None."""
+    path = Path(path)
+    for candidate in (path, path.parent):
+        if (candidate / MANIFEST_NAME).is_file():
+            return candidate
+    return None
+
+
+def compare_hashes(recorded: dict[str, Any], actual: dict[str, dict[str, Any]], prefix: str = "") -> list[str]:
+    """Missing, unlisted and changed files: `recorded` (the manifest's entries) against `actual`
+    (`file_hashes`); `prefix` is put in front of each relative path in the messages."""
+    problems = [f"missing file {prefix}{rel}" for rel in sorted(set(recorded) - set(actual))]
+    problems += [f"unlisted file {prefix}{rel}" for rel in sorted(set(actual) - set(recorded))]
+    problems += [f"sha256 mismatch {prefix}{rel}" for rel in sorted(set(recorded) & set(actual))
+                 if recorded[rel].get("sha256") != actual[rel]["sha256"]]
+    return problems
+
+
+def _recorded_files(manifest_path: Path) -> dict[str, Any] | str:
+    """The manifest's `files` table, or the one-line problem that makes it unreadable."""
+    try:
+        recorded = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        return f"{manifest_path} is unreadable: {err}"
+    return recorded
+
+
 def verify_hashes(root: Path) -> list[str]:
     """Problems found comparing the files under root with its manifest (empty: all match)."""
     manifest_path = Path(root) / MANIFEST_NAME
     if not manifest_path.is_file():
         return [f"no {MANIFEST_NAME} in {root}"]
-    try:
-        recorded = json.loads(manifest_path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as err:
-        return [f"{manifest_path} is unreadable: {err}"]
-    actual = file_hashes(root)
-    problems = [f"missing file {rel}" for rel in sorted(set(recorded) - set(actual))]
-    problems += [f"unlisted file {rel}" for rel in sorted(set(actual) - set(recorded))]
-    problems += [f"sha256 mismatch {rel}" for rel in sorted(set(recorded) & set(actual))
-                 if recorded[rel]["sha256"] != actual[rel]["sha256"]]
-    return problems
+    recorded = _recorded_files(manifest_path)
+    if isinstance(recorded, str):
+        return [recorded]
+    return compare_hashes(recorded, file_hashes(root))
+
+
+def manifest_problems(path: Path) -> list[str] | None:
+    """sha256/size problems of the files under `path` (an export root or one format's directory)
+    against the manifest beside or above it; what the runtime loader checks before trusting tensors.
+
+    None when there is no manifest (nothing to check against); [] when every file matches."""
+    path = Path(path)
+    root = manifest_root(path)
+    if root is None:
+        return None
+    if root == path:
+        return verify_hashes(root)
+    manifest_path = root / MANIFEST_NAME
+    recorded = _recorded_files(manifest_path)
+    if isinstance(recorded, str):
+        return [recorded]
+    prefix = path.name + "/"
+    recorded = {rel[len(prefix):]: v for rel, v in recorded.items() if rel.startswith(prefix)}
+    if not recorded:
+        return [f"{manifest_path} lists no files under {path.name}/"]
+    return compare_hashes(recorded, file_hashes(path), prefix)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from vlmq.export import register_exporter
+from vlmq.export.registry import register_exporter
 
 
 def copy_processor_files(processor, generation_config, out_dir: Path) -> None:

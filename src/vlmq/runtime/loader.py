@@ -178,7 +178,7 @@ def load_w8a8(path: Path, device: str = "auto", dtype: torch.dtype = torch.bfloa
 
     device = torch.device(pick_device(device))  # a device that isn't there fails before any file is read
     if verify:
-        from vlmq.verify import manifest_problems
+        from vlmq.export.manifest import manifest_problems
 
         problems = manifest_problems(Path(path))
         if problems:
