@@ -59,9 +59,9 @@ def score_exports(snapshot: Path, exports: dict[str, Path], samples: int, refere
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = [f"{'export':<28} {'KL':>8} {'top-1':>7} {'ppl':>8} {'Δppl %':>7} {'tokens':>7}"]
+    lines = [f"{'export':<40} {'KL':>8} {'top-1':>7} {'ppl':>8} {'Δppl %':>7} {'tokens':>7}"]
     for name, r in rows.items():
-        lines.append(f"{name:<28} {r['kl_mean']:>8.4f} {r['top1']:>7.3f} {r['ppl_test']:>8.2f} "
+        lines.append(f"{name:<40} {r['kl_mean']:>8.4f} {r['top1']:>7.3f} {r['ppl_test']:>8.2f} "
                      f"{r['ppl_delta_pct']:>+7.2f} {r['tokens']:>7}")
     ref_ppl = next(iter(rows.values()))["ppl_ref"]
     lines.append(f"(reference perplexity {ref_ppl:.2f})")

@@ -19,10 +19,10 @@ from vlmq.calib.batches import make_batches
 from vlmq.config import QuantConfig
 from vlmq.evaluate.fidelity import batch_logits, fake_quant_copy
 from vlmq.export.compressed_tensors import fold_and_quantize, load_clean_copy, save_compressed
-from vlmq.export.fold import collect_act_amax
 from vlmq.export.modelopt_hf import copy_processor_files, export_modelopt_hf
 from vlmq.models.demo import build_demo_model, build_demo_processor, inject_outliers
 from vlmq.models.families import Family, family_for, quantized_linear_names
+from vlmq.quantize.fold import collect_act_amax
 
 ALPHA = 0.5
 

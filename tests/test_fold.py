@@ -9,9 +9,9 @@ import torch
 
 from vlmq.calib import demo_coco_root, load_coco_captions
 from vlmq.calib.batches import make_batches
-from vlmq.export.fold import fold_smoothquant, smoothing_factor
 from vlmq.models.demo import build_demo_model, build_demo_processor, inject_outliers
 from vlmq.models.families import family_for, quantized_linear_names
+from vlmq.quantize.fold import fold_smoothquant, smoothing_factor
 
 FAMILY = family_for("qwen2_5_vl")
 

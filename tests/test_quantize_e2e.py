@@ -247,8 +247,7 @@ def quantized_and_exported(tmp_path_factory):
     from vlmq.export.modelopt_hf import export_modelopt_hf
     from vlmq.models.demo import build_demo_model, build_demo_processor
     from vlmq.models.families import quantized_linear_names
-    from vlmq.quantize.calibrate import quantize
-    from vlmq.quantize.recipe import build_modelopt_config
+    from vlmq.quantize.steps import quantize_lm
 
     cfg = load_config([])
     model, processor = build_demo_model(), build_demo_processor()
@@ -261,7 +260,7 @@ def quantized_and_exported(tmp_path_factory):
             for batch in batches:
                 m(**batch, use_cache=False)
 
-    model = quantize(model, build_modelopt_config(cfg.quant, FAMILY), forward_loop)
+    model, _ = quantize_lm(model, FAMILY, cfg.quant, forward_loop)
     names = quantized_linear_names(FAMILY, len(model.get_submodule(FAMILY.layers)))
 
     # Real activations of every LM linear (image tokens included) from a calibration batch.

@@ -26,13 +26,16 @@ pytestmark = pytest.mark.slow
 
 CALIB = REPO_ROOT / "benchmarks" / "data" / "real_text" / "calib.jsonl"
 CALIB_SAMPLES = 128
-HELDOUT_SAMPLES = 24   # held-out records scored per export (about 7,000 tokens)
+HELDOUT_SAMPLES = 16   # held-out records scored per export (about 5,000 tokens)
 
-# Measured 2026-12-04 on this setup (2-core CPU, bf16 reference, 24 held-out records; docs/BENCHMARKS.md).
-# Floors: KL and perplexity change at 1.5x the measured value, top-1 0.02 below it.
+# Measured 2026-12-04 on this setup (2-core x86 CPU, bf16 reference, 16 held-out records, 4,701 positions;
+# docs/BENCHMARKS.md, "Real weights"): default KL 0.0164, top-1 0.933, perplexity +1.97 %; alpha_search KL 0.0154,
+# top-1 0.937, perplexity +0.23 %; modelopt_hf KL 0.407 (24.8x the default), perplexity +41 %.
+# Floors: KL at 1.5x the measured value, top-1 0.02 below it, perplexity change 1 percentage point above it
+# (bf16 GEMMs round differently on other CPUs).
 FLOORS = {
-    "default": {"kl": 0.030, "top1": 0.90, "ppl_pct": 3.5},
-    "alpha_search": {"kl": 0.030, "top1": 0.90, "ppl_pct": 3.5},
+    "default": {"kl": 0.025, "top1": 0.913, "ppl_pct": 3.0},
+    "alpha_search": {"kl": 0.023, "top1": 0.917, "ppl_pct": 1.25},
 }
 
 
@@ -86,7 +89,11 @@ def heldout_scores(real_snapshot, real_default, real_alpha_search) -> dict[str, 
     tests = {"default": load_w8a8(real_default.ct, "cpu")[0],
              "alpha_search": load_w8a8(real_alpha_search.ct, "cpu")[0],
              "modelopt_hf": load_w8a8(real_default.export_dir / "modelopt_hf", "cpu")[0]}
-    return {name: fid.to_dict() for name, fid in score_models(ref, tests, batches).items()}
+    scores = {name: fid.to_dict() for name, fid in score_models(ref, tests, batches).items()}
+    # The measured values behind FLOORS, kept for the record (tmp/ is not committed).
+    (REPO_ROOT / "tmp" / "real").mkdir(parents=True, exist_ok=True)
+    (REPO_ROOT / "tmp" / "real" / "heldout_scores.json").write_text(json.dumps(scores, indent=2))
+    return scores
 
 
 @pytest.mark.parametrize("recipe", ["default", "alpha_search"])

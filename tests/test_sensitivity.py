@@ -23,9 +23,10 @@ from vlmq.calib.batches import make_batches
 from vlmq.config import QuantConfig
 from vlmq.evaluate.fidelity import batch_logits, compare_logits
 from vlmq.models.families import family_for, quantized_linear_names
-from vlmq.quantize.calibrate import audit, quantize_lm
+from vlmq.quantize.calibrate import audit
 from vlmq.quantize.recipe import build_modelopt_config
 from vlmq.quantize.sensitivity import KLProbe, quantization_off, set_quant
+from vlmq.quantize.steps import quantize_lm
 
 FAMILY = family_for("qwen2_5_vl")
 FRAGILE = f"{FAMILY.layers}.1.mlp.down_proj"

@@ -62,6 +62,7 @@ class QuantConfig:
     # KL vs bf16 (on kl_samples held-out samples) is <= max_kl. null = off.
     max_kl: float | None = None
     kl_samples: int = 8
+    steps: list[str] = field(default_factory=lambda: ["calibrate", "smooth", "round"])  # vlmq.quantize.steps
 
 
 @dataclass

@@ -68,11 +68,15 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     from vlmq.export.manifest import package_versions, write_manifest
     from vlmq.models.chat import render
     from vlmq.models.load import load_model, load_processor
-    from vlmq.quantize.calibrate import ForwardLoop, audit, quantize_lm, resolve_batch_size
+    from vlmq.quantize.calibrate import ForwardLoop, audit, resolve_batch_size
+    from vlmq.quantize.steps import quantize_lm
 
     if cfg.arch.quantized:
         raise ConfigError(f"arch {cfg.arch.name} is a quantized checkpoint; `vlmq quantize` needs a bf16 snapshot "
                           "(e.g. arch=qwen2_5_vl_3b_instruct.default)")
+    from vlmq.quantize.steps import check_steps
+
+    check_steps(cfg.quant.steps)
     ctx = resolve_inputs(cfg, run_dir)
     # Cheap checks first: output target, calibration data, snapshot config; then load weights.
     clean_stale_staging(ctx.export_dir)  # staging dirs of killed runs (their pid is gone)
@@ -145,7 +149,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
             for fmt in formats:
                 started = time.perf_counter()
                 exports[fmt] = get_exporter(fmt)(model, processor, staging / fmt, cfg=cfg, family=snapshot.family,
-                                                 audit=result_audit, snapshot=snapshot.path)
+                                                 audit=result_audit, state=lmq.state)
                 exports[fmt]["bytes"] = dir_bytes(staging / fmt, "*.safetensors")
                 exports[fmt]["seconds"] = round(time.perf_counter() - started, 3)
                 advance(1)
@@ -162,6 +166,7 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
             "snapshot": str(snapshot.path),
             "config": cfg.to_dict(),
             "modelopt_recipe": recipe,
+            "recipe_steps": list(cfg.quant.steps),
             "versions": package_versions(),
             "calibration": {**stats.to_dict(), "root": str(ctx.calib_root),
                             "batch_size": forward_loop.last_log.__dict__ if forward_loop.last_log else None},
@@ -226,8 +231,8 @@ def sensitivity_fallback(ctx: RunContext, cfg: Config, snapshot: Snapshot, model
 
     from vlmq.models.families import quantized_linear_names
     from vlmq.models.load import load_model
-    from vlmq.quantize.calibrate import quantize_lm
     from vlmq.quantize.sensitivity import choose_fallback, rank_linears
+    from vlmq.quantize.steps import quantize_lm
 
     names = quantized_linear_names(snapshot.family, num_layers)
     with ctx.stage("sensitivity"), progress_bar("sensitivity", len(names)) as advance:

@@ -66,15 +66,19 @@ def load_calibration_samples(cfg: Config, calib_root: Path) -> tuple[list, Calib
 
 
 def calibration_and_held_out(cfg: Config, calib_root: Path) -> tuple[list, list, CalibStats]:
-    """`calib.num_samples` samples to calibrate on plus `quant.kl_samples` held out for KL (the
-    sensitivity fallback and `vlmq sensitivity`), loaded together so they are disjoint. When the
-    data has no more than calib.num_samples samples, KL is measured on the last ones calibrated on."""
+    """`calib.num_samples` samples to calibrate on (exactly the selection without a held-out set) plus up to
+    `quant.kl_samples` held out for KL (quantize-time scoring, the sensitivity fallback, `vlmq sensitivity`):
+    samples of a larger selection that are not in the calibration set (by image, else by record), so
+    disjoint by construction, mixes included. When the data has nothing left over, KL is measured on the
+    last samples calibrated on, with a warning."""
     n, k = cfg.calib.num_samples, cfg.quant.kl_samples
+    samples, stats = load_calibration_samples(cfg, calib_root)
     more = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, num_samples=n + k))
-    everything, stats = load_calibration_samples(more, calib_root)
-    stats.requested = n
-    if len(everything) > n:
-        return everything[:n], everything[n:], stats
-    log.warning("only %d calibration samples: KL is measured on %d of them (not held out)", len(everything),
-                min(k, len(everything)))
-    return everything, everything[-k:], stats
+    everything, _ = load_calibration_samples(more, calib_root)
+    used = {s.image or s.source for s in samples}
+    held = [s for s in everything if (s.image or s.source) not in used][:k]
+    if held:
+        return samples, held, stats
+    log.warning("only %d calibration samples: KL is measured on %d of them (not held out)", len(samples),
+                min(k, len(samples)))
+    return samples, samples[-k:], stats

@@ -13,7 +13,7 @@ from torch import nn
 
 from vlmq.config import QuantConfig
 from vlmq.evaluate.metrics import token_kl, top1_agreement
-from vlmq.models.families import Family
+from vlmq.models.families import Family, quantized_linear_names
 from vlmq.quantize.calibrate import audit, quantize
 from vlmq.quantize.recipe import build_modelopt_config
 
@@ -144,16 +144,23 @@ class KLProbe:
 
 def modelopt_quantize(model: nn.Module, family: Family, quant: QuantConfig, batches: Sequence[dict],
                       smoothquant: bool = True) -> nn.Module:
-    """ModelOpt INT8 W8A8 (SmoothQuant, or plain max calibration when smoothquant=False) in place."""
+    """ModelOpt INT8 W8A8 in place: SmoothQuant at quant.alpha (ModelOpt's own smoothing after its max
+    calibration, as `quantize_lm` does), or plain int8 with per-tensor input maxima (smoothquant=False)."""
+    from vlmq.quantize.alpha_search import apply_smoothquant
+
     recipe = build_modelopt_config(quant, family)
-    if not smoothquant:
-        recipe["algorithm"] = "max"
+    if not smoothquant:   # per-tensor input statistics straight away: nothing to smooth with
+        recipe["quant_cfg"] = [{**r, "cfg": {**r["cfg"], "axis": None}} if "cfg" in r and
+                               r["quantizer_name"].endswith("input_quantizer") else r for r in recipe["quant_cfg"]]
 
     def loop(m: nn.Module) -> None:
         batch_logits(m, batches)
 
     model = quantize(model, recipe, loop)
-    audit(model, family, len(model.get_submodule(family.layers)))
+    num_layers = len(model.get_submodule(family.layers))
+    if smoothquant:
+        apply_smoothquant(model, dict.fromkeys(quantized_linear_names(family, num_layers), float(quant.alpha)))
+    audit(model, family, num_layers)
     return model
 
 

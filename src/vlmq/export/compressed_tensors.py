@@ -1,25 +1,30 @@
 """compressed-tensors `int-quantized` W8A8: the checkpoint vLLM, SGLang and transformers load.
 
-Built from the same ModelOpt calibration: the per-channel activation maxima ModelOpt recorded are
-used to fold SmoothQuant into a clean bf16 copy of the model (vlmq.export.fold), whose LM linears
-are then quantized to int8 per output channel; activations are int8 static per-tensor (input_scale
-from calibration) or dynamic per-token. Written with compressed-tensors' own API.
+Written from the quantized state (vlmq.quantize.state): SmoothQuant folded into neighbouring weights,
+int8 per-output-channel weights, activations int8 dynamic per-token or static per-tensor
+(input_scale from calibration). Tensors are streamed shard by shard under the names transformers'
+`save_pretrained` uses; the quantization_config is compressed-tensors' own object and writer.
+
+`fold_and_quantize` + `save_compressed` are the independent reference writer the tests compare with:
+a folded float model compressed by compressed-tensors' ModelCompressor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from vlmq.export import register_exporter
-from vlmq.export.fold import collect_act_amax, fold_smoothquant
 from vlmq.export.modelopt_hf import copy_processor_files
+from vlmq.export.registry import register_exporter
 from vlmq.models.families import Family
-from vlmq.runtime.linear import quantize_weight_per_channel
+from vlmq.numerics import quantize_weight_per_channel
+from vlmq.quantize.fold import fold_smoothquant
+from vlmq.quantize.state import QuantizedModel
 
 
 def w8a8_scheme(activations: str, targets: list[str]):
@@ -99,17 +104,89 @@ def load_clean_copy(snapshot: Path, dtype: torch.dtype = torch.bfloat16, family:
     return model.to("cpu").eval()
 
 
-@register_exporter("compressed_tensors")
-def export_compressed_tensors(model: nn.Module, processor, out_dir: Path, *, cfg: Any, family: Family,
-                              audit: Any, snapshot: Path, **_: object) -> dict:
-    act_amax = collect_act_amax(model, audit.quantized)
-    clean = load_clean_copy(snapshot, family=family)
-    alpha = getattr(audit, "alphas", None) or cfg.quant.alpha   # per linear after quant.alpha_search
-    clean, qconfig, fold = fold_and_quantize(clean, family, act_amax, audit.quantized, alpha,
-                                             cfg.export.activations, cfg.export.smooth_o_proj)
+# Shards of at most this many bytes: the writer holds one shard on the CPU at a time.
+MAX_SHARD_BYTES = 2 * 2**30
+
+
+def quantization_config(state: QuantizedModel):
+    """compressed-tensors' own config object for the state (what vLLM and transformers read)."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    scheme = w8a8_scheme(state.activations, ["Linear"])
+    if "format" in type(scheme).model_fields:
+        scheme.format = "int-quantized"
+    return QuantizationConfig(config_groups={"group_0": scheme},
+                              ignore=ignore_list(state.model, state.family, list(state.linears)),
+                              quantization_status="compressed", format="int-quantized")
+
+
+def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, max_bytes: int = MAX_SHARD_BYTES
+                 ) -> list[str]:
+    """Safetensors shards (transformers' names and index), one shard in CPU memory at a time."""
+    from safetensors.torch import save_file
+
+    files: list[tuple[str, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        name = f"shard-{len(files):05d}.tmp"
+        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        files.append((name, list(shard)))
+        shard, size = {}, 0
+
+    for key, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_bytes:
+            flush()
+        shard[key] = tensor.detach().to("cpu").contiguous()
+        size += nbytes
+    if shard or not files:
+        flush()
+    if len(files) == 1:
+        (out_dir / files[0][0]).rename(out_dir / "model.safetensors")
+        return ["model.safetensors"]
+    names, weight_map, total = [], {}, 0
+    for i, (tmp, keys) in enumerate(files):
+        name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        (out_dir / tmp).rename(out_dir / name)
+        names.append(name)
+        weight_map.update(dict.fromkeys(keys, name))
+        total += (out_dir / name).stat().st_size
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def checkpoint_tensors(state: QuantizedModel) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint key, tensor) for the whole model, under the names `save_pretrained` writes."""
+    for module_name, tensors in state.tensors():
+        prefix = state.family.checkpoint_name(module_name)
+        for leaf, tensor in tensors.items():
+            yield f"{prefix}.{leaf}" if prefix else leaf, tensor
+
+
+def write_compressed_tensors(state: QuantizedModel, processor, out_dir: Path,
+                             max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """The compressed-tensors `int-quantized` checkpoint of `state`: weights, config with its
+    quantization_config (compressed-tensors' own writer), processor and generation config."""
+    from compressed_tensors.compressors import ModelCompressor
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_compressed(clean, qconfig, out_dir)
-    copy_processor_files(processor, getattr(model, "generation_config", None), out_dir)
-    return {"format": "compressed_tensors", "path": out_dir.name, "activations": cfg.export.activations,
-            "smooth_o_proj": cfg.export.smooth_o_proj, "ignore": len(qconfig.ignore),
-            "smoothed_linears": len(fold.factors)}
+    files = write_shards(checkpoint_tensors(state), out_dir, max_shard_bytes)
+    config = copy.deepcopy(state.model.config)
+    config.architectures = list(config.architectures or [type(state.model).__name__])
+    config.save_pretrained(out_dir)
+    ModelCompressor(quantization_config=quantization_config(state)).update_config(str(out_dir))
+    copy_processor_files(processor, getattr(state.model, "generation_config", None), out_dir)
+    return files
+
+
+@register_exporter("compressed_tensors")
+def export_compressed_tensors(model: nn.Module, processor, out_dir: Path, *, state: QuantizedModel,
+                              **_: object) -> dict:
+    write_compressed_tensors(state, processor, out_dir)
+    return {"format": "compressed_tensors", "path": out_dir.name, "activations": state.activations,
+            "smooth_o_proj": state.smooth_o_proj, "ignore": len(quantization_config(state).ignore),
+            "smoothed_linears": sum(s.smoothing is not None for s in state.linears.values())}

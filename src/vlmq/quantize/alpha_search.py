@@ -27,8 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmq.export.fold import EPS, S_MAX, S_MIN, smoothing_factor
 from vlmq.models.families import Family
+from vlmq.numerics import (
+    EPS,
+    S_MAX,
+    S_MIN,
+    fake_quant_activations,
+    fake_quant_weight,
+    gqa_shared_factor,
+    shared_factor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,39 +100,22 @@ class InputSampler:
         self.handles = []
 
 
-def _fake_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.round(x / scale).clamp(-128, 127) * scale
-
-
 @torch.no_grad()
 def group_error(x: torch.Tensor, act_amax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float,
-                activations: str = "static", kv_groups: tuple[int, int, int] | None = None) -> float:
+                activations: str = "static", kv_groups: tuple[int, int] | None = None) -> float:
     """Summed squared output error of W8A8 (SmoothQuant at `alpha`, one shared factor) vs float.
 
     `activations`: static (one per-tensor scale from the calibration maxima, as ModelOpt and the
-    static export) or dynamic (per-token scales, the dynamic export). `kv_groups` = (kv_heads,
-    q-heads per kv-head, head_dim): o_proj's factor as the compressed-tensors export folds it."""
+    static export) or dynamic (per-token scales, the dynamic export). `kv_groups` = (heads, kv_heads):
+    o_proj's factor as the compressed-tensors export folds it (shared per kv-head dim)."""
     x = x.float()
     if kv_groups is not None:   # o_proj in the compressed-tensors export: s shared per (kv-head, dim)
-        kv, group, head_dim = kv_groups
-        w = weights[0]
-        x_g = act_amax.view(kv, group, head_dim).amax(dim=1)
-        w_g = w.abs().amax(dim=0).view(kv, group, head_dim).amax(dim=1)
-        s = smoothing_factor(x_g, w_g, alpha)[:, None, :].expand(kv, group, head_dim).reshape(-1)
+        _, s = gqa_shared_factor(act_amax, weights[0], alpha, *kv_groups)
     else:
-        s = torch.stack([smoothing_factor(act_amax, w.abs().amax(dim=0), alpha) for w in weights]).mean(dim=0)
+        s = shared_factor(act_amax, weights, [alpha] * len(weights))
     xs = x * s
-    if activations == "dynamic":
-        x_scale = (xs.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
-    else:
-        x_scale = ((act_amax * s).max() / 127.0).clamp(min=1e-12)
-    xq = _fake_int8(xs, x_scale)
-    err = 0.0
-    for w in weights:
-        ws = w / s
-        w_scale = (ws.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
-        err += float((xq @ _fake_int8(ws, w_scale).T - x @ w.T).pow(2).sum())
-    return err
+    xq = fake_quant_activations(xs, activations, (act_amax * s).max())
+    return sum(float((xq @ fake_quant_weight(w / s).T - x @ w.T).pow(2).sum()) for w in weights)
 
 
 @dataclass
@@ -191,7 +182,7 @@ def search_alphas(model: nn.Module, groups: list[list[str]], sampler: InputSampl
         for activations, shared_o in targets:
             kv = None
             if shared_o and head.endswith("o_proj"):
-                kv = (kv_heads, heads // kv_heads, modules[head].in_features // heads)
+                kv = (heads, kv_heads)
             errs = {a: group_error(x, act_amax, weights, a, activations, kv) for a in sorted(set(grid) | {default})}
             ref = errs[default] or 1.0
             for a in grid:

@@ -14,7 +14,6 @@ from vlmq.config import QuantConfig
 from vlmq.models.families import Family
 
 INT8_PER_CHANNEL = {"num_bits": 8, "axis": 0}   # weights: one scale per output channel
-INT8_PER_TENSOR = {"num_bits": 8, "axis": None}  # activations: one static scale per tensor
 FP8_E4M3_PER_TENSOR = {"num_bits": (4, 3), "axis": None}
 # Activations during calibration for the alpha search: per input channel maxima (as ModelOpt's
 # smoothquant sets axis=-1 before max calibration); made per-tensor again when smoothing is applied.
@@ -39,19 +38,17 @@ def exclude_rules(exclude: Sequence[str]) -> list[dict[str, Any]]:
 def build_modelopt_config(quant: QuantConfig, family: Family, exclude: Sequence[str] = ()) -> dict[str, Any]:
     """The `mtq.quantize` config for INT8 SmoothQuant on the language model's decoder linears.
 
-    With `quant.alpha_search`, the algorithm is ModelOpt's max calibration with per-channel input
-    statistics (what `smoothquant` itself runs first); vlmq.quantize.alpha_search then applies
-    SmoothQuant per linear with ModelOpt's `apply_pre_quant_scale_and_smooth` and a searched alpha.
-    `exclude` names LM linears that stay bf16."""
+    The algorithm is ModelOpt's max calibration with per-channel input statistics (what its
+    `smoothquant` runs first): the quantized state is built from those statistics and the untouched
+    weights, then vlmq.quantize.alpha_search.apply_smoothquant smooths each linear in place with
+    ModelOpt's `apply_pre_quant_scale_and_smooth` (one alpha for all is ModelOpt's `smoothquant`
+    exactly; tests/test_alpha_search.py). `exclude` names LM linears that stay bf16."""
     layers = f"*{family.layers}.*"
     rules: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
     rules.append({"quantizer_name": f"{layers}weight_quantizer", "cfg": dict(INT8_PER_CHANNEL)})
-    acts = INT8_PER_CHANNEL_STATS if quant.alpha_search else INT8_PER_TENSOR
-    rules.append({"quantizer_name": f"{layers}input_quantizer", "cfg": dict(acts)})
+    rules.append({"quantizer_name": f"{layers}input_quantizer", "cfg": dict(INT8_PER_CHANNEL_STATS)})
     if quant.kv_cache == "fp8":
         rules.append({"quantizer_name": f"{layers}[kv]_bmm_quantizer", "cfg": dict(FP8_E4M3_PER_TENSOR)})
     rules += keep_bf16_rules(family)
     rules += exclude_rules(exclude)
-    if quant.alpha_search:
-        return {"quant_cfg": rules, "algorithm": {"method": "max"}}
-    return {"quant_cfg": rules, "algorithm": {"method": "smoothquant", "alpha": float(quant.alpha)}}
+    return {"quant_cfg": rules, "algorithm": {"method": "max"}}

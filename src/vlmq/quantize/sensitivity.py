@@ -195,7 +195,8 @@ def run_sensitivity(cfg, run_dir: Path) -> dict:
     from vlmq.console import console, library_chatter_to_log, progress_bar
     from vlmq.models.families import quantized_linear_names
     from vlmq.models.load import inspect_snapshot, load_model, load_processor
-    from vlmq.quantize.calibrate import ForwardLoop, quantize_lm, resolve_batch_size
+    from vlmq.quantize.calibrate import ForwardLoop, resolve_batch_size
+    from vlmq.quantize.steps import quantize_lm
     from vlmq.run_context import resolve_inputs
 
     ctx = resolve_inputs(cfg, run_dir)

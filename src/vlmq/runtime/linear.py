@@ -2,7 +2,7 @@
 (static per-tensor or dynamic per-token), integer GEMM with int32 accumulation,
 dequantization in the epilogue.
 
-Numerics (shared by every backend; the Triton kernel reproduces the int8 values bit for bit):
+Numerics (vlmq.numerics; shared by every backend; the Triton kernel reproduces the int8 values bit for bit):
   x' = x * pre_quant_scale                      (fp32; SmoothQuant factor, optional)
   s_x = input_scale            (static)   or   amax(|x'|, -1) / 127 clamped >= MIN_SCALE  (dynamic)
   q  = clamp(round_half_even(x' * (1 / s_x)), -128, 127)
@@ -25,8 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-QMIN, QMAX = -128, 127
-MIN_SCALE = 1e-10  # keeps all-zero rows finite: 0 / MIN_SCALE == 0
+from vlmq.numerics import (  # noqa: F401  (re-exported: the runtime's public numerics)
+    MIN_SCALE,
+    QMAX,
+    QMIN,
+    quantize_per_token,
+    quantize_static,
+    quantize_weight_per_channel,
+)
 
 BackendFn = Callable[["W8A8Linear", Tensor], Tensor]
 _BACKENDS: dict[str, BackendFn] = {}
@@ -72,39 +78,6 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name not in _BACKENDS:
         raise ValueError(f"unknown W8A8 backend {name!r}; available: {available_backends()}")
     return name
-
-
-# ---------------------------------------------------------------------------
-# activation quantization
-# ---------------------------------------------------------------------------
-
-
-def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric dynamic int8 quantization along the last dim.
-
-    Returns ``(q int8 same shape as x, scale fp32 of shape x.shape[:-1])``.
-    """
-    xf = x.float()
-    # a 0-dim tensor on x's device: CUDA turns division by a Python scalar into a
-    # reciprocal multiply, which would differ from the kernel's IEEE division by 1 ulp
-    amax = xf.abs().amax(dim=-1)
-    scale = (amax / amax.new_full((), float(QMAX))).clamp_min(MIN_SCALE)
-    q = torch.round(xf * torch.reciprocal(scale).unsqueeze(-1)).clamp_(QMIN, QMAX).to(torch.int8)
-    return q, scale
-
-
-def quantize_static(x: Tensor, scale: Tensor | float) -> Tensor:
-    """Symmetric int8 quantization with one per-tensor scale."""
-    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    return torch.round(x.float() * torch.reciprocal(s)).clamp_(QMIN, QMAX).to(torch.int8)
-
-
-def quantize_weight_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per output channel, ModelOpt's scale convention (amax / 127): ``(w_q [N,K], scale [N])``.
-    The one definition for the runtime and the compressed-tensors export."""
-    wf = w.detach().float()
-    scale = (wf.abs().amax(dim=1) / QMAX).clamp_min(MIN_SCALE)
-    return torch.round(wf / scale[:, None]).clamp_(QMIN, QMAX).to(torch.int8), scale
 
 
 # ---------------------------------------------------------------------------

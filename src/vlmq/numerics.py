@@ -1,0 +1,105 @@
+"""The one home of vlmq's int8 and SmoothQuant numerics: the runtime, the exporters and the alpha search
+all call these, so a checkpoint, its simulation and its execution cannot drift apart.
+
+Rounding rule (decided once): symmetric int8, round half to even, clamp to [-128, 127].
+- Activations multiply by the reciprocal of the scale (``round(x * (1 / s))``), as ModelOpt's fake
+  quantizer and the GEMM prologue do; the scale of a per-token row is ``amax / 127`` (IEEE division).
+- Weights divide by their per-output-channel scale ``amax / 127`` (the exports' bytes).
+- Scales are floored at MIN_SCALE, so an all-zero row or channel stays finite and quantizes to 0.
+
+SmoothQuant (ModelOpt's convention): per input channel j, ``s_j = amax_w_j^(1-a) / amax_x_j^a``; the
+linear reads ``x * s`` and holds ``W / s``. Linears that read one input share the mean of their
+factors; o_proj's factor is shared per (kv-head, head dim) so it can fold into v_proj's rows (GQA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+QMIN, QMAX = -128, 127
+MIN_SCALE = 1e-10  # keeps all-zero rows finite: 0 / MIN_SCALE == 0
+
+# ModelOpt's SmoothQuant guards (model_calib.smoothquant): zero-amax channels get s=1; s is clamped.
+S_MIN, S_MAX, EPS = 1e-4, 1e4, 1.0 / (1 << 31)
+
+
+# ----------------------------------------------------------------------------- int8
+
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric dynamic int8 along the last dim: ``(q int8 like x, scale fp32 of shape x.shape[:-1])``."""
+    xf = x.float()
+    # a 0-dim tensor on x's device: CUDA turns division by a Python scalar into a
+    # reciprocal multiply, which would differ from the kernel's IEEE division by 1 ulp
+    amax = xf.abs().amax(dim=-1)
+    scale = (amax / amax.new_full((), float(QMAX))).clamp_min(MIN_SCALE)
+    q = torch.round(xf * torch.reciprocal(scale).unsqueeze(-1)).clamp_(QMIN, QMAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_static(x: Tensor, scale: Tensor | float) -> Tensor:
+    """Symmetric int8 with one per-tensor scale."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    return torch.round(x.float() * torch.reciprocal(s)).clamp_(QMIN, QMAX).to(torch.int8)
+
+
+def quantize_weight_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per output channel, scale = amax / 127: ``(w_q [N, K], scale [N] fp32)``."""
+    wf = w.detach().float()
+    scale = (wf.abs().amax(dim=1) / QMAX).clamp_min(MIN_SCALE)
+    return torch.round(wf / scale[:, None]).clamp_(QMIN, QMAX).to(torch.int8), scale
+
+
+def fake_quant_weight(w: Tensor) -> Tensor:
+    """``w`` through int8 per-channel quantization and back (fp32)."""
+    q, scale = quantize_weight_per_channel(w)
+    return q.float() * scale[:, None]
+
+
+def fake_quant_activations(x: Tensor, activations: str, static_amax: Tensor | float | None = None) -> Tensor:
+    """``x`` [tokens, K] through int8 activation quantization and back (fp32): per token (dynamic) or with
+    one per-tensor scale ``static_amax / 127`` (static)."""
+    if activations == "dynamic":
+        q, scale = quantize_per_token(x)
+        return q.float() * scale.unsqueeze(-1)
+    amax = torch.as_tensor(static_amax, dtype=torch.float32, device=x.device)
+    scale = (amax / QMAX).clamp_min(MIN_SCALE)
+    return quantize_static(x, scale).float() * scale
+
+
+# ----------------------------------------------------------------------------- SmoothQuant factors
+
+def smoothing_factor(act_amax: Tensor, weight_amax: Tensor, alpha: float) -> Tensor:
+    """Per input channel ``amax_w^(1-a) / amax_x^a`` with ModelOpt's guards."""
+    act_amax, weight_amax = act_amax.float(), weight_amax.float()
+    s = weight_amax.pow(1 - alpha) / act_amax.pow(alpha)
+    s = torch.where(act_amax <= EPS, torch.ones_like(s), s)
+    s = torch.nan_to_num(s, nan=1.0, posinf=S_MAX)
+    return s.clamp(S_MIN, S_MAX)
+
+
+def column_amax(weights: Sequence[Tensor]) -> Tensor:
+    """Per input channel max |w| over one or more weights [N_i, K]."""
+    return torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)
+
+
+def shared_factor(act_amax: Tensor, weights: Sequence[Tensor], alphas: Sequence[float]) -> Tensor:
+    """One factor for linears reading one input: the mean of their own factors (as ModelOpt's export
+    re-smooths fused q/k/v and gate/up)."""
+    return torch.stack([smoothing_factor(act_amax, column_amax([w]).to(act_amax.device), a)
+                        for w, a in zip(weights, alphas, strict=True)]).mean(dim=0)
+
+
+def gqa_shared_factor(act_amax: Tensor, o_weight: Tensor, alpha: float, heads: int, kv_heads: int
+                      ) -> tuple[Tensor, Tensor]:
+    """o_proj's factor shared per (kv-head, head dim): input channel (h, d) comes from kv-head
+    h // (heads / kv_heads), dim d, so one factor per kv-head dim lets it fold into v_proj's rows.
+    Returns (s for v_proj's rows [kv_heads * head_dim], s for o_proj's columns [heads * head_dim])."""
+    head_dim = o_weight.shape[1] // heads
+    group = heads // kv_heads
+    x_g = act_amax.float().view(kv_heads, group, head_dim).amax(dim=1)
+    w_g = column_amax([o_weight]).to(x_g.device).view(kv_heads, group, head_dim).amax(dim=1)
+    s_kv = smoothing_factor(x_g, w_g, alpha)
+    return s_kv.reshape(-1), s_kv[:, None, :].expand(kv_heads, group, head_dim).reshape(-1)

@@ -1,0 +1,130 @@
+"""The quantized state: what the quantize stage decided, per language-model linear and for the model,
+in one object that every deployable exporter writes from (none goes back to the snapshot).
+
+Per quantized linear (`LinearState`): the transform applied to its input (none yet; rotations come as
+recipe steps), its SmoothQuant factor and the module it is folded into, its int8 weight and fp32
+per-output-channel scale, its (folded) bias, and its activation quantization (dynamic per-token, or
+static with the per-tensor scale from calibration). Model-level edits (`edits`): tensors of the float
+model that the fold changed: RMSNorm gains, and the columns of LM linears kept bf16 by the fallback.
+Everything else is the live model's own tensor, read when the exporter writes it.
+
+Built from the live model after ModelOpt's calibration and before ModelOpt smooths it in place
+(`build_state`), so the weights are the snapshot's, exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmq.models.families import Family
+from vlmq.numerics import QMAX, quantize_weight_per_channel
+from vlmq.quantize.fold import fold_layer, layer_params, per_layer, text_heads
+
+
+@dataclass
+class LinearState:
+    weight: torch.Tensor                 # int8 [N, K]
+    weight_scale: torch.Tensor           # fp32 [N]
+    activations: str                     # "dynamic" (per token) | "static" (per tensor)
+    input_scale: float | None = None     # static: max |smoothed input| / 127 from calibration
+    bias: torch.Tensor | None = None     # the folded bias, in the model's dtype
+    smoothing: torch.Tensor | None = None  # s per input channel (None: unsmoothed)
+    folded_into: str | None = None       # the module whose output absorbed s (norm gain, producer rows)
+    transform: str | None = None         # an input transform applied before quantization (none yet)
+
+
+@dataclass
+class QuantizedModel:
+    """The live model (its non-LM tensors), the per-linear decisions and the model-level edits."""
+
+    model: nn.Module
+    family: Family
+    linears: dict[str, LinearState]
+    edits: dict[str, torch.Tensor] = field(default_factory=dict)   # full parameter name -> new tensor
+    alphas: dict[str, float] = field(default_factory=dict)
+    activations: str = "dynamic"
+    smooth_o_proj: bool = True
+
+    def tensors(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """(module name, its tensors as a checkpoint stores them), in the model's own order; quantized
+        linears give int8 weight + fp32 weight_scale [N, 1] (+ input_scale [1], + bias), tied parameters once,
+        ModelOpt's quantizer buffers never."""
+        seen: set[int] = set()
+        modules = dict(self.model.named_modules())
+        for module_name, module in modules.items():
+            if "_quantizer" in module_name:
+                continue
+            if module_name in self.linears:
+                yield module_name, linear_tensors(self.linears[module_name])
+                continue
+            own = {}
+            for leaf, tensor in list(module.named_parameters(recurse=False)) + list(
+                    (n, b) for n, b in module.named_buffers(recurse=False)
+                    if n not in getattr(module, "_non_persistent_buffers_set", set())):
+                if tensor.data_ptr() in seen:   # tied (lm_head = embed_tokens): stored once
+                    continue
+                seen.add(tensor.data_ptr())
+                full = f"{module_name}.{leaf}" if module_name else leaf
+                own[leaf] = self.edits.get(full, tensor).detach()
+            if own:
+                yield module_name, own
+
+
+def linear_tensors(state: LinearState) -> dict[str, torch.Tensor]:
+    out = {"weight": state.weight, "weight_scale": state.weight_scale.float().unsqueeze(1)}
+    if state.input_scale is not None:
+        out["input_scale"] = torch.tensor([state.input_scale], dtype=torch.float32)
+    if state.bias is not None:
+        out["bias"] = state.bias
+    return out
+
+
+def _folded_into(family: Family, rel: str) -> str | None:
+    return next((g.producer for g in family.smooth_groups if rel in g.consumers), None)
+
+
+@torch.no_grad()
+def build_state(model: nn.Module, family: Family, act_amax: Mapping[str, torch.Tensor], quantized: Sequence[str],
+                alpha: float | Mapping[str, float], activations: str = "dynamic", smooth_o_proj: bool = True
+                ) -> QuantizedModel:
+    """Fold SmoothQuant (out of place) and quantize every linear in `quantized`, layer by layer on the
+    model's own device; `act_amax` holds the per-input-channel calibration maxima of those linears."""
+    heads, kv_heads = text_heads(model)
+    keep = set(quantized)
+    state = QuantizedModel(model, family, {}, activations=activations, smooth_o_proj=smooth_o_proj)
+    for i, layer in enumerate(model.get_submodule(family.layers)):
+        prefix = f"{family.layers}.{i}"
+        alphas = per_layer(alpha, prefix) if isinstance(alpha, Mapping) else alpha
+        params = layer_params(layer)
+        changed, fold = fold_layer(params, family, per_layer(act_amax, prefix), alphas, heads, kv_heads,
+                                   smooth_o_proj)
+        for rel in family.linears:
+            full = f"{prefix}.{rel}"
+            weight = changed.get(f"{rel}.weight", params[f"{rel}.weight"])
+            if full not in keep:
+                for leaf in ("weight", "bias"):   # a bf16 fallback linear that absorbed a factor
+                    if f"{rel}.{leaf}" in changed:
+                        state.edits[f"{full}.{leaf}"] = changed[f"{rel}.{leaf}"]
+                continue
+            q, scale = quantize_weight_per_channel(weight)
+            state.linears[full] = LinearState(
+                weight=q, weight_scale=scale, activations=activations,
+                input_scale=fold.input_amax[rel] / QMAX if activations == "static" else None,
+                bias=changed.get(f"{rel}.bias", params.get(f"{rel}.bias")),
+                smoothing=fold.factors.get(rel), folded_into=_folded_into(family, rel) if rel in fold.factors else None)
+        for rel, tensor in changed.items():   # norm gains (and producer biases of bf16 linears)
+            module = rel.rsplit(".", 1)[0]
+            if module not in family.linears:
+                state.edits[f"{prefix}.{rel}"] = tensor
+    state.alphas = dict(alpha) if isinstance(alpha, Mapping) else {n: float(alpha) for n in quantized}
+    return state
+
+
+def summary(state: QuantizedModel) -> dict[str, Any]:
+    return {"quantized": len(state.linears), "edits": len(state.edits), "activations": state.activations,
+            "smoothed": sum(s.smoothing is not None for s in state.linears.values())}
