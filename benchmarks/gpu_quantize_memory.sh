@@ -31,7 +31,11 @@ run() {  # name, overrides...
   $PY -m vlmq verify $W/export_$name | tail -1
   rm -rf $W/export_$name
 }
-run default
-run noscore export.score=false
-run both_formats 'export.formats=[compressed_tensors,modelopt_hf]'
+for variant in ${VARIANTS:-default noscore both_formats}; do
+  case $variant in
+    default) run default ;;
+    noscore) run noscore export.score=false ;;
+    both_formats) run both_formats 'export.formats=[compressed_tensors,modelopt_hf]' ;;
+  esac
+done
 echo "== done $(date +%T)"

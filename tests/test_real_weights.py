@@ -116,21 +116,21 @@ def test_static_per_tensor_format_is_much_worse_and_the_run_says_so(heldout_scor
     assert exports["modelopt_hf"]["fidelity"]["kl_mean"] > 5 * exports["compressed_tensors"]["fidelity"]["kl_mean"]
     warnings = [line for line in real_default.result.stderr_lines if line.startswith("vlmq: warning:")]
     assert len(warnings) == 1 and "deploy compressed_tensors" in warnings[0], describe(real_default.result)
-    assert "fidelity compressed_tensors" in real_default.result.stdout, describe(real_default.result)
+    assert "fidelity compressed_tensors" in real_default.result.stderr, describe(real_default.result)  # the summary
 
 
 def test_check_scores_heldout_text_passages(real_default, tmp_path):
     """`vlmq check` on a text-jsonl export: held-out records disjoint from calibration, scored like captions."""
     result = run_cli(["check", "--model-dir", str(real_default.ct), "--max-kl", "0.1", "--min-top1", "0.8",
-                      f"log_root={tmp_path}", "run_name=c", "infer.heldout_samples=4", "infer.max_new_tokens=8"],
+                      f"log_root={tmp_path}", "run_name=c", "infer.heldout_samples=3", "infer.max_new_tokens=4"],
                      cwd=tmp_path, timeout=600)
     assert result.rc == 0, describe(result)
     assert "requires_grad" not in result.stderr and "Warning" not in result.stderr, describe(result)
     r = json.loads((tmp_path / "c" / "results.json").read_text())
     held = r["heldout"]
-    assert held["source"] == "text_jsonl" and held["held_out"] == 4 and held["prefix_stable"], held
+    assert held["source"] == "text_jsonl" and held["held_out"] == 3 and held["prefix_stable"], held
     passages = [s for s in r["samples"] if s["kind"] == "passage"]
-    assert len(passages) == 4 and all(s["metrics"]["nll_tokens"] > 50 for s in passages)
+    assert len(passages) == 3 and all(s["metrics"]["nll_tokens"] > 50 for s in passages)
     assert r["metrics"]["ppl_baseline"] is not None and r["metrics"]["kl_mean"] < 0.1
     html = (tmp_path / "c" / "report.html").read_text()
     assert "text-only run, no input images" in html
@@ -138,12 +138,12 @@ def test_check_scores_heldout_text_passages(real_default, tmp_path):
 
 def test_sensitivity_ranks_real_linears(real_snapshot, tmp_path):
     result = run_cli(["sensitivity", "--top", "5", f"arch.snapshot={real_snapshot}", "arch.family=llama",
-                      "calib.source=text_jsonl", f"calib.root={CALIB}", "calib.num_samples=32",
-                      "quant.kl_samples=2", f"log_root={tmp_path}", "run_name=s"], cwd=tmp_path, timeout=900)
+                      "calib.source=text_jsonl", f"calib.root={CALIB}", "calib.num_samples=16",
+                      "quant.kl_samples=1", f"log_root={tmp_path}", "run_name=s"], cwd=tmp_path, timeout=900)
     assert result.rc == 0, describe(result)
     report = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
     ranking = report["ranking"]
-    assert len(ranking) == 210 and report["held_out_samples"] == 2
+    assert len(ranking) == 210 and report["held_out_samples"] == 1
     # On a trained model the spread is large: the worst linear alone costs far more than the median one.
     kls = sorted(r["kl_alone"] for r in ranking)
     assert ranking[0]["kl_alone"] > 5 * kls[len(kls) // 2], ranking[:5]
