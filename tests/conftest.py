@@ -55,7 +55,7 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
     """Run `vlmq <args>` in `cwd` (use a tmp dir so relative default paths never hit the repo)."""
     start = time.perf_counter()
     proc = subprocess.run(cli_command() + list(args), cwd=cwd, env=env or cli_env(), capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)   # no terminal, as in CI
     return CliResult(list(args), proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
 
 

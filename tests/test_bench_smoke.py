@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import describe, run_cli
+from conftest import cli_env, describe, run_cli
 from vlmq.cli import EXIT_USER_ERROR
 from vlmq.models.demo import write_demo_snapshot
 
@@ -70,11 +70,18 @@ def test_bench_on_demo_checkpoints(demo_run, tmp_path, loop):
 
 def test_bench_random_shape(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_cli(["bench", "--shape", "demo", "--loop", "lean", *ARGS, "--out", str(out)], cwd=tmp_path)
+    env = {k: v for k, v in cli_env().items() if k != "COLUMNS"}   # a pipe, as in CI logs: no terminal width
+    result = run_cli(["bench", "--shape", "demo", "--loop", "lean", *ARGS, "--out", str(out)], cwd=tmp_path, env=env)
     assert result.rc == 0, describe(result)
     data = json.loads(out.read_text())
     check_results(data, "lean")
     assert data["source"] == "shape=demo" and "W8A8" in data["w8a8"]["model"]
+    # Printed whole in a pipe (rich's 80-column default cut headers to `bf16 pr…`), no `None GiB` on CPU.
+    printed = result.stdout + result.stderr
+    assert "…" not in printed, printed
+    for header in ("bf16 prefill ms", "w8a8 prefill ms", "LM prefill x", "vision ms (HF's)", "text_b1", "image_b2"):
+        assert header in printed, (header, printed)
+    assert "peak memory n/a (CPU); weights ratio" in printed and "None" not in printed, printed
 
 
 def test_bench_needs_a_model(tmp_path):

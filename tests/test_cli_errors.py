@@ -75,6 +75,16 @@ def test_missing_explicit_snapshot(tmp_path):
     assert_stopped_before_load(tmp_path / "logs", "r", tmp_path / "export")
 
 
+def test_missing_snapshot_is_said_before_the_calibration_data(tmp_path):
+    """Neither the named snapshot nor the default COCO root (data/coco2017) exists: the snapshot, with its
+    `vlmq fetch-model` hint, is what the user hears first."""
+    missing = tmp_path / "missing"
+    result = run_cli(quantize_args(tmp_path, f"arch.snapshot={missing}"), cwd=tmp_path)
+    line = assert_one_line_error(result, f"snapshot not found: {missing}", "vlmq fetch-model")
+    assert "COCO" not in line and "coco2017" not in line, line
+    assert_stopped_before_load(tmp_path / "logs", "r", tmp_path / "export")
+
+
 @pytest.mark.parametrize("config,weights,mentions", [
     # llama is a supported family now, but not the one the selected arch names
     ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 2}, "safetensors",
@@ -117,8 +127,13 @@ def test_missing_calibration_root(tmp_path):
 
 @pytest.mark.parametrize("override,mentions", [
     ("quant.alpha=2", ("quant.alpha",)),
-    ("calib.nosuch=1", ("calib.nosuch",)),
-])
+    ("calib.nosuch=1", ("unknown config key 'calib.nosuch'", "calib.num_samples")),
+    ("quant.aplha=0.8", ("unknown config key 'quant.aplha'; did you mean quant.alpha?",)),
+    ("+quant.aplha=0.8", ("unknown config key 'quant.aplha'; did you mean quant.alpha?",)),
+    ("export.formats=compressed_tensors", ("export.formats takes a list: export.formats=[compressed_tensors]",)),
+    ("calib.splits=val2017", ("calib.splits takes a list: calib.splits=[val2017]",)),
+], ids=["out-of-range", "unknown-key", "misspelt-key", "misspelt-key-appended", "list-without-brackets",
+        "splits-without-brackets"])
 def test_bad_override(tmp_path, override, mentions):
     result = run_cli(quantize_args(tmp_path, override), cwd=tmp_path)
     assert_one_line_error(result, *mentions)
@@ -161,3 +176,40 @@ def test_wrapper_script_forwards_arguments_and_exit_code(tmp_path):
                           capture_output=True, text=True, timeout=300)
     result = CliResult(["<script>"], proc.returncode, proc.stdout, proc.stderr, 0.0)
     assert_one_line_error(result, "quant.alpha must be in [0, 1], got 3.0")
+
+
+# --------------------------------------------------------------------------------------------
+# --model-dir given the export root; `vlmq check` with nothing exported
+# --------------------------------------------------------------------------------------------
+
+def test_export_root_as_model_dir_loads_its_first_format(demo_run, tmp_path):
+    root = demo_run.export_dir   # export.formats=[compressed_tensors,modelopt_hf]
+    result = run_cli(["generate", "--model-dir", str(root), "--device", "cpu", "--max-new-tokens", "2", "hi"],
+                     cwd=tmp_path)
+    assert result.rc == 0, describe(result)
+    assert result.stderr_lines == [f"vlmq: info: {root} is an export root: using compressed_tensors/ "
+                                   "(export.formats[0] in its manifest.json)"], describe(result)
+    assert result.stdout.startswith("[W8A8 (compressed_tensors, dynamic activations)]"), describe(result)
+
+    result = run_cli(["check", "--model-dir", str(root), f"log_root={tmp_path / 'logs'}", "run_name=c",
+                      "infer.max_new_tokens=2"], cwd=tmp_path)
+    assert result.rc == 0, describe(result)
+    assert f"vlmq: info: {root} is an export root: using compressed_tensors/" in result.stderr, describe(result)
+    results = json.loads((tmp_path / "logs" / "c" / "results.json").read_text())
+    assert results["model"]["path"] == str(root / "compressed_tensors")
+
+
+def test_folder_of_checkpoints_without_manifest_names_them(demo_run, tmp_path):
+    folder = tmp_path / "exports"
+    shutil.copytree(demo_run.export_dir, folder)
+    (folder / "manifest.json").unlink()
+    result = run_cli(["generate", "--model-dir", str(folder), "--device", "cpu", "hi"], cwd=tmp_path)
+    assert_one_line_error(result, f"{folder} holds no config.json; pick one of its checkpoints: "
+                                  f"{folder / 'compressed_tensors'}, {folder / 'modelopt_hf'}")
+
+
+def test_check_quantized_arch_with_nothing_exported(tmp_path):
+    result = run_cli(["check", "arch=qwen2_5_vl_3b_instruct.w8a8_int8_sq", f"log_root={tmp_path / 'logs'}"],
+                     cwd=tmp_path)
+    expected = tmp_path / "models/qwen2_5_vl_3b_instruct/quantized/w8a8_int8_sq/compressed_tensors"
+    assert_one_line_error(result, f"no W8A8 checkpoint at {expected}", "run `vlmq quantize` first")

@@ -222,8 +222,7 @@ def test_next_run_cleans_stale_staging(killed_then_rerun):
     assert not k.staging.exists() and k.leftovers_after_rerun == []
     assert f"removed {k.staging}, left by an interrupted export" in k.rerun_log
     assert tree(k.export_dir) != k.before  # replaced by the new export...
-    problems, _ = verify_export(k.export_dir)
-    assert problems == []  # ...which verifies
+    assert verify_export(k.export_dir).problems == []  # ...which verifies
 
 
 def test_calibration_mix_and_skips_are_counted_in_manifest(killed_then_rerun):
@@ -496,6 +495,38 @@ def test_verify_passes_good_export(demo_run, tmp_path, capsys):
         assert "sha256 ok" in out
 
 
+def test_sibling_damage_is_a_warning_for_the_format_that_is_used(demo_run, tmp_path, capsys):
+    """One rule in verify, check, generate and the loader: what is loaded (the format directory given) must match
+    the manifest; damage to the export's other format is one warning line; the export root checks everything."""
+    root = copy_export(demo_run, tmp_path / "export")
+    ct = root / "compressed_tensors"
+    _flip_last_byte(root / "modelopt_hf" / "model.safetensors")
+    warning = (f"vlmq: warning: {root}: another format of this export does not match manifest.json: "
+               "sha256 mismatch modelopt_hf/model.safetensors; compressed_tensors/ itself matches and is the one used")
+
+    assert vlmq_main(["verify", str(ct)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"OK {ct}: compressed_tensors (") and out.count("\n") == 1, out
+    assert err.splitlines() == [warning]
+    for target in (root, root / "modelopt_hf"):   # the root, or the damaged format itself: refused
+        assert vlmq_main(["verify", str(target)]) == 1
+        out, err = capsys.readouterr()
+        assert out.startswith(f"FAIL {target}: sha256 mismatch modelopt_hf/model.safetensors"), out
+        assert err == ""
+
+    _, _, info = load_w8a8(ct, device="cpu")
+    assert info.warnings == [warning.removeprefix("vlmq: warning: ")]
+
+    generated = run_cli(["generate", "--model-dir", str(ct), "--device", "cpu", "--max-new-tokens", "2", "hi"],
+                        cwd=tmp_path)
+    assert generated.rc == 0 and generated.stderr_lines == [warning], describe(generated)
+    checked = run_cli(["check", "--model-dir", str(ct), f"log_root={tmp_path / 'logs'}", "run_name=c",
+                       "infer.max_new_tokens=2"], cwd=tmp_path)
+    assert checked.rc == 0, describe(checked)
+    assert checked.stderr_lines.count(warning) == 1, describe(checked)
+    assert "REJECTED" not in checked.stderr
+
+
 def test_verify_without_manifest_fails(demo_run, tmp_path, capsys):
     root = copy_export(demo_run, tmp_path / "export")
     (root / MANIFEST_NAME).unlink()
@@ -523,10 +554,11 @@ def test_loader_refuses_checkpoint_that_differs_from_manifest(demo_run, tmp_path
                        "(re-export it, or load with verify=False)")
     load_w8a8(ckpt, device="cpu", verify=False)  # the check, not the tensors, refused it
 
-    # The other format's files are not this checkpoint's business.
+    # The other format's damage does not block this checkpoint: it is a warning.
     _flip_last_byte(ckpt / "model.safetensors")
     _flip_last_byte(root / "compressed_tensors" / "model.safetensors")
-    load_w8a8(ckpt, device="cpu")
+    _, _, info = load_w8a8(ckpt, device="cpu")
+    assert info.warnings and "sha256 mismatch compressed_tensors/model.safetensors" in info.warnings[0]
 
     # An extra weight file would be read by the loader: refused as unlisted.
     save_file({"x": torch.zeros(2)}, str(ckpt / "zz-extra.safetensors"))

@@ -354,16 +354,20 @@ def print_table(results: dict) -> None:
                       f"{r['decode_speedup']:.2f}",
                       f"{w['vision_ms']:.1f} ({w['vision_hf_ms']:.1f})" if "vision_hf_ms" in w else "-")
     console.print(table)
-    console.print(f"peak memory bf16 {results['bf16']['peak_gib']} GiB, w8a8 {results['w8a8']['peak_gib']} GiB "
-                  f"(ratio {results['ratios'].get('peak_memory_ratio')}); "
-                  f"weights ratio {results['ratios']['weight_bytes_ratio']}")
+    if results["bf16"]["peak_gib"] is None:   # peaks are CUDA allocator figures; a CPU run has none
+        peak = "peak memory n/a (CPU)"
+    else:
+        peak = (f"peak memory bf16 {results['bf16']['peak_gib']} GiB, w8a8 {results['w8a8']['peak_gib']} GiB "
+                f"(ratio {results['ratios'].get('peak_memory_ratio')})")
+    console.print(f"{peak}; weights ratio {results['ratios']['weight_bytes_ratio']}")
 
 
 def bench_arguments(p: argparse.ArgumentParser) -> None:
     from vlmq.runtime import backend_choices
 
     p.add_argument("--baseline", type=Path, help="the bf16 snapshot")
-    p.add_argument("--model-dir", type=Path, help="the W8A8 export (either format)")
+    p.add_argument("--model-dir", type=Path,
+                   help="the W8A8 export: a format folder or the export root (its first format)")
     p.add_argument("--shape", choices=("3b", "small", "demo"),
                    help="random weights of this architecture instead of checkpoints")
     p.add_argument("--loop", choices=("lean", "hf"), help="decode loop (default: lean on CUDA, hf on CPU)")

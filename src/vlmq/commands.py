@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
 def generate_arguments(p: argparse.ArgumentParser) -> None:
     from vlmq.runtime import backend_choices
 
-    p.add_argument("--model-dir", required=True, type=Path, help="an export dir (either format) or a bf16 snapshot")
+    p.add_argument("--model-dir", required=True, type=Path,
+                   help="an export's format folder, the export root (its first format), or a bf16 snapshot")
     p.add_argument("--image", type=Path, help="an image for an image+text prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -39,9 +41,12 @@ def verify_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from vlmq.verify import verify_export
 
-    problems, summary = verify_export(args.dir)
-    if problems:
+    verdict = verify_export(args.dir)
+    for warning in verdict.warnings:   # another format's damage: not what was verified
+        print(f"vlmq: warning: {warning}", file=sys.stderr)
+    if verdict.problems:
+        problems = verdict.problems
         print(f"FAIL {args.dir}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
         return 1
-    print(f"OK {args.dir}: {summary}")
+    print(f"OK {args.dir}: {verdict.summary}")
     return 0

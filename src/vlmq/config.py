@@ -7,7 +7,10 @@ Every failure is raised as `ConfigError` with a one-line message.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +164,41 @@ def _expand_shorthands(overrides: list[str], root: Path) -> list[str]:
     return out
 
 
+def schema_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every key of the schema, dotted (`quant.alpha`; sections too: `quant`), with its type."""
+    out: dict[str, Any] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        out[prefix + name] = hint
+        if dataclasses.is_dataclass(hint):
+            out.update(schema_keys(hint, f"{prefix}{name}."))
+    return out
+
+
+def _check_override_keys(overrides: list[str]) -> None:
+    """Before Hydra sees them: an unknown key names the closest known one; a list key given a bare value says
+    how to write a list."""
+    keys = schema_keys()
+    for override in overrides:
+        raw, value = override.split("=", 1)
+        key = raw.lstrip("+~")
+        if key.startswith("hydra.") or any(key.startswith(f"{d}.") for d in DICT_KEYS):
+            continue
+        if key not in keys:
+            section, _, leaf = key.rpartition(".")
+            siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == section}
+            close = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)] or \
+                difflib.get_close_matches(key, [k for k in keys if k != "overrides"], n=1, cutoff=0.8)
+            if close:
+                hint = f"; did you mean {close[0]}?"
+            elif section in keys:
+                hint = f" (known {section} keys: {', '.join(k for k in keys if k.startswith(section + '.'))})"
+            else:
+                hint = f" (top-level keys: {', '.join(k for k in keys if '.' not in k and k != 'overrides')})"
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        if typing.get_origin(keys[key]) is list and raw == key and not value.strip().startswith("["):
+            raise ConfigError(f"{key} takes a list: {key}=[{value}]")
+
+
 def _check_values(cfg: Config) -> None:
     checks = [
         (0.0 <= cfg.quant.alpha <= 1.0, f"quant.alpha must be in [0, 1], got {cfg.quant.alpha}"),
@@ -217,6 +255,7 @@ def load_config(overrides: list[str] | None = None) -> Config:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
+    _check_override_keys(overrides)
     hydra_overrides = _expand_shorthands(overrides, root)
     try:
         with initialize_config_dir(config_dir=str(root), version_base=None):

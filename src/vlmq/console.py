@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,9 +15,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+# Width when stderr is not a terminal (a pipe, a log file) and COLUMNS is unset: wide enough that tables keep
+# their natural width instead of rich's 80-column default, which cut names to `text…`.
+PIPE_WIDTH = 10_000
+
+
+def console_width() -> int | None:
+    """None (rich measures the terminal, or reads COLUMNS) on a terminal or with COLUMNS set, else PIPE_WIDTH."""
+    if os.environ.get("COLUMNS") or sys.stderr.isatty():
+        return None
+    return PIPE_WIDTH
+
+
 # Bound to the terminal's stderr now, so progress bars still show while library_chatter_to_log
 # sends the libraries' own stderr output (tqdm bars, notices) to the log file.
-console = Console(file=sys.stderr, highlight=False)
+console = Console(file=sys.stderr, highlight=False, width=console_width())
 
 
 @contextmanager

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 QMIN, QMAX = -128, 127
+FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn: an FP8 KV-cache scale is amax / FP8_E4M3_MAX
 MIN_SCALE = 1e-10  # keeps all-zero rows finite: 0 / MIN_SCALE == 0
 
 # ModelOpt's SmoothQuant guards (model_calib.smoothquant): zero-amax channels get s=1; s is clamped.

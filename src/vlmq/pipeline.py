@@ -18,7 +18,7 @@ import torch
 
 from vlmq.config import Config, ConfigError
 from vlmq.console import console, library_chatter_to_log, progress_bar
-from vlmq.models.load import Snapshot, inspect_snapshot
+from vlmq.models.load import Snapshot, inspect_snapshot, require_snapshot_dir
 from vlmq.run_context import RunContext, resolve_inputs
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
     clean_stale_staging(ctx.export_dir)  # staging dirs of killed runs (their pid is gone)
     check_target(ctx.export_dir, cfg.force)
     with ctx.stage("prepare"), library_chatter_to_log():
+        if not ctx.demo:   # a named snapshot that is not there is said first, before the calibration data is read
+            require_snapshot_dir(ctx.snapshot_dir)
         held_out: list = []
         if cfg.quant.max_kl is not None or cfg.export.score:
             samples, held_out, stats = calibration_and_held_out(cfg, ctx.calib_root)

@@ -4,14 +4,18 @@
 `verify_export` is the full check (the CLI, `vlmq check`). The sha256 part lives in
 `vlmq.export.manifest` (`verify_hashes`, and `manifest_problems`, which the runtime loader runs for one
 format directory before it trusts a checkpoint's tensors).
+
+What is verified is what is loaded: for one format's directory, its own files must match the manifest and the
+other formats' damage is a one-line warning; for an export root, every file must match.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
-from vlmq.export.manifest import MANIFEST_NAME, manifest_root, verify_hashes
+from vlmq.export.manifest import MANIFEST_NAME, manifest_problems, manifest_root, sibling_warning, verify_hashes
 from vlmq.models.families import quantized_linear_names
 from vlmq.runtime.loader import CheckpointError, inspect_checkpoint
 
@@ -21,22 +25,33 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def verify_export(path: Path) -> tuple[list[str], str]:
-    """(problems, one-line summary). No problems means the checkpoint can be trusted."""
+class Verdict(NamedTuple):
+    problems: list[str]       # empty: the checkpoint can be trusted
+    summary: str              # one line: each format checked
+    warnings: list[str]       # one line each: damage outside what was verified (another format's files)
+
+
+def verify_export(path: Path) -> Verdict:
+    """The checkpoint at `path` (an export root, or one format's directory) against its manifest and config."""
     path = Path(path)
     if not path.is_dir():
-        return [f"not a directory: {path}"], ""
+        return Verdict([f"not a directory: {path}"], "", [])
     root = manifest_root(path)
     if root == path:
         dirs = sorted(p for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file())
     else:
         dirs = [path]
     problems: list[str] = []
+    warnings: list[str] = []
     exclude: set[str] = set()
     if root is None:
         problems.append(f"no {MANIFEST_NAME} beside or above {path}")
     else:
-        problems += verify_hashes(root)
+        if root == path:
+            problems += verify_hashes(root)
+        else:
+            problems += manifest_problems(path) or []
+            warnings += [w for w in [sibling_warning(path)] if w]
         try:
             manifest = json.loads((root / MANIFEST_NAME).read_text())
             exclude = set(manifest.get("modules", {}).get("fallback_bf16", []))
@@ -64,4 +79,4 @@ def verify_export(path: Path) -> tuple[list[str], str]:
         if extra:
             problems.append(f"{fmt_dir.name}: unexpected int8 module {extra[0]}")
         checked.append(f"{fmt_dir.name} ({info.format}, {len(info.quantized)} W8A8 linears, {info.activations})")
-    return problems, "; ".join(checked) + (", sha256 ok" if root else "")
+    return Verdict(problems, "; ".join(checked) + (", sha256 ok" if root else ""), warnings)

@@ -66,20 +66,25 @@ class Models:
 def resolve_models(cfg: Config, run_dir: Path, model_dir: Path | None, baseline: Path | None) -> Models:
     from vlmq.models.demo import is_demo_snapshot, write_demo_snapshot
     from vlmq.run_context import resolve_inputs
+    from vlmq.runtime.generate import checkpoint_dir
 
     ctx = resolve_inputs(cfg, run_dir)
     if model_dir is None:
         if cfg.arch.quantized:
             model_dir = cfg.resolve_path(cfg.arch.snapshot)
+            if not model_dir.exists():
+                raise CheckError(f"no W8A8 checkpoint at {model_dir} (arch {cfg.arch.name}): run `vlmq quantize` "
+                                 "first (or pass --model-dir)")
         else:
             found = [ctx.export_dir / f for f in cfg.export.formats if (ctx.export_dir / f / "config.json").is_file()]
             if not found:
                 raise CheckError(f"no W8A8 checkpoint in {ctx.export_dir}: run `vlmq quantize` first "
                                  "(or pass --model-dir)")
             model_dir = found[0]
-    model_dir = Path(model_dir).absolute()
-    if not (model_dir / "config.json").is_file():
-        raise CheckError(f"not a checkpoint directory (no config.json): {model_dir}")
+    model_dir, note = checkpoint_dir(Path(model_dir).absolute())   # an export root: its export.formats[0]
+    if note:
+        log.info("%s", note)
+        print(f"vlmq: info: {note}", file=sys.stderr)
     root = next((p for p in (model_dir, model_dir.parent) if (p / "manifest.json").is_file()), None)
     manifest = json.loads((root / "manifest.json").read_text()) if root else {}
     if baseline is None:
@@ -260,9 +265,12 @@ def run_check(cfg: Config, run_dir: Path, args: argparse.Namespace) -> dict[str,
     tasks = [t for t in (args.lmms_tasks or "").split(",") if t]
     if tasks:
         lmms.check_handoff(models.demo)
-    problems, summary = verify_export(models.w8a8)
+    problems, summary, warnings = verify_export(models.w8a8)
     if problems:
         raise CheckRejected(f"{models.w8a8} failed `vlmq verify`: {problems[0]}")
+    for warning in warnings:   # the export's other format is damaged; the one checked here is intact
+        log.warning("%s", warning)
+        print(f"vlmq: warning: {warning}", file=sys.stderr)
     sel = calibration_selection(cfg, models.manifest, models.demo)
     held, calib, held_info = select_heldout(sel, cfg.infer.heldout_samples)
     cases = build_cases(cfg, held, calib)
@@ -328,7 +336,8 @@ class CheckRejected(Exception):
 def check_arguments(p: argparse.ArgumentParser) -> None:
     from vlmq.runtime import backend_choices
 
-    p.add_argument("--model-dir", type=Path, help="the W8A8 checkpoint (default: the export of this config)")
+    p.add_argument("--model-dir", type=Path,
+                   help="the W8A8 checkpoint: a format folder or the export root (default: the export of this config)")
     p.add_argument("--baseline", type=Path, help="the bf16 snapshot (default: the one the export was made from)")
     p.add_argument("--label", help="names the run in the report (baseline / w8a8 / anything)")
     p.add_argument("--max-kl", type=float, help="gate: mean per-token KL(bf16 || W8A8) in nats must be <= X")

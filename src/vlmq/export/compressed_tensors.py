@@ -108,6 +108,19 @@ def load_clean_copy(snapshot: Path, dtype: torch.dtype = torch.bfloat16, family:
 MAX_SHARD_BYTES = 2 * 2**30
 
 
+def kv_cache_scheme(kv_cache: str):
+    """compressed-tensors' `kv_cache_scheme` for `quant.kv_cache` (None: the KV cache stays in the model dtype).
+    fp8: static per-tensor symmetric FP8 (E4M3), one k_scale / v_scale per attention layer; what vLLM's
+    CompressedTensorsKVCacheMethod accepts."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    if kv_cache == "none":
+        return None
+    if kv_cache != "fp8":
+        raise ValueError(f"no compressed-tensors KV-cache scheme for quant.kv_cache={kv_cache!r}")
+    return QuantizationArgs(num_bits=8, type="float", strategy="tensor", dynamic=False, symmetric=True)
+
+
 def quantization_config(state: QuantizedModel):
     """compressed-tensors' own config object for the state (what vLLM and transformers read)."""
     from compressed_tensors.quantization import QuantizationConfig
@@ -117,6 +130,7 @@ def quantization_config(state: QuantizedModel):
         scheme.format = "int-quantized"
     return QuantizationConfig(config_groups={"group_0": scheme},
                               ignore=ignore_list(state.model, state.family, list(state.linears)),
+                              kv_cache_scheme=kv_cache_scheme(state.kv_cache),
                               quantization_status="compressed", format="int-quantized")
 
 
@@ -189,4 +203,5 @@ def export_compressed_tensors(model: nn.Module, processor, out_dir: Path, *, sta
     write_compressed_tensors(state, processor, out_dir)
     return {"format": "compressed_tensors", "path": out_dir.name, "activations": state.activations,
             "smooth_o_proj": state.smooth_o_proj, "ignore": len(quantization_config(state).ignore),
-            "smoothed_linears": sum(s.smoothing is not None for s in state.linears.values())}
+            "smoothed_linears": sum(s.smoothing is not None for s in state.linears.values()),
+            "kv_cache": state.kv_cache, "kv_scale_layers": len(state.kv_scales)}

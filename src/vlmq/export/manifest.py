@@ -23,12 +23,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def file_hashes(root: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file under root (posix relative paths), manifest excluded."""
+def file_hashes(root: Path, skip: str | None = None) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under root (posix relative paths), manifest excluded; `skip` names a
+    top-level folder whose files are left out."""
     out = {}
     for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel == MANIFEST_NAME:
+        if rel == MANIFEST_NAME or (skip is not None and rel.startswith(f"{skip}/")):
             continue
         out[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return out
@@ -92,6 +93,10 @@ def verify_hashes(root: Path) -> list[str]:
     return compare_hashes(recorded, file_hashes(root))
 
 
+# The rule for an export with several formats: what is loaded or verified is checked, and must match; the other
+# formats' files beside it are checked too, but their damage is a one-line warning (`sibling_warning`), not a
+# failure. Verifying the export root checks every file and fails on any difference.
+
 def manifest_problems(path: Path) -> list[str] | None:
     """sha256/size problems of the files under `path` (an export root or one format's directory)
     against the manifest beside or above it; what the runtime loader checks before trusting tensors.
@@ -112,3 +117,28 @@ def manifest_problems(path: Path) -> list[str] | None:
     if not recorded:
         return [f"{manifest_path} lists no files under {path.name}/"]
     return compare_hashes(recorded, file_hashes(path), prefix)
+
+
+def sibling_problems(path: Path) -> list[str]:
+    """For one format's directory of an export: problems of the export's other files (the sibling formats)
+    against the manifest; [] for an export root, without a manifest, or when they all match."""
+    path = Path(path)
+    root = manifest_root(path)
+    if root is None or root == path:
+        return []
+    recorded = _recorded_files(root / MANIFEST_NAME)
+    if isinstance(recorded, str):   # manifest_problems reports an unreadable manifest
+        return []
+    prefix = path.name + "/"
+    others = {rel: v for rel, v in recorded.items() if not rel.startswith(prefix)}
+    return compare_hashes(others, file_hashes(root, skip=path.name))
+
+
+def sibling_warning(path: Path) -> str | None:
+    """One line when another format of `path`'s export is damaged (`path` itself is checked separately)."""
+    problems = sibling_problems(path)
+    if not problems:
+        return None
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return (f"{manifest_root(Path(path))}: another format of this export does not match manifest.json: "
+            f"{problems[0]}{more}; {Path(path).name}/ itself matches and is the one used")

@@ -31,13 +31,18 @@ class Snapshot:
     is_demo: bool
 
 
+def require_snapshot_dir(path: Path) -> None:
+    """The first check on a snapshot, cheap enough to run before anything else (before calibration data is read)."""
+    if not Path(path).is_dir():
+        raise SnapshotError(f"snapshot not found: {path} (download it with `vlmq fetch-model`)")
+
+
 def inspect_snapshot(path: Path, trust_remote_code: bool = False) -> Snapshot:
     """Check a snapshot dir without reading weights: config, family, custom code, weight files."""
     from vlmq.models.demo import is_demo_snapshot
 
     path = Path(path)
-    if not path.is_dir():
-        raise SnapshotError(f"snapshot not found: {path} (download it with `vlmq fetch-model`)")
+    require_snapshot_dir(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise SnapshotError(f"snapshot is incomplete: {config_file} is missing (re-run `vlmq fetch-model`)")

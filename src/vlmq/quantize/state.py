@@ -7,6 +7,9 @@ per-output-channel scale, its (folded) bias, and its activation quantization (dy
 static with the per-tensor scale from calibration). Model-level edits (`edits`): tensors of the float
 model that the fold changed: RMSNorm gains, and the columns of LM linears kept bf16 by the fallback.
 Everything else is the live model's own tensor, read when the exporter writes it.
+With `quant.kv_cache=fp8` (`kv_cache`), each LM attention module also carries its FP8 KV-cache scales
+(`kv_scales`: k_scale, v_scale = calibrated amax / 448, fp32 [1]), read from ModelOpt's `k_bmm_quantizer` /
+`v_bmm_quantizer` (`kv_cache_scales`) and written beside the attention module's other tensors.
 
 Built from the live model after ModelOpt's calibration and before ModelOpt smooths it in place
 (`build_state`), so the weights are the snapshot's, exactly.
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 
 from vlmq.models.families import Family
-from vlmq.numerics import QMAX, quantize_weight_per_channel
+from vlmq.numerics import FP8_E4M3_MAX, QMAX, quantize_weight_per_channel
 from vlmq.quantize.fold import fold_layer, layer_params, per_layer, text_heads
 
 
@@ -49,11 +52,14 @@ class QuantizedModel:
     alphas: dict[str, float] = field(default_factory=dict)
     activations: str = "dynamic"
     smooth_o_proj: bool = True
+    kv_cache: str = "none"                                          # none | fp8 (quant.kv_cache)
+    kv_scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # attention -> k_scale, v_scale
 
     def tensors(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """(module name, its tensors as a checkpoint stores them), in the model's own order; quantized
         linears give int8 weight + fp32 weight_scale [N, 1] (+ input_scale [1], + bias), tied parameters once,
-        ModelOpt's quantizer buffers never."""
+        LM attention modules their KV-cache k_scale / v_scale [1] (fp8 KV cache), ModelOpt's quantizer buffers
+        never."""
         seen: set[int] = set()
         modules = dict(self.model.named_modules())
         for module_name, module in modules.items():
@@ -71,6 +77,7 @@ class QuantizedModel:
                 seen.add(tensor.data_ptr())
                 full = f"{module_name}.{leaf}" if module_name else leaf
                 own[leaf] = self.edits.get(full, tensor).detach()
+            own.update(self.kv_scales.get(module_name, {}))
             if own:
                 yield module_name, own
 
@@ -81,6 +88,27 @@ def linear_tensors(state: LinearState) -> dict[str, torch.Tensor]:
         out["input_scale"] = torch.tensor([state.input_scale], dtype=torch.float32)
     if state.bias is not None:
         out["bias"] = state.bias
+    return out
+
+
+def kv_cache_scales(model: nn.Module, family: Family) -> dict[str, dict[str, torch.Tensor]]:
+    """{LM attention module: {"k_scale", "v_scale"}}: per-tensor FP8 (E4M3) KV-cache scales, calibrated amax / 448
+    in fp32 of shape [1] (ModelOpt's unified export divides its `*_bmm_quantizer` amax the same way)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        if not name.startswith(f"{family.layers}.") or "_quantizer" in name:
+            continue
+        quantizers = {kind: getattr(module, f"{kind}_bmm_quantizer", None) for kind in ("k", "v")}
+        if not all(q is not None and q.is_enabled for q in quantizers.values()):
+            continue
+        scales = {}
+        for kind, quantizer in quantizers.items():
+            amax = quantizer.amax
+            if amax is None or amax.numel() != 1 or not float(amax) > 0:
+                raise ValueError(f"{name}.{kind}_bmm_quantizer has no calibrated per-tensor amax ({amax}); "
+                                 "the FP8 KV cache needs calibration data through the attention")
+            scales[f"{kind}_scale"] = (amax.detach().float().reshape(1) / FP8_E4M3_MAX).cpu()
+        out[name] = scales
     return out
 
 

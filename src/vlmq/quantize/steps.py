@@ -112,13 +112,16 @@ def smooth(work: Work) -> Work:
 def round_to_int8(work: Work) -> Work:
     from vlmq.quantize.alpha_search import apply_smoothquant
     from vlmq.quantize.fold import collect_act_amax
-    from vlmq.quantize.state import build_state
+    from vlmq.quantize.state import build_state, kv_cache_scales
 
     if work.alphas is None:   # a recipe without `smooth`: unsmoothed factors would be alpha 0
         work = smooth(work)
     work.state = build_state(work.model, work.family, collect_act_amax(work.model, work.names), work.names,
                              work.alphas, getattr(work.export, "activations", "dynamic"),
                              getattr(work.export, "smooth_o_proj", True))
+    if work.quant.kv_cache != "none":   # the calibrated KV-cache scales, for the compressed-tensors export
+        work.state.kv_cache = work.quant.kv_cache
+        work.state.kv_scales = kv_cache_scales(work.model, work.family)
     apply_smoothquant(work.model, work.alphas)
     return work
 

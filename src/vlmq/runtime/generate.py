@@ -4,19 +4,51 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
-def load_any(model_dir: Path, device: str = "auto", backend: str = "auto"):
-    """(model, processor, label): W8A8 through vlmq.runtime, a bf16 snapshot through transformers."""
-    from vlmq.models.load import inspect_snapshot, load_model, load_processor
-    from vlmq.runtime.loader import CheckpointError, load_w8a8
+def checkpoint_dir(model_dir: Path) -> tuple[Path, str | None]:
+    """(the directory to load, a note or None). A directory with config.json is itself; an export root (a
+    manifest.json, format folders below it) gives the folder of its manifest's `export.formats[0]`, with a
+    one-line note saying so; anything else is a one-line error that names the format folders to pick from."""
+    from vlmq.export.manifest import MANIFEST_NAME
+    from vlmq.runtime.loader import CheckpointError
 
-    config_file = Path(model_dir) / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"not a checkpoint directory (no config.json): {model_dir}")
+    model_dir = Path(model_dir)
+    if (model_dir / "config.json").is_file():
+        return model_dir, None
+    folders = sorted(p.name for p in model_dir.iterdir() if (p / "config.json").is_file()) if model_dir.is_dir() else []
+    manifest = model_dir / MANIFEST_NAME
+    if folders and manifest.is_file():
+        try:
+            formats = list(json.loads(manifest.read_text())["config"]["export"]["formats"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            formats = []
+        if formats and formats[0] in folders:
+            return model_dir / formats[0], (f"{model_dir} is an export root: using {formats[0]}/ "
+                                            f"(export.formats[0] in its {MANIFEST_NAME})")
+    if folders:
+        raise CheckpointError(f"{model_dir} holds no config.json; pick one of its checkpoints: "
+                              + ", ".join(str(model_dir / f) for f in folders))
+    raise CheckpointError(f"not a checkpoint directory (no config.json): {model_dir}")
+
+
+def load_any(model_dir: Path, device: str = "auto", backend: str = "auto"):
+    """(model, processor, label): W8A8 through vlmq.runtime, a bf16 snapshot through transformers. An export
+    root loads its first format (`checkpoint_dir`); that choice and any damage to the export's other format are
+    one line each on stderr."""
+    from vlmq.models.load import inspect_snapshot, load_model, load_processor
+    from vlmq.runtime.loader import load_w8a8
+
+    model_dir, note = checkpoint_dir(model_dir)
+    if note:
+        print(f"vlmq: info: {note}", file=sys.stderr)
+    config_file = model_dir / "config.json"
     if json.loads(config_file.read_text()).get("quantization_config"):
         model, processor, info = load_w8a8(model_dir, device, backend=backend)
+        for warning in info.warnings:
+            print(f"vlmq: warning: {warning}", file=sys.stderr)
         return model, processor, f"W8A8 ({info.format}, {info.activations} activations)"
     snapshot = inspect_snapshot(model_dir)
     return load_model(snapshot, device=device), load_processor(model_dir), "bf16"

@@ -3,12 +3,18 @@ transformers model, with `W8A8Linear` in place of the language model's linears.
 
 The format is read from `config.json`'s `quantization_config.quant_method`, never the path.
 A checkpoint whose tensors disagree with its config is refused with a one-line error.
+
+FP8 KV-cache scales (`quant.kv_cache=fp8`: compressed-tensors' `self_attn.{k,v}_scale`, ModelOpt's
+`self_attn.{k,v}_proj.{k,v}_scale`) are checked against the config, then ignored: vlmq's runtime keeps its KV
+cache in the model dtype (`CheckpointInfo.kv_cache` says what the checkpoint asks engines for).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +24,10 @@ from torch import nn
 from vlmq.models.families import Family, UnsupportedModelError, family_for
 from vlmq.runtime.linear import W8A8Linear
 
+log = logging.getLogger(__name__)
 FORMATS = {"modelopt": "modelopt_hf", "compressed-tensors": "compressed_tensors"}
+# KV-cache scales of an attention module, in either format's names
+KV_SCALE = re.compile(r"\.self_attn\.(?:[kv]_proj\.)?[kv]_scale$")
 
 
 class CheckpointError(ValueError):
@@ -34,15 +43,21 @@ class CheckpointInfo:
     activations: str  # static | dynamic
     quantized: list[str]  # in-memory module names of the W8A8 linears
     smoothing_scales: bool  # True when linears carry pre_quant_scale (ModelOpt format)
+    kv_cache: str = "none"  # fp8: the checkpoint carries FP8 KV-cache scales (for engines; the runtime ignores them)
+    warnings: list[str] = field(default_factory=list)  # one line each: another format of the export is damaged
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, read straight onto `device` (a GPU load never holds the model in host RAM)."""
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors in {path}")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as fh:
+        with safe_open(str(file), framework="pt", device=str(device)) as fh:
             for key in fh.keys():
                 tensors[key] = fh.get_tensor(key)
     return tensors
@@ -95,6 +110,7 @@ def inspect_checkpoint(path: Path, tensors: dict[str, torch.Tensor] | None = Non
         for suffix in needs:
             if f"{name}.{suffix}" not in tensors:
                 raise CheckpointError(f"{path}: {name}.{suffix} missing for int8 weight {name}.weight")
+    kv_cache = _kv_cache(path, fmt, qcfg, config, tensors)
     return CheckpointInfo(
         path=path,
         format=fmt,
@@ -103,7 +119,26 @@ def inspect_checkpoint(path: Path, tensors: dict[str, torch.Tensor] | None = Non
         activations=activations,
         quantized=[family.module_name(n) for n in int8],
         smoothing_scales=fmt == "modelopt_hf",
+        kv_cache=kv_cache,
     )
+
+
+def _kv_cache(path: Path, fmt: str, qcfg: dict, config: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """"fp8" when the config asks for an FP8 KV cache (and every decoder layer has its k/v scales), else "none";
+    KV-cache scales without that config are refused."""
+    scales = [k for k in tensors if KV_SCALE.search(k)]
+    scheme = qcfg.get("kv_cache_scheme")   # both formats write it (ModelOpt: {num_bits: 8, type: float})
+    wanted = (isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8) or (
+        fmt == "modelopt_hf" and str(qcfg.get("kv_cache_quant_algo") or "").upper() == "FP8")
+    if not wanted:
+        if scales:
+            raise CheckpointError(f"{path}: KV-cache scale {scales[0]} present but config has no FP8 KV cache")
+        return "none"
+    layers = int(config.get("text_config", config).get("num_hidden_layers", 0))
+    if len(scales) != 2 * layers:
+        raise CheckpointError(f"{path}: config asks for an FP8 KV cache but {len(scales)} k/v scales are stored "
+                              f"for {layers} decoder layers (expected {2 * layers})")
+    return "fp8"
 
 
 def build_w8a8_model(
@@ -123,6 +158,8 @@ def build_w8a8_model(
         model = info.family.model_class().from_config(config, dtype=dtype)
     state: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
+        if KV_SCALE.search(key):   # FP8 KV-cache scales: for engines; this runtime's KV cache is the model dtype
+            continue
         module_key = info.family.module_name(key)
         state[module_key] = value
     for name in info.quantized:
@@ -171,24 +208,30 @@ def load_w8a8(path: Path, device: str = "auto", dtype: torch.dtype = torch.bfloa
     """(model, processor, info) for an exported checkpoint directory.
 
     With `verify` (the default), a checkpoint that has a manifest.json beside or above it is first
-    checked against it (sha256 of every file) and refused on any difference."""
+    checked against it (sha256 of every file) and refused on any difference; damage to the export's other
+    format is logged and listed in `info.warnings` (one line), not refused."""
     from transformers import AutoProcessor
 
     from vlmq.models.load import pick_device
 
     device = torch.device(pick_device(device))  # a device that isn't there fails before any file is read
+    warnings: list[str] = []
     if verify:
-        from vlmq.export.manifest import manifest_problems
+        from vlmq.export.manifest import manifest_problems, sibling_warning
 
         problems = manifest_problems(Path(path))
         if problems:
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             raise CheckpointError(f"{path}: does not match its manifest.json: {problems[0]}{more} "
                                   "(re-export it, or load with verify=False)")
-    tensors = read_state_dict(Path(path))
-    info = inspect_checkpoint(Path(path), tensors)
+        warnings = [w for w in [sibling_warning(Path(path))] if w]
+        for warning in warnings:
+            log.warning("%s", warning)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # Triton launches, streams and graph captures use the current device
+    tensors = read_state_dict(Path(path), device)
+    info = inspect_checkpoint(Path(path), tensors)
+    info.warnings = warnings
     model = build_w8a8_model(info, tensors, dtype, device, backend)
     processor = AutoProcessor.from_pretrained(path)
     return model, processor, info
