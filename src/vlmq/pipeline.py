@@ -156,7 +156,8 @@ def run_quantize(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 exports[fmt]["seconds"] = round(time.perf_counter() - started, 3)
                 advance(1)
         if cfg.export.score and probe is not None:
-            del model   # the fake-quant model is done with; each export is loaded in its place
+            lmq.state = None   # the state and the fake-quant model are done with; each export is loaded in its place
+            del model
             gc.collect()
             with ctx.stage("score_exports"):
                 reused = {id(s) for s in samples} & {id(s) for s in held_out}   # tiny data: KL on calibration samples
