@@ -574,3 +574,18 @@ def test_generate_refuses_tampered_checkpoint_one_line(demo_run, tmp_path, capsy
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("vlmq: error: ")
     assert "sha256 mismatch compressed_tensors/model.safetensors" in err
+
+
+def test_an_interrupt_wrapped_by_a_library_is_still_an_interrupt():
+    """Ctrl-C inside a library import can surface as RuntimeError('Error calling __set_name__ ...') with the
+    KeyboardInterrupt as its cause (pydantic building ModelOpt's configs): the CLI must still say 'interrupted'."""
+    from vlmq.cli import _wrapped_interrupt
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise RuntimeError("Error calling __set_name__ on 'PydanticDescriptorProxy'") from interrupt
+    except RuntimeError as err:
+        assert isinstance(_wrapped_interrupt(err), KeyboardInterrupt)
+    assert _wrapped_interrupt(ValueError("a real bug")) is None

@@ -116,6 +116,18 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def _wrapped_interrupt(err: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C, or SIGTERM as Terminated) that `err` wraps, if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -130,7 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread (embedded use): leave signals alone
         previous = None
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except Exception as err:
+            # A signal that lands inside a library import can come back wrapped (Python re-raises an exception
+            # from a class's __set_name__ as RuntimeError, e.g. while pydantic builds ModelOpt's configs).
+            interrupt = _wrapped_interrupt(err)
+            if interrupt is not None:
+                raise interrupt from err
+            raise
     except KeyboardInterrupt as err:
         where = f"; logs in {Path(args.log_file).parent}" if args.log_file else ""
         what = "terminated" if isinstance(err, Terminated) else "interrupted"
