@@ -70,7 +70,7 @@ def table(rows: dict[str, dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("exports", nargs="*", help="name=checkpoint_dir")
+    parser.add_argument("exports", nargs="*", help="name=checkpoint_dir (split at the last =)")
     parser.add_argument("--snapshot", type=Path, default=None, help="default: the real SmolLM2 snapshot (built)")
     parser.add_argument("--samples", type=int, default=112)
     parser.add_argument("--reference", choices=("fp32", "bf16"), default="fp32")
@@ -81,7 +81,7 @@ def main() -> None:
         from make_real_snapshot import build
 
         args.snapshot = build()
-    exports = dict(item.split("=", 1) for item in args.exports)
+    exports = dict(item.rsplit("=", 1) for item in args.exports)
     rows = score_exports(args.snapshot, {k: Path(v) for k, v in exports.items()}, args.samples, args.reference,
                          args.backend)
     print(table(rows))
