@@ -114,7 +114,7 @@ def round_to_int8(work: Work) -> Work:
     from vlmq.quantize.fold import collect_act_amax
     from vlmq.quantize.state import build_state, kv_cache_scales
 
-    if work.alphas is None:   # a recipe without `smooth`: unsmoothed factors would be alpha 0
+    if work.alphas is None:   # a recipe without `smooth`: quant.alpha for every linear
         work = smooth(work)
     work.state = build_state(work.model, work.family, collect_act_amax(work.model, work.names), work.names,
                              work.alphas, getattr(work.export, "activations", "dynamic"),
