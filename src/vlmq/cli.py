@@ -112,8 +112,19 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler or `kill`), unwound like Ctrl-C so exports clean up their staging."""
 
 
+# The last signal received, so an exception that a library made out of the KeyboardInterrupt (pydantic-core
+# building a schema turns it into SchemaError) is still reported as the interrupt it was.
+_SIGNALLED: list[type[KeyboardInterrupt]] = []
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
+    _SIGNALLED.append(Terminated)
     raise Terminated
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    _SIGNALLED.append(KeyboardInterrupt)
+    raise KeyboardInterrupt
 
 
 def _wrapped_interrupt(err: BaseException) -> KeyboardInterrupt | None:
@@ -137,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = list(getattr(args, "overrides", [])) + extra
     args.log_file = None
+    _SIGNALLED.clear()
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous_int = signal.signal(signal.SIGINT, _raise_interrupted) \
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler else None
     except ValueError:  # not the main thread (embedded use): leave signals alone
-        previous = None
+        previous = previous_int = None
     try:
         try:
             return args.func(args)
@@ -148,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             # A signal that lands inside a library import can come back wrapped (Python re-raises an exception
             # from a class's __set_name__ as RuntimeError, e.g. while pydantic builds ModelOpt's configs).
             interrupt = _wrapped_interrupt(err)
+            if interrupt is None and _SIGNALLED:
+                interrupt = _SIGNALLED[-1]()
             if interrupt is not None:
                 raise interrupt from err
             raise
@@ -173,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def entry() -> None:
