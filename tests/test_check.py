@@ -1,5 +1,5 @@
 """`vlmq check` on the tiny demo model: metrics on constructed cases (real logits, no mocks), held-out
-selection, results.json against its schema, exit codes from the gates, lmms-eval hand-off up to the data."""
+selection, results.json against its schema, exit codes from the gates (the harness runs: tests/test_harness.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import torch
 
 from conftest import REPO_ROOT, CliResult, describe, run_cli
 from vlmq.calib import demo_coco_root, load_coco_captions
-from vlmq.evaluate import lmms
 from vlmq.evaluate.check import Case, apply_gates, score_case, select_heldout
 from vlmq.evaluate.layers import LayerProbe
 from vlmq.evaluate.metrics import column_factors
@@ -257,26 +256,6 @@ def test_missing_export_is_one_line_user_error(tmp_path: Path, monkeypatch: pyte
     assert rc == 2, err
     assert err.strip().splitlines() == [f"vlmq: error: no W8A8 checkpoint in {tmp_path / 'none'}: run `vlmq quantize` "
                                         "first (or pass --model-dir)"]
-
-
-# ---------------------------------------------------------------- lmms-eval hand-off
-
-def test_lmms_handoff_commands_and_refusals(check_export: Path, tmp_path: Path, capsys):
-    cmds = lmms.build_commands(["mmmu_val", "docvqa_val"], Path("/snap"), Path("/w8a8"), tmp_path, "cuda", 5)
-    assert cmds["bf16"][1:] == ["-m", "vlmq.evaluate.lmms", "--pretrained", "/snap", "--tasks", "mmmu_val,docvqa_val",
-                                "--device", "cuda", "--out", str(tmp_path / "bf16.json"), "--limit", "5"]
-    assert cmds["w8a8"][cmds["w8a8"].index("--w8a8") + 1] == "/w8a8" and "--w8a8" not in cmds["bf16"]
-    assert lmms.task_scores({"results": {"mmmu_val": {"alias": "mmmu_val", "mmmu_acc,none": 0.5,
-                                                      "mmmu_acc_stderr,none": 0.1}}}) == {
-        "mmmu_val": {"mmmu_acc,none": 0.5}}
-    with pytest.raises(lmms.LmmsError, match="real snapshot"):
-        lmms.check_handoff(demo=True, available=True)
-    with pytest.raises(lmms.LmmsError, match="pip install lmms-eval"):
-        lmms.check_handoff(demo=False, available=False)
-    lmms.check_handoff(demo=False, available=True)
-    rc, _, err = run_inprocess(["check", "--model-dir", str(check_export / "modelopt_hf"), "--lmms-tasks", "mmmu_val",
-                                *_overrides(tmp_path, "lmms")], capsys)
-    assert rc == 2 and len(err.strip().splitlines()) == 1 and "real snapshot" in err, err
 
 
 def test_range_summary_of_a_parameter_warns_nothing():

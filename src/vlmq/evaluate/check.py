@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 EXIT_GATE_FAILED = 1
 # flag -> (metric in results["metrics"], comparison that passes)
 GATES = {"max_kl": ("kl_mean", "<="), "min_top1": ("top1", ">="), "max_nll_delta": ("nll_delta", "<="),
-         "min_sqnr": ("sqnr_db_min", ">=")}
+         "min_sqnr": ("sqnr_db_min", ">="), "min_recovery": ("recovery_min", ">="),
+         "harness_runs": ("harness_failed_runs", "<=")}
 
 
 class CheckError(ConfigError):
@@ -252,7 +253,7 @@ def apply_gates(metrics: dict[str, Any], thresholds: dict[str, float | None]) ->
 
 def run_check(cfg: Config, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from vlmq.console import library_chatter_to_log
-    from vlmq.evaluate import lmms
+    from vlmq.evaluate import harness
     from vlmq.export.manifest import package_versions
     from vlmq.models.families import quantized_linear_names
     from vlmq.runtime.generate import load_any
@@ -262,9 +263,7 @@ def run_check(cfg: Config, run_dir: Path, args: argparse.Namespace) -> dict[str,
     timings: dict[str, float] = {}
     started = time.perf_counter()
     models = resolve_models(cfg, run_dir, args.model_dir, args.baseline)
-    tasks = [t for t in (args.lmms_tasks or "").split(",") if t]
-    if tasks:
-        lmms.check_handoff(models.demo)
+    harness_runs = harness.prepare({"lm_eval": args.lm_eval_tasks, "lmms_eval": args.lmms_tasks}, models.w8a8)
     problems, summary, warnings = verify_export(models.w8a8)
     if problems:
         raise CheckRejected(f"{models.w8a8} failed `vlmq verify`: {problems[0]}")
@@ -307,13 +306,16 @@ def run_check(cfg: Config, run_dir: Path, args: argparse.Namespace) -> dict[str,
     del ref, test, probe
 
     thresholds = {"max_kl": args.max_kl, "min_top1": args.min_top1, "max_nll_delta": args.max_nll_delta,
-                  "min_sqnr": args.min_sqnr}
-    lmms_result = None
-    if tasks:
-        t = time.perf_counter()
-        lmms_result = lmms.run_handoff(tasks, models.baseline, models.w8a8, run_dir / "lmms_eval", cfg.device,
-                                       args.lmms_limit)
-        timings["lmms_eval"] = round(time.perf_counter() - t, 3)
+                  "min_sqnr": args.min_sqnr, "min_recovery": args.min_recovery}
+    t = time.perf_counter()
+    evals = harness.run_all(harness_runs, models.baseline, models.w8a8, run_dir, cfg.device,
+                            {"lm_eval": args.lm_eval_limit, "lmms_eval": args.lmms_limit})
+    if harness_runs:   # a requested harness run that failed fails the check, like a gate
+        timings["harnesses"] = round(time.perf_counter() - t, 3)
+        done = [r for r in evals.values() if r]
+        metrics["recovery_min"] = harness.recovery_min(done)
+        metrics["harness_failed_runs"] = sum(len(r["errors"]) for r in done)
+        thresholds["harness_runs"] = 0
     gates, verdict = apply_gates(metrics, thresholds)
     return {
         "schema_version": 1, "tool": "vlmq check", "label": args.label or run_dir.name,
@@ -324,7 +326,8 @@ def run_check(cfg: Config, run_dir: Path, args: argparse.Namespace) -> dict[str,
                   "quantized_linears": len(info.quantized), "verify": summary},
         "versions": package_versions(), "config": cfg.to_dict(), "heldout": held_info,
         "samples": samples, "metrics": metrics, "layers": layers, "gates": gates, "verdict": verdict,
-        "lmms_eval": lmms_result, "manifest": {k: v for k, v in models.manifest.items() if k != "files"},
+        "lm_eval": evals["lm_eval"], "lmms_eval": evals["lmms_eval"],
+        "manifest": {k: v for k, v in models.manifest.items() if k != "files"},
         "timings_s": timings, "run_dir": str(run_dir),
     }
 
@@ -344,8 +347,12 @@ def check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-top1", type=float, help="gate: top-1 agreement must be >= Y")
     p.add_argument("--max-nll-delta", type=float, help="gate: held-out caption NLL delta (W8A8 - bf16) <= Z")
     p.add_argument("--min-sqnr", type=float, help="gate: the worst layer's output SQNR in dB must be >= S")
-    p.add_argument("--lmms-tasks", help="hand both checkpoints to lmms-eval, e.g. mmmu_val,docvqa_val")
+    p.add_argument("--lm-eval-tasks", help="run lm-eval on both checkpoints (vLLM), e.g. vlmq_text_mc,vlmq_text_ppl")
+    p.add_argument("--lm-eval-limit", type=int, help="lm-eval --limit (examples per task)")
+    p.add_argument("--lmms-tasks", help="run lmms-eval on both checkpoints (vLLM), e.g. vlmq_demo_caption,mmmu_val")
     p.add_argument("--lmms-limit", type=int, help="lmms-eval --limit (examples per task)")
+    p.add_argument("--min-recovery", type=float,
+                   help="gate: every harness task's first metric, W8A8/bf16 (bf16/W8A8 if lower is better), >= X")
     p.add_argument("--backend", default="auto", choices=backend_choices(), help="W8A8 GEMM backend")
 
 
@@ -354,10 +361,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     from vlmq.console import console, make_run_dir, setup_logging
     from vlmq.evaluate.report import check_summary, write_outputs
 
-    for flag in ("max_kl", "min_top1", "max_nll_delta"):
+    for flag in ("max_kl", "min_top1", "max_nll_delta", "min_recovery"):
         value = getattr(args, flag)
         if value is not None and (value != value or value < 0):
             raise CheckError(f"--{flag.replace('_', '-')} must be a number >= 0, got {value}")
+    for flag in ("lm_eval_limit", "lmms_limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CheckError(f"--{flag.replace('_', '-')} must be an integer >= 1, got {value}")
+    if args.min_recovery is not None and not (args.lm_eval_tasks or args.lmms_tasks):
+        raise CheckError("--min-recovery gates harness scores: add --lm-eval-tasks and/or --lmms-tasks")
     cfg = load_config(list(args.overrides))
     run_dir = make_run_dir(cfg.log_root, cfg.run_name)
     args.log_file = setup_logging(run_dir, "check.log")
@@ -372,5 +385,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for g in failed:
         print(f"vlmq: check: gate {g['name']} failed: {g['metric']}={g['value']} (needs {g['op']} {g['threshold']})",
               file=sys.stderr)
+    for run in (r for r in (results["lm_eval"], results["lmms_eval"]) if r):
+        for label, error in run["errors"].items():
+            print(f"vlmq: check: {run['harness']} run on {label} failed: {error}", file=sys.stderr)
     print(f"{results['verdict'].upper()} {paths['report']}")
     return EXIT_GATE_FAILED if failed else 0

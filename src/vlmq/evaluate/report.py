@@ -135,6 +135,7 @@ METRIC_ROWS = [
     ("ppl_baseline", "caption perplexity bf16"), ("ppl_w8a8", "caption perplexity W8A8"),
     ("ppl_delta", "perplexity delta"), ("sqnr_db_mean", "layer SQNR mean, dB"), ("sqnr_db_min", "layer SQNR min, dB"),
     ("tokens", "scored tokens"), ("samples", "samples"),
+    ("recovery_min", "harness recovery, worst task (W8A8/bf16)"),
 ]
 
 CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1300px}
@@ -192,12 +193,27 @@ def _layers_table(layers: list[dict[str, Any]]) -> str:
                              "max/median after"], rows)
 
 
-def _lmms_section(lmms: dict[str, Any] | None) -> str:
-    if not lmms:
-        return "<p>not requested (<code>--lmms-tasks</code>)</p>"
-    rows = [[html.escape(label), html.escape(json.dumps(scores, indent=1))] for label, scores in lmms["scores"].items()]
-    cmds = "".join(f"<pre>{html.escape(' '.join(c))}</pre>" for c in lmms["commands"].values())
-    return _table("lmms", ["model", "scores"], rows) + cmds
+def _harness_section(run: dict[str, Any] | None, flag: str) -> str:
+    """Scores of both models, recovery per metric (the gated first metric in bold), the exact commands."""
+    if not run:
+        return f"<p>not requested (<code>{flag}</code>)</p>"
+    rows = []
+    for task in sorted(set(run["scores"].get("bf16", {})) | set(run["scores"].get("w8a8", {}))):
+        base, test = run["scores"].get("bf16", {}).get(task, {}), run["scores"].get("w8a8", {}).get(task, {})
+        for metric in dict.fromkeys([*base, *test]):
+            rec = _fmt(run["recovery"].get(task, {}).get(metric))
+            gated = run["primary"].get(task) == metric
+            rows.append([html.escape(task), html.escape(metric), _fmt(base.get(metric)), _fmt(test.get(metric)),
+                         f"<b>{rec}</b>" if gated else rec])
+    errors = "".join(f'<p class="note">{html.escape(label)}: {html.escape(err)}</p>'
+                     for label, err in run["errors"].items())
+    head = (f"<p>{html.escape(run['harness'])} {html.escape(run['version'])}, model adapter "
+            f"<code>{html.escape(run['adapter'])}</code>, limit {_fmt(run['limit'])}; run in "
+            f"<code>{html.escape(run['cwd'])}</code>. Recovery = W8A8 / bf16 (bf16 / W8A8 where lower is better); "
+            "bold: the task's first metric, the one <code>--min-recovery</code> gates.</p>")
+    cmds = "".join(f"<pre>{html.escape(' '.join(c))}</pre>" for c in run["commands"].values())
+    table = _table(run["harness"].replace("-", "_"), ["task", "metric", "bf16", "W8A8", "recovery"], rows)
+    return head + errors + table + cmds
 
 
 def render_html(results: dict[str, Any], plots: dict[str, Path]) -> str:
@@ -244,7 +260,8 @@ script-src 'unsafe-inline'">
 <h2>Layers: output SQNR and activation ranges before/after smoothing</h2>
 <p>Smoothing factors: {html.escape(r["layers"][0]["factor_source"]) if r["layers"] else "n/a"}.</p>
 {_layers_table(r["layers"])}
-<h2>lmms-eval</h2>{_lmms_section(r["lmms_eval"])}
+<h2>lm-eval (text tasks)</h2>{_harness_section(r.get("lm_eval"), "--lm-eval-tasks")}
+<h2>lmms-eval (image tasks)</h2>{_harness_section(r["lmms_eval"], "--lmms-tasks")}
 <h2>Versions</h2>{versions}
 <h2>Export manifest</h2><details><summary>manifest.json</summary><pre id="manifest">{manifest}</pre></details>
 {SCRIPT}
@@ -276,6 +293,11 @@ def check_summary(results: dict[str, Any]):
     table.add_column("value", overflow="fold")
     for key, desc in METRIC_ROWS[:10] + METRIC_ROWS[12:14]:
         table.add_row(desc, _fmt(m.get(key)))
+    for run in (r for r in (results.get("lm_eval"), results["lmms_eval"]) if r):
+        for task, metric in run["primary"].items():
+            scores = [run["scores"].get(k, {}).get(task, {}).get(metric) for k in ("bf16", "w8a8")]
+            table.add_row(f"{run['harness']} {task} {metric} bf16 / W8A8",
+                          f"{_fmt(scores[0])} / {_fmt(scores[1])}, recovery {_fmt(run['recovery'][task][metric])}")
     for g in results["gates"]:
         table.add_row(f"gate {g['name']} {g['op']} {g['threshold']}", "pass" if g["passed"] else "FAIL")
     table.add_row("verdict", results["verdict"])
