@@ -1,7 +1,7 @@
 """Compose the Hydra config tree under conf/ and validate it into a typed schema.
 
 Hydra does the composition and override parsing; OmegaConf's structured configs reject unknown
-keys and wrong types; `_check_values` rejects values the types allow but vlmq does not.
+keys and wrong types; `check_values` rejects values the types allow but vlmq does not.
 Every failure is raised as `ConfigError` with a one-line message.
 """
 
@@ -199,7 +199,8 @@ def _check_override_keys(overrides: list[str]) -> None:
             raise ConfigError(f"{key} takes a list: {key}=[{value}]")
 
 
-def _check_values(cfg: Config) -> None:
+def check_values(cfg: Config) -> None:
+    """Values the types allow but vlmq does not: the first is a one-line `ConfigError`."""
     checks = [
         (0.0 <= cfg.quant.alpha <= 1.0, f"quant.alpha must be in [0, 1], got {cfg.quant.alpha}"),
         (bool(cfg.quant.alpha_grid) and all(0.0 <= a <= 1.0 for a in cfg.quant.alpha_grid),
@@ -269,7 +270,7 @@ def load_config(overrides: list[str] | None = None) -> Config:
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
     cfg.overrides = overrides
-    _check_values(cfg)
+    check_values(cfg)
     return cfg
 
 

@@ -89,7 +89,7 @@ def clean_stale_staging(target: Path) -> list[Path]:
 
 def check_target(target: Path, force: bool) -> None:
     if target.exists() and not force:
-        raise ExportError(f"export already exists: {target} (pass --force to replace it)")
+        raise ExportError(f"export already exists: {target} (pass --force, or force=True in Python, to replace it)")
     if target.exists() and not target.is_dir():
         raise ExportError(f"export path exists and is not a directory: {target}")
     # --force replaces a previous export, never an arbitrary directory (a snapshot, the repo, ...)
