@@ -197,28 +197,55 @@ def recoveries(scores: dict[str, dict], hib: dict[str, dict], tasks: list[str]) 
     return rec, primary
 
 
-def run_model(cmd: list[str], cwd: Path, env: dict[str, str], log_file: Path) -> int:
-    with log_file.open("w") as fh:
+def core_binds(device: str, env: dict[str, str]) -> list[str] | None:
+    """On a CPU with 2+ cores (and no bind set by the user), the two runs go side by side, each vLLM engine
+    bound to its half of the cores (vLLM's own 'auto' would put both on core 0); else None: one after the other."""
+    n = os.cpu_count() or 1
+    if device != "cpu" or n < 2 or "VLLM_CPU_OMP_THREADS_BIND" in env:
+        return None
+    half = n // 2
+    return [f"0-{half - 1}" if half > 1 else "0", f"{half}-{n - 1}" if n - half > 1 else str(half)]
+
+
+def run_models(jobs: list[tuple[list[str], Path, dict[str, str], Path]], parallel: bool) -> list[int]:
+    """Each (command, cwd, env, log file) as a subprocess; side by side when `parallel`; exit codes (124: timeout)."""
+    def start(cmd, cwd, env, log_file):
+        with log_file.open("w") as fh:
+            return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+
+    def finish(proc: subprocess.Popen) -> int:
         try:
-            return subprocess.run(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT_S).returncode
+            return proc.wait(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
             return 124
+
+    if parallel:
+        procs = [start(*job) for job in jobs]
+        return [finish(p) for p in procs]
+    return [finish(start(*job)) for job in jobs]
 
 
 def run_harness(h: Harness, tasks: list[str], info: dict[str, str], baseline: Path, w8a8: Path, out_dir: Path,
                 device: str, limit: int | None = None) -> dict[str, Any]:
-    """Both models through the harness, one after the other; a failing run records its error."""
+    """Both models through the harness (side by side on a CPU, see core_binds); a failing run records its error."""
     device = "cpu" if device in ("auto", "cpu") and not _cuda() else "cuda"
     offline = all(t in local_tasks(h) for t in tasks)
     env = run_env(device, offline)
-    commands, scores, samples, hib, errors = {}, {}, {}, {}, {}
-    for label, model_dir in (("bf16", baseline), ("w8a8", w8a8)):
-        run_dir = out_dir / label
-        run_dir.mkdir(parents=True, exist_ok=True)
-        commands[label] = build_command(h, info["python"], tasks, model_dir, run_dir, device, limit)
-        rc = run_model(commands[label], h.tasks_dir, env, out_dir / f"{label}.log")
-        raw = read_results(run_dir) if rc == 0 else None
+    binds = core_binds(device, env)
+    models = {"bf16": baseline, "w8a8": w8a8}
+    commands = {k: build_command(h, info["python"], tasks, m, out_dir / k, device, limit) for k, m in models.items()}
+    jobs = []
+    for i, label in enumerate(models):
+        (out_dir / label).mkdir(parents=True, exist_ok=True)
+        job_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": binds[i]} if binds else env
+        jobs.append((commands[label], h.tasks_dir, job_env, out_dir / f"{label}.log"))
+    codes = dict(zip(models, run_models(jobs, parallel=binds is not None), strict=True))
+    scores, samples, hib, errors = {}, {}, {}, {}
+    for label, rc in codes.items():
+        raw = read_results(out_dir / label) if rc == 0 else None
         if raw is None:
             errors[label] = f"{h.label} exited with {rc}; see {out_dir / f'{label}.log'}"
             continue
@@ -227,8 +254,9 @@ def run_harness(h: Harness, tasks: list[str], info: dict[str, str], baseline: Pa
         hib.update(raw.get("higher_is_better") or {})
     rec, primary = recoveries(scores, hib, tasks)
     return {"harness": h.label, "version": info["version"], "adapter": "vllm", "tasks": tasks, "limit": limit,
-            "offline": offline, "cwd": str(h.tasks_dir), "commands": commands, "scores": scores,
-            "samples": samples, "higher_is_better": hib, "recovery": rec, "primary": primary, "errors": errors}
+            "offline": offline, "side_by_side": binds is not None, "cwd": str(h.tasks_dir), "commands": commands,
+            "scores": scores, "samples": samples, "higher_is_better": hib, "recovery": rec, "primary": primary,
+            "errors": errors}
 
 
 def prepare(specs: dict[str, str | None], model_dir: Path) -> list[tuple[Harness, list[str], dict[str, str]]]:
@@ -237,12 +265,12 @@ def prepare(specs: dict[str, str | None], model_dir: Path) -> list[tuple[Harness
     wanted = [(HARNESSES[name], spec) for name, spec in specs.items() if spec is not None]
     if not wanted:
         return []
+    check_loadable(model_dir, wanted[0][0].flag)
     python = harness_python()
     out = []
     for h, spec in wanted:
         info = harness_info(h, python)
         out.append((h, resolve_tasks(h, spec, info), info))
-    check_loadable(model_dir, wanted[0][0].flag)
     return out
 
 
