@@ -52,6 +52,25 @@ class InferConfig:
 
 
 @dataclass
+class RotateConfig:
+    """The `rotate` step (vlmq.quantize.rotate): orthogonal rotations that leave the bf16 model unchanged."""
+
+    residual: bool = True      # R1: the residual stream, folded into the weights (unties a tied lm_head)
+    values: bool = False       # R2: per-head rotation of the attention values, folded
+    mlp_input_block: int = 128  # R4: online block Hadamard on down_proj's input (power of 2; 0 = off)
+    seed: int = 0
+
+
+@dataclass
+class GptqConfig:
+    """The `gptq` step (vlmq.quantize.gptq): int8 weights rounded against calibration Hessians."""
+
+    damp: float = 0.01
+    block: int = 128
+    act_order: bool = True
+
+
+@dataclass
 class QuantConfig:
     name: str = "w8a8_int8_sq"
     alpha: float = 0.5
@@ -65,7 +84,9 @@ class QuantConfig:
     # KL vs bf16 (on kl_samples held-out samples) is <= max_kl. null = off.
     max_kl: float | None = None
     kl_samples: int = 8
-    steps: list[str] = field(default_factory=lambda: ["calibrate", "smooth", "round"])  # vlmq.quantize.steps
+    steps: list[str] = field(default_factory=lambda: ["rotate", "calibrate", "smooth", "gptq", "round"])
+    rotate: RotateConfig = field(default_factory=RotateConfig)
+    gptq: GptqConfig = field(default_factory=GptqConfig)
 
 
 @dataclass
@@ -199,6 +220,11 @@ def _check_override_keys(overrides: list[str]) -> None:
             raise ConfigError(f"{key} takes a list: {key}=[{value}]")
 
 
+def online_hadamard(cfg: Config) -> bool:
+    """Does the recipe put an online Hadamard on down_proj's input (R4 of the rotate step)?"""
+    return "rotate" in cfg.quant.steps and cfg.quant.rotate.mlp_input_block > 0
+
+
 def check_values(cfg: Config) -> None:
     """Values the types allow but vlmq does not: the first is a one-line `ConfigError`."""
     checks = [
@@ -235,6 +261,14 @@ def check_values(cfg: Config) -> None:
          f"export.activations must be static or dynamic, got {cfg.export.activations!r}"),
         (cfg.demo in ("auto", "on", "off"), f"demo must be auto, on or off, got {cfg.demo!r}"),
         (cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}"),
+        (cfg.quant.rotate.mlp_input_block >= 0 and not cfg.quant.rotate.mlp_input_block & (
+            cfg.quant.rotate.mlp_input_block - 1), "quant.rotate.mlp_input_block must be 0 (off) or a power of two, "
+         f"got {cfg.quant.rotate.mlp_input_block}"),
+        (not (online_hadamard(cfg) and "modelopt_hf" in cfg.export.formats),
+         "export.formats: modelopt_hf cannot carry the online Hadamard on down_proj's input "
+         "(quant.rotate.mlp_input_block): export compressed_tensors only, or set quant.rotate.mlp_input_block=0"),
+        (0.0 <= cfg.quant.gptq.damp < 1.0, f"quant.gptq.damp must be in [0, 1), got {cfg.quant.gptq.damp}"),
+        (cfg.quant.gptq.block >= 1, f"quant.gptq.block must be >= 1, got {cfg.quant.gptq.block}"),
         (cfg.arch.dtype in ("bfloat16", "float16", "float32"),
          f"arch.dtype must be bfloat16, float16 or float32, got {cfg.arch.dtype!r}"),
     ]

@@ -7,6 +7,9 @@ Rounding rule (decided once): symmetric int8, round half to even, clamp to [-128
 - Weights divide by their per-output-channel scale ``amax / 127`` (the exports' bytes).
 - Scales are floored at MIN_SCALE, so an all-zero row or channel stays finite and quantizes to 0.
 
+Hadamard (the online input rotation, R4): x @ H along the last dim with H block-diagonal of normalized
+Sylvester blocks (symmetric and orthogonal), computed in fp32, as vLLM's `hadamard` transform does.
+
 SmoothQuant (ModelOpt's convention): per input channel j, ``s_j = amax_w_j^(1-a) / amax_x_j^a``; the
 linear reads ``x * s`` and holds ``W / s``. Linears that read one input share the mean of their
 factors; o_proj's factor is shared per (kv-head, head dim) so it can fold into v_proj's rows (GQA).
@@ -14,6 +17,7 @@ factors; o_proj's factor is shared per (kv-head, head dim) so it can fold into v
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -104,3 +108,30 @@ def gqa_shared_factor(act_amax: Tensor, o_weight: Tensor, alpha: float, heads: i
     w_g = column_amax([o_weight]).to(x_g.device).view(kv_heads, group, head_dim).amax(dim=1)
     s_kv = smoothing_factor(x_g, w_g, alpha)
     return s_kv.reshape(-1), s_kv[:, None, :].expand(kv_heads, group, head_dim).reshape(-1)
+
+
+# ----------------------------------------------------------------------------- Hadamard
+
+class HadamardSizeError(ValueError):
+    pass
+
+
+def sylvester_hadamard(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The n x n Sylvester Hadamard matrix scaled by 1/sqrt(n): symmetric and orthogonal (n a power of 2)."""
+    if n < 1 or n & (n - 1):
+        raise HadamardSizeError(f"a Sylvester Hadamard needs a power-of-two size, not {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).to(dtype)
+
+
+def block_hadamard(x: Tensor, block: int) -> Tensor:
+    """x @ H along the last dim, H block-diagonal with `block` x `block` normalized Sylvester blocks; computed
+    in fp32 (or x's dtype if wider) and returned in x's dtype."""
+    n = x.shape[-1]
+    if n % block:
+        raise HadamardSizeError(f"Hadamard block {block} does not divide the size {n}")
+    work = torch.promote_types(x.dtype, torch.float32)
+    h = sylvester_hadamard(block, work).to(x.device)
+    return (x.to(work).reshape(*x.shape[:-1], n // block, block) @ h).reshape(x.shape).to(x.dtype)

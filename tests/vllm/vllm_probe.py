@@ -123,12 +123,44 @@ def _chosen(entry: dict[int, Any] | None, token_id: int) -> float | None:
     return float(entry[token_id].logprob)
 
 
+def provide_hadacore_on_cpu() -> str:
+    """vLLM runs a compressed-tensors `hadamard` input transform with `ops.hadacore_transform`, a CUDA kernel
+    that the CPU build lacks (AttributeError at the first forward). Where it is missing, this sets a plain torch
+    equivalent: x @ (H_d / sqrt(d)) along the last dim, H_d Sylvester, which is what the kernel computes (vLLM
+    reshapes to the scheme's head_dim blocks before calling it). Everything else stays vLLM's own: the
+    transform's placement, its weights' layout and the int8 GEMMs. Returns what was done, for the report.
+    Must run in the engine's process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    import torch
+
+    import vllm._custom_ops as ops
+
+    if hasattr(torch.ops._C, "hadacore_transform"):
+        return "vllm kernel"
+
+    def hadacore_transform(x: torch.Tensor, inplace: bool = True) -> torch.Tensor:
+        d = x.shape[-1]
+        if d & (d - 1):
+            raise ValueError(f"hadacore_transform needs a power-of-two size, got {d}")
+        y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(-1, d)
+        h = 1
+        while h < d:   # butterfly: pairs (a, b) at distance h -> (a + b, a - b)
+            y = y.view(-1, d // (2 * h), 2, h)
+            y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
+            h *= 2
+        y = (y.reshape(x.shape) * d ** -0.5).to(x.dtype)
+        return x.copy_(y) if inplace else y
+
+    ops.hadacore_transform = hadacore_transform
+    return "torch fallback (the CPU build has no hadacore_transform kernel)"
+
+
 def run(model: str, requests: list[dict[str, Any]], log_file: Path) -> dict[str, Any]:
     import torch
 
     import vllm
     from vllm import LLM, SamplingParams
 
+    hadacore = provide_hadacore_on_cpu()
     t0 = time.perf_counter()
     llm = LLM(
         model=model, dtype="bfloat16", max_model_len=1024, enforce_eager=True, limit_mm_per_prompt={"image": 1}, seed=0
@@ -174,6 +206,7 @@ def run(model: str, requests: list[dict[str, Any]], log_file: Path) -> dict[str,
         "engine_start_s": round(engine_start_s, 2),
         "generate_s": round(generate_s, 2),
         "quantization": config.quantization,
+        "hadacore": hadacore,
         "dtype": str(config.dtype).removeprefix("torch."),
         "linear_methods": methods,
         "log_lines": [ln for ln in log_lines if _KEY_LOG.search(ln)],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -134,6 +135,26 @@ def quantization_config(state: QuantizedModel):
                               quantization_status="compressed", format="int-quantized")
 
 
+def transform_config(state: QuantizedModel):
+    """compressed-tensors' TransformConfig for the online input Hadamards (R4), or None: one `hadamard` scheme
+    (vLLM runs it with its hadacore kernel, blocks of `head_dim`) on the input of every linear of that kind in
+    the decoder layers, matched by a regex that holds under both transformers' and vLLM's module names."""
+    hadamards = state.rotations.get("input_hadamards") or {}
+    if not hadamards:
+        return None
+    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+
+    blocks = set(hadamards.values())
+    if len(blocks) != 1:
+        raise ValueError(f"input Hadamards of different block sizes {sorted(blocks)} need one scheme each")
+    layers = state.family.layers.rsplit(".", 1)[-1]
+    relative = sorted({n.split(f"{state.family.layers}.", 1)[1].split(".", 1)[1] for n in hadamards})
+    targets = [rf"re:.*\.{layers}\.\d+\.{re.escape(rel)}$" for rel in relative]
+    scheme = TransformScheme(type="hadamard", head_dim=blocks.pop(), randomize=False,
+                             apply=[TransformArgs(targets=targets, location="input")])
+    return TransformConfig(config_groups={"R4": scheme})
+
+
 def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, max_bytes: int = MAX_SHARD_BYTES
                  ) -> list[str]:
     """Safetensors shards (transformers' names and index), one shard in CPU memory at a time."""
@@ -192,7 +213,8 @@ def write_compressed_tensors(state: QuantizedModel, processor, out_dir: Path,
     config = copy.deepcopy(state.model.config)
     config.architectures = list(config.architectures or [type(state.model).__name__])
     config.save_pretrained(out_dir)
-    ModelCompressor(quantization_config=quantization_config(state)).update_config(str(out_dir))
+    ModelCompressor(quantization_config=quantization_config(state),
+                    transform_config=transform_config(state)).update_config(str(out_dir))
     copy_processor_files(processor, getattr(state.model, "generation_config", None), out_dir)
     return files
 

@@ -31,6 +31,30 @@ class Family:
     ckpt_language_model: str = "model"
     ckpt_vision: str = "visual"
     auto_class: str = "AutoModelForImageTextToText"   # the transformers Auto class that loads it
+    # The residual stream, for rotations (vlmq.quantize.rotate): where it starts (embedding, and the vision
+    # linears whose output replaces image-token embeddings), the layer linears that write into it, and its end.
+    embed: str = ""
+    final_norm: str = ""
+    lm_head: str = "lm_head"
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    vision_out: tuple[str, ...] = ()
+
+    @property
+    def norm_groups(self) -> tuple[SmoothGroup, ...]:
+        """The RMSNorms inside a decoder layer and the linears that read them."""
+        return tuple(g for g in self.smooth_groups if g.kind == "norm")
+
+    @property
+    def value_pair(self) -> tuple[str, str] | None:
+        """(v_proj, o_proj): the producer and consumer of the per-head attention values."""
+        group = next((g for g in self.smooth_groups if g.kind == "attn_v"), None)
+        return (group.producer, group.consumers[0]) if group else None
+
+    @property
+    def mlp_pair(self) -> tuple[str, str] | None:
+        """(up_proj, down_proj): the MLP's last linear and the one whose rows scale its input."""
+        group = next((g for g in self.smooth_groups if g.kind == "linear_rows"), None)
+        return (group.producer, group.consumers[0]) if group else None
 
     def checkpoint_name(self, name: str) -> str:
         """In-memory module path -> the path `save_pretrained` writes (transformers' legacy layout)."""
@@ -85,7 +109,8 @@ for _name, _arch in (("qwen2_vl", "Qwen2VLForConditionalGeneration"),
         name=_name, model_types=(_name,), architectures=(_arch,), language_model="model.language_model",
         layers="model.language_model.layers", vision=("model.visual",),
         keep_bf16=("model.language_model.embed_tokens", "lm_head"), linears=QWEN_LINEARS,
-        smooth_groups=QWEN_SMOOTH_GROUPS,
+        smooth_groups=QWEN_SMOOTH_GROUPS, embed="model.language_model.embed_tokens",
+        final_norm="model.language_model.norm", vision_out=("model.visual.merger.mlp.2",),
     ))
 
 # Qwen3-VL saves its checkpoints under the in-memory names (no legacy key layout).
@@ -94,6 +119,8 @@ register(Family(
     language_model="model.language_model", layers="model.language_model.layers", vision=("model.visual",),
     keep_bf16=("model.language_model.embed_tokens", "lm_head"), linears=QWEN_LINEARS,
     smooth_groups=QWEN_SMOOTH_GROUPS, ckpt_language_model="model.language_model", ckpt_vision="model.visual",
+    embed="model.language_model.embed_tokens", final_norm="model.language_model.norm",
+    vision_out=(),   # its merger and deepstack mergers: not mapped yet, so rotations refuse Qwen3-VL
 ))
 
 # Text-only causal LMs: the decoder is `model`, there is no vision tower.
@@ -106,7 +133,7 @@ for _name, _types, _archs in (
         name=_name, model_types=_types, architectures=_archs, language_model="model", layers="model.layers",
         vision=(), keep_bf16=("model.embed_tokens", "lm_head"), linears=QWEN_LINEARS,
         smooth_groups=QWEN_SMOOTH_GROUPS, ckpt_language_model="model", ckpt_vision="",
-        auto_class="AutoModelForCausalLM",
+        auto_class="AutoModelForCausalLM", embed="model.embed_tokens", final_norm="model.norm",
     ))
 
 

@@ -13,7 +13,7 @@ smoothed per-tensor input amax is exactly max_j(amax_x_j * s_j).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +64,8 @@ def _scaled(t: torch.Tensor, s: torch.Tensor, dim: int) -> torch.Tensor:
 
 @torch.no_grad()
 def fold_layer(params: Mapping[str, torch.Tensor], family: Family, act_amax: Mapping[str, torch.Tensor],
-               alpha: float | Mapping[str, float], heads: int, kv_heads: int, smooth_o_proj: bool = True
-               ) -> tuple[dict[str, torch.Tensor], FoldResult]:
+               alpha: float | Mapping[str, float], heads: int, kv_heads: int, smooth_o_proj: bool = True,
+               unsmoothed: Collection[str] = ()) -> tuple[dict[str, torch.Tensor], FoldResult]:
     """SmoothQuant folded into one decoder layer's tensors, out of place: data in, data out.
 
     `params` maps names relative to the layer ("input_layernorm.weight", "mlp.up_proj.bias", ...) to
@@ -76,13 +76,15 @@ def fold_layer(params: Mapping[str, torch.Tensor], family: Family, act_amax: Map
     sensitivity fallback) are not quantized: a norm group is smoothed from its members that have
     statistics (one input, so any member's amax serves) and the bf16 members' columns are divided by
     the same factor, which is exact; a linear_rows / attn_v consumer without statistics is left
-    unsmoothed. Factors are computed from the original weights, then applied in a fixed order (attn_v
+    unsmoothed, as is any group with a consumer in `unsmoothed` (e.g. one that reads an online Hadamard of
+    its input, which no producer can absorb a factor through). Factors are computed from the original
+    weights, then applied in a fixed order (attn_v
     groups first, then the others), each step rounding back to the weight's dtype."""
     factors: dict[str, torch.Tensor] = {}
     plans: list[tuple[str, str, tuple[str, ...], torch.Tensor, torch.Tensor]] = []
     for group in family.smooth_groups:
         have = [c for c in group.consumers if c in act_amax]
-        if not have:
+        if not have or any(c in unsmoothed for c in group.consumers):
             continue
         if group.kind == "norm":
             s = shared_factor(act_amax[have[0]], [params[f"{c}.weight"] for c in have],
@@ -136,9 +138,15 @@ def per_layer(mapping: Mapping[str, object], prefix: str) -> dict[str, object]:
     return {k[cut:]: v for k, v in mapping.items() if k.startswith(prefix + ".")}
 
 
+def relative(names: Collection[str], prefix: str) -> set[str]:
+    cut = len(prefix) + 1
+    return {n[cut:] for n in names if n.startswith(prefix + ".")}
+
+
 @torch.no_grad()
 def fold_smoothquant(model: nn.Module, family: Family, act_amax: dict[str, torch.Tensor],
-                     alpha: float | Mapping[str, float], smooth_o_proj: bool = True) -> FoldResult:
+                     alpha: float | Mapping[str, float], smooth_o_proj: bool = True,
+                     unsmoothed: Collection[str] = ()) -> FoldResult:
     """Fold SmoothQuant factors into the (unquantized) model in place, layer by layer (fold_layer);
     return the factors and smoothed input amaxes, keyed by full linear name."""
     heads, kv_heads = text_heads(model)
@@ -147,7 +155,7 @@ def fold_smoothquant(model: nn.Module, family: Family, act_amax: dict[str, torch
         prefix = f"{family.layers}.{i}"
         alphas = per_layer(alpha, prefix) if isinstance(alpha, Mapping) else alpha
         changed, fold = fold_layer(layer_params(layer), family, per_layer(act_amax, prefix), alphas, heads,
-                                   kv_heads, smooth_o_proj)
+                                   kv_heads, smooth_o_proj, relative(unsmoothed, prefix))
         params = dict(layer.named_parameters())
         for name, tensor in changed.items():
             params[name].data = tensor

@@ -1,11 +1,11 @@
 """The quantized state: what the quantize stage decided, per language-model linear and for the model,
 in one object that every deployable exporter writes from (none goes back to the snapshot).
 
-Per quantized linear (`LinearState`): the transform applied to its input (none yet; rotations come as
-recipe steps), its SmoothQuant factor and the module it is folded into, its int8 weight and fp32
-per-output-channel scale, its (folded) bias, and its activation quantization (dynamic per-token, or
-static with the per-tensor scale from calibration). Model-level edits (`edits`): tensors of the float
-model that the fold changed: RMSNorm gains, and the columns of LM linears kept bf16 by the fallback.
+Per quantized linear (`LinearState`): the online transform applied to its input (a block Hadamard, R4 of
+the rotate step; folded rotations need none), its SmoothQuant factor and the module it is folded into,
+its int8 weight and fp32 per-output-channel scale, its (folded) bias, and its activation quantization
+(dynamic per-token, or static with the per-tensor scale from calibration). Model-level edits (`edits`):
+tensors of the float model that the fold changed: RMSNorm gains, and the columns of LM linears kept bf16 by the fallback.
 Everything else is the live model's own tensor, read when the exporter writes it.
 With `quant.kv_cache=fp8` (`kv_cache`), each LM attention module also carries its FP8 KV-cache scales
 (`kv_scales`: k_scale, v_scale = calibrated amax / 448, fp32 [1]), read from ModelOpt's `k_bmm_quantizer` /
@@ -17,7 +17,7 @@ Built from the live model after ModelOpt's calibration and before ModelOpt smoot
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from vlmq.models.families import Family
 from vlmq.numerics import FP8_E4M3_MAX, QMAX, quantize_weight_per_channel
-from vlmq.quantize.fold import fold_layer, layer_params, per_layer, text_heads
+from vlmq.quantize.fold import fold_layer, layer_params, per_layer, relative, text_heads
 
 
 @dataclass
@@ -38,7 +38,7 @@ class LinearState:
     bias: torch.Tensor | None = None     # the folded bias, in the model's dtype
     smoothing: torch.Tensor | None = None  # s per input channel (None: unsmoothed)
     folded_into: str | None = None       # the module whose output absorbed s (norm gain, producer rows)
-    transform: str | None = None         # an input transform applied before quantization (none yet)
+    input_hadamard: int | None = None    # block size of the online Hadamard on its input (R4), else None
 
 
 @dataclass
@@ -54,6 +54,12 @@ class QuantizedModel:
     smooth_o_proj: bool = True
     kv_cache: str = "none"                                          # none | fp8 (quant.kv_cache)
     kv_scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # attention -> k_scale, v_scale
+    rotations: dict[str, Any] = field(default_factory=dict)   # what the rotate step folded (residual, values)
+    rounding: str = "rtn"                                     # rtn | gptq
+
+    def input_hadamards(self) -> dict[str, int]:
+        """{linear: block size} of the linears that read an online block Hadamard of their input."""
+        return {n: s.input_hadamard for n, s in self.linears.items() if s.input_hadamard}
 
     def tensors(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """(module name, its tensors as a checkpoint stores them), in the model's own order; quantized
@@ -116,21 +122,33 @@ def _folded_into(family: Family, rel: str) -> str | None:
     return next((g.producer for g in family.smooth_groups if rel in g.consumers), None)
 
 
+# (linear name, its smoothed float weight, its smoothing factor or None) -> (int8 weight, fp32 scale [N])
+Rounding = Callable[[str, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+
+
+def round_to_nearest(name: str, weight: torch.Tensor, smoothing: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_weight_per_channel(weight)
+
+
 @torch.no_grad()
 def build_state(model: nn.Module, family: Family, act_amax: Mapping[str, torch.Tensor], quantized: Sequence[str],
-                alpha: float | Mapping[str, float], activations: str = "dynamic", smooth_o_proj: bool = True
+                alpha: float | Mapping[str, float], activations: str = "dynamic", smooth_o_proj: bool = True,
+                rounding: Rounding = round_to_nearest, input_hadamards: Mapping[str, int] | None = None
                 ) -> QuantizedModel:
     """Fold SmoothQuant (out of place) and quantize every linear in `quantized`, layer by layer on the
-    model's own device; `act_amax` holds the per-input-channel calibration maxima of those linears."""
+    model's own device; `act_amax` holds the per-input-channel calibration maxima of those linears.
+    `input_hadamards` names the linears that read an online Hadamard of their input: they stay unsmoothed."""
     heads, kv_heads = text_heads(model)
     keep = set(quantized)
+    hadamards = dict(input_hadamards or {})
     state = QuantizedModel(model, family, {}, activations=activations, smooth_o_proj=smooth_o_proj)
     for i, layer in enumerate(model.get_submodule(family.layers)):
         prefix = f"{family.layers}.{i}"
         alphas = per_layer(alpha, prefix) if isinstance(alpha, Mapping) else alpha
         params = layer_params(layer)
         changed, fold = fold_layer(params, family, per_layer(act_amax, prefix), alphas, heads, kv_heads,
-                                   smooth_o_proj)
+                                   smooth_o_proj, relative(hadamards, prefix))
         for rel in family.linears:
             full = f"{prefix}.{rel}"
             weight = changed.get(f"{rel}.weight", params[f"{rel}.weight"])
@@ -139,12 +157,13 @@ def build_state(model: nn.Module, family: Family, act_amax: Mapping[str, torch.T
                     if f"{rel}.{leaf}" in changed:
                         state.edits[f"{full}.{leaf}"] = changed[f"{rel}.{leaf}"]
                 continue
-            q, scale = quantize_weight_per_channel(weight)
+            q, scale = rounding(full, weight, fold.factors.get(rel))
             state.linears[full] = LinearState(
                 weight=q, weight_scale=scale, activations=activations,
                 input_scale=fold.input_amax[rel] / QMAX if activations == "static" else None,
                 bias=changed.get(f"{rel}.bias", params.get(f"{rel}.bias")),
-                smoothing=fold.factors.get(rel), folded_into=_folded_into(family, rel) if rel in fold.factors else None)
+                smoothing=fold.factors.get(rel), folded_into=_folded_into(family, rel) if rel in fold.factors else None,
+                input_hadamard=hadamards.get(full))
         for rel, tensor in changed.items():   # norm gains (and producer biases of bf16 linears)
             module = rel.rsplit(".", 1)[0]
             if module not in family.linears:
@@ -155,4 +174,5 @@ def build_state(model: nn.Module, family: Family, act_amax: Mapping[str, torch.T
 
 def summary(state: QuantizedModel) -> dict[str, Any]:
     return {"quantized": len(state.linears), "edits": len(state.edits), "activations": state.activations,
-            "smoothed": sum(s.smoothing is not None for s in state.linears.values())}
+            "smoothed": sum(s.smoothing is not None for s in state.linears.values()), "rounding": state.rounding,
+            "rotations": state.rotations, "input_hadamards": len(state.input_hadamards())}

@@ -1,11 +1,16 @@
-"""A recipe is an ordered list of steps (`quant.steps`, default [calibrate, smooth, round]); each step is one
-function from the work state to the work state, registered by name. A new step is a function with
+"""A recipe is an ordered list of steps (`quant.steps`, default [rotate, calibrate, smooth, gptq, round]); each
+step is one function from the work state to the work state, registered by name. A new step is a function with
 `@register_step("name")` plus its name in the config list.
 
 Built-in steps:
+- rotate: orthogonal rotations of the float model (vlmq.quantize.rotate, `quant.rotate`): norm gains folded,
+  the residual stream (R1) and the values (R2) rotated in the weights, an online block Hadamard on
+  down_proj's input (R4). The model's function is unchanged; its outliers are spread out.
 - calibrate: ModelOpt's max calibration over the full model (per-input-channel activation maxima of the
   LM linears); with `quant.alpha_search` it also samples each linear group's real inputs.
 - smooth: the SmoothQuant alpha of every linear: `quant.alpha`, or searched per group (`quant.alpha_search`).
+- gptq: int8 weights rounded by GPTQ against the calibration Hessians (collected while calibrating) instead
+  of to nearest (vlmq.quantize.gptq, `quant.gptq`).
 - round: the quantized state (SmoothQuant folded, int8 round-to-nearest weights), then ModelOpt's own
   smoothing applied in place so the live model is ModelOpt's fake-quant W8A8 (modelopt_hf, sensitivity).
 """
@@ -40,12 +45,18 @@ class Work:
     alphas: dict[str, float] | None = None       # per linear (given: reused, e.g. by the bf16 fallback)
     search: Any = None                           # alpha_search.AlphaSearch
     state: Any = None                            # vlmq.quantize.state.QuantizedModel
+    rotations: dict = field(default_factory=dict)  # what `rotate` folded: residual / values / input_hadamards
+    hessians: Any = None                         # gptq.HessianCollector, filled while calibrating
+    rounding: Any = None                         # state.Rounding chosen by `gptq` (None: round to nearest)
     done: list[str] = field(default_factory=list)
 
 
 Step = Callable[[Work], Work]
 STEPS: dict[str, Step] = {}
-DEFAULT_STEPS = ("calibrate", "smooth", "round")
+DEFAULT_STEPS = ("rotate", "calibrate", "smooth", "gptq", "round")
+# (step, step it must come before)
+ORDER = (("rotate", "calibrate"), ("calibrate", "round"), ("calibrate", "gptq"), ("gptq", "round"),
+         ("smooth", "round"))
 
 
 def register_step(name: str) -> Callable[[Step], Step]:
@@ -62,8 +73,12 @@ def check_steps(steps: Sequence[str]) -> None:
     for required in ("calibrate", "round"):
         if required not in steps:
             raise ConfigError(f"quant.steps must include {required!r}: {list(steps)}")
-    if list(steps).index("calibrate") > list(steps).index("round"):
-        raise ConfigError(f"quant.steps: 'calibrate' must come before 'round': {list(steps)}")
+    order = list(steps)
+    for first, then in ORDER:
+        if first in order and then in order and order.index(first) > order.index(then):
+            raise ConfigError(f"quant.steps: {first!r} must come before {then!r}: {order}")
+    if len(set(order)) != len(order):
+        raise ConfigError(f"quant.steps: a step is listed twice: {order}")
 
 
 def run_steps(work: Work, steps: Sequence[str]) -> Work:
@@ -72,6 +87,26 @@ def run_steps(work: Work, steps: Sequence[str]) -> Work:
         work = STEPS[name](work)
         work.done.append(name)
         log.info("recipe step %s: done", name)
+    return work
+
+
+@register_step("rotate")
+def rotate(work: Work) -> Work:
+    from vlmq.quantize import rotate as rot
+
+    cfg = work.quant.rotate
+    _, _, head_dim = rot.text_geometry(work.model)
+    if cfg.residual:
+        rot.fold_norm_gains(work.model, work.family)
+        hidden = work.model.config.get_text_config().hidden_size
+        rot.rotate_residual(work.model, work.family, rot.randomized_hadamard(hidden, cfg.seed))
+        work.rotations["residual"] = {"kind": "randomized_hadamard", "seed": cfg.seed}
+    if cfg.values:
+        rot.rotate_values(work.model, work.family, rot.randomized_hadamard(head_dim, cfg.seed + 1))
+        work.rotations["values"] = {"kind": "randomized_hadamard", "seed": cfg.seed + 1}
+    if cfg.mlp_input_block:
+        names = rot.rotate_mlp_input(work.model, work.family, cfg.mlp_input_block)
+        work.rotations["input_hadamards"] = dict.fromkeys(names, cfg.mlp_input_block)   # bf16 fallbacks too
     return work
 
 
@@ -86,11 +121,31 @@ def calibrate(work: Work) -> Work:
         modules = dict(work.model.named_modules())
         groups = search.layer_groups(work.family, num_layers(work), work.names)
         work.sampler = search.InputSampler({g[0]: modules[g[0]] for g in groups}, work.quant.alpha_search_tokens)
+    if "gptq" in work.quant.steps:   # the Hessians come from the same forward passes
+        from vlmq.quantize.gptq import HessianCollector
+
+        modules = dict(work.model.named_modules())
+        work.hessians = HessianCollector({n: modules[n] for n in work.names})
     try:
         work.model = quantize(work.model, work.recipe, work.forward_loop)
     finally:
-        if work.sampler is not None:
-            work.sampler.remove()
+        for hooks in (work.sampler, work.hessians):
+            if hooks is not None:
+                hooks.remove()
+    return work
+
+
+@register_step("gptq")
+def gptq(work: Work) -> Work:
+    from vlmq.quantize.gptq import gptq_round, smoothed_hessian
+
+    cfg, hessians = work.quant.gptq, work.hessians.hessians
+
+    def rounding(name, weight, smoothing):
+        return gptq_round(weight, smoothed_hessian(hessians[name], smoothing), damp=cfg.damp, block=cfg.block,
+                          act_order=cfg.act_order)
+
+    work.rounding = rounding
     return work
 
 
@@ -116,9 +171,15 @@ def round_to_int8(work: Work) -> Work:
 
     if work.alphas is None:   # a recipe without `smooth`: quant.alpha for every linear
         work = smooth(work)
+    kwargs = {"rounding": work.rounding} if work.rounding else {}
     work.state = build_state(work.model, work.family, collect_act_amax(work.model, work.names), work.names,
                              work.alphas, getattr(work.export, "activations", "dynamic"),
-                             getattr(work.export, "smooth_o_proj", True))
+                             getattr(work.export, "smooth_o_proj", True),
+                             input_hadamards=work.rotations.get("input_hadamards"), **kwargs)
+    work.state.rotations = dict(work.rotations)
+    work.state.rounding = "gptq" if work.rounding else "rtn"
+    if work.hessians is not None:   # free them: 3B's are ~25 GB
+        work.hessians.hessians.clear()
     if work.quant.kv_cache != "none":   # the calibrated KV-cache scales, for the compressed-tensors export
         work.state.kv_cache = work.quant.kv_cache
         work.state.kv_scales = kv_cache_scales(work.model, work.family)

@@ -29,6 +29,7 @@ from vlmq.numerics import (  # noqa: F401  (re-exported: the runtime's public nu
     MIN_SCALE,
     QMAX,
     QMIN,
+    block_hadamard,
     quantize_per_token,
     quantize_static,
     quantize_weight_per_channel,
@@ -129,6 +130,8 @@ class W8A8Linear(nn.Module):
     Buffers: ``weight`` int8 [N, K]; ``weight_scale`` fp32 [N]; optional ``bias`` [N];
     optional ``input_scale`` fp32 scalar (static activation scale; ``None`` = dynamic
     per-token); optional ``pre_quant_scale`` fp32 [K] (SmoothQuant factor applied to x).
+    ``input_hadamard`` (block size, 0 = none): x is first rotated by a block-diagonal Hadamard (vLLM's
+    `hadamard` input transform; the weight already holds W H).
     """
 
     weight: Tensor
@@ -151,6 +154,7 @@ class W8A8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.backend = backend
+        self.input_hadamard = 0
         n, k = out_features, in_features
         self.register_buffer("weight", torch.zeros(n, k, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(n, dtype=torch.float32, device=device))
@@ -267,6 +271,8 @@ class W8A8Linear(nn.Module):
             raise ValueError(f"expected last dim {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
+        if self.input_hadamard:
+            x2d = block_hadamard(x2d, self.input_hadamard)
         if x2d.shape[0] == 0:
             return x.new_empty(*lead, self.out_features)
         fn = _BACKENDS[resolve_backend(self.backend, x.device)]
@@ -278,6 +284,7 @@ class W8A8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, act={mode}, "
             f"smooth={self.pre_quant_scale is not None}, backend={self.backend}"
+            + (f", input_hadamard={self.input_hadamard}" if self.input_hadamard else "")
         )
 
 

@@ -7,10 +7,16 @@ A checkpoint whose tensors disagree with its config is refused with a one-line e
 FP8 KV-cache scales (`quant.kv_cache=fp8`: compressed-tensors' `self_attn.{k,v}_scale`, ModelOpt's
 `self_attn.{k,v}_proj.{k,v}_scale`) are checked against the config, then ignored: vlmq's runtime keeps its KV
 cache in the model dtype (`CheckpointInfo.kv_cache` says what the checkpoint asks engines for).
+
+Online input transforms (compressed-tensors `transform_config`): schemes of type `hadamard` applied at a
+module's `input` (the rotate step's R4 on down_proj) are run as vLLM runs them, a block Hadamard of the input
+(blocks of the scheme's head_dim). `weight_input` entries describe what was folded and are skipped, as vLLM
+does; anything else is refused, since running the checkpoint without it would be silently wrong.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -22,6 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from vlmq.models.families import Family, UnsupportedModelError, family_for
+from vlmq.numerics import block_hadamard
 from vlmq.runtime.linear import W8A8Linear
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,7 @@ class CheckpointInfo:
     quantized: list[str]  # in-memory module names of the W8A8 linears
     smoothing_scales: bool  # True when linears carry pre_quant_scale (ModelOpt format)
     kv_cache: str = "none"  # fp8: the checkpoint carries FP8 KV-cache scales (for engines; the runtime ignores them)
+    input_hadamards: dict[str, int] = field(default_factory=dict)  # module name -> block (transform_config)
     warnings: list[str] = field(default_factory=list)  # one line each: another format of the export is damaged
 
 
@@ -111,6 +119,7 @@ def inspect_checkpoint(path: Path, tensors: dict[str, torch.Tensor] | None = Non
             if f"{name}.{suffix}" not in tensors:
                 raise CheckpointError(f"{path}: {name}.{suffix} missing for int8 weight {name}.weight")
     kv_cache = _kv_cache(path, fmt, qcfg, config, tensors)
+    input_hadamards = _input_hadamards(path, qcfg, family, tensors)
     return CheckpointInfo(
         path=path,
         format=fmt,
@@ -120,7 +129,44 @@ def inspect_checkpoint(path: Path, tensors: dict[str, torch.Tensor] | None = Non
         quantized=[family.module_name(n) for n in int8],
         smoothing_scales=fmt == "modelopt_hf",
         kv_cache=kv_cache,
+        input_hadamards=input_hadamards,
     )
+
+
+def _input_hadamards(path: Path, qcfg: dict, family: Family, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{in-memory module name: block size} of the online Hadamards in `transform_config`."""
+    groups = ((qcfg.get("transform_config") or {}).get("config_groups") or {})
+    linears = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight") and tensors[k].dim() == 2})
+    out: dict[str, int] = {}
+    for scheme_name, scheme in groups.items():
+        for apply in scheme.get("apply") or []:
+            if apply.get("location") == "weight_input":
+                continue
+            if scheme.get("type") != "hadamard" or apply.get("location") != "input":
+                raise CheckpointError(f"{path}: transform {scheme_name!r} ({scheme.get('type')} at "
+                                      f"{apply.get('location')}) is not an input Hadamard, which is all vlmq runs")
+            block = scheme.get("head_dim")
+            matched = [n for n in linears if _matches(apply.get("targets") or [], n, family.module_name(n))]
+            if not matched:
+                raise CheckpointError(f"{path}: transform {scheme_name!r} targets {apply.get('targets')} "
+                                      "match no linear")
+            for name in matched:
+                size = tensors[f"{name}.weight"].shape[1]
+                width = block or size
+                if width & (width - 1) or size % width:
+                    raise CheckpointError(f"{path}: transform {scheme_name!r}: block {width} does not tile {name}'s "
+                                          f"{size} inputs in powers of two")
+                out[family.module_name(name)] = width
+    return out
+
+
+def _matches(targets: list[str], *names: str) -> bool:
+    for target in targets:
+        pattern = target[3:] if target.startswith("re:") else None
+        for name in names:
+            if (re.match(pattern, name) if pattern is not None else name == target or name.endswith("." + target)):
+                return True
+    return False
 
 
 def _kv_cache(path: Path, fmt: str, qcfg: dict, config: dict, tensors: dict[str, torch.Tensor]) -> str:
@@ -174,6 +220,7 @@ def build_w8a8_model(
         )
         for stale in ("weight_zero_point", "input_zero_point"):
             state.pop(f"{name}.{stale}", None)
+        layer.input_hadamard = info.input_hadamards.get(name, 0)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
@@ -187,7 +234,15 @@ def build_w8a8_model(
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise CheckpointError(f"{info.path}: tensors do not match the model ({what})")
     _materialize_buffers(model, config)
+    for name, block in info.input_hadamards.items():   # the float (bf16 fallback) linears that read one
+        module = model.get_submodule(name)
+        if not isinstance(module, W8A8Linear):
+            module.register_forward_pre_hook(functools.partial(_hadamard_input, block))
     return model.to(device).eval()
+
+
+def _hadamard_input(block: int, module: nn.Module, args: tuple) -> tuple:
+    return (block_hadamard(args[0], block), *args[1:])
 
 
 def _materialize_buffers(model: nn.Module, config) -> None:

@@ -1,0 +1,97 @@
+"""GPTQ weight rounding (Frantar et al., 2022) for int8 per-output-channel weights.
+
+Round-to-nearest picks each int8 weight alone. GPTQ rounds the input columns one at a time and pushes each
+column's rounding error onto the columns not yet rounded, weighted by the inverse Hessian of the layer's
+reconstruction error, H = sum_x x x^T over calibration inputs. With one scale per output channel (no groups),
+the scales are fixed up front (the channel's max |w| / 127, as round-to-nearest) and the columns may be
+visited in any order: largest diag(H) first ("act order").
+
+The Hessians are accumulated from the real calibration inputs by forward pre-hooks (`HessianCollector`),
+once per input (q/k/v read one input, as do gate/up). SmoothQuant is applied afterwards, in closed form:
+a linear that reads x * s has the Hessian diag(s) H diag(s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from vlmq.numerics import MIN_SCALE, QMAX, QMIN
+
+
+class HessianCollector:
+    """Accumulates H = sum x x^T (float32, on the module's device) of each hooked module's input."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self.hessians: dict[str, Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if name not in self.hessians:
+                self.hessians[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+                self.tokens[name] = 0
+            self.hessians[name].addmm_(x.T, x)
+            self.tokens[name] += x.shape[0]
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def smoothed_hessian(hessian: Tensor, smoothing: Tensor | None) -> Tensor:
+    """The Hessian of x * s, given that of x."""
+    if smoothing is None:
+        return hessian
+    s = smoothing.to(device=hessian.device, dtype=hessian.dtype)
+    return hessian * s[:, None] * s[None, :]
+
+
+@torch.no_grad()
+def gptq_round(weight: Tensor, hessian: Tensor, scale: Tensor | None = None, damp: float = 0.01,
+               block: int = 128, act_order: bool = True) -> tuple[Tensor, Tensor]:
+    """int8 weight [N, K] and its fp32 per-channel scale [N], rounded by GPTQ against `hessian` [K, K].
+
+    `scale` defaults to round-to-nearest's (max |w| / 127 per row). `damp` adds that fraction of the mean
+    diagonal to the diagonal (numerical stability, as the paper)."""
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().to(w.device).clone()
+    if scale is None:
+        scale = (w.abs().amax(dim=1) / QMAX).clamp_min(MIN_SCALE)
+    scale = scale.float().to(w.device)
+    k = w.shape[1]
+    dead = torch.diagonal(h) == 0        # inputs that never fire: their weights cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k, device=w.device)
+    w, h = w[:, order], h[order][:, order]
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    inv_scale = scale[:, None]
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        w_blk, u_blk = w[:, start:end].clone(), u[start:end, start:end]
+        err_blk = torch.zeros_like(w_blk)
+        for j in range(end - start):
+            col = w_blk[:, j:j + 1]
+            q_col = torch.round(col / inv_scale).clamp_(QMIN, QMAX)
+            q[:, start + j:start + j + 1] = q_col
+            err = (col - q_col * inv_scale) / u_blk[j, j]
+            w_blk[:, j:] -= err @ u_blk[j:j + 1, j:]
+            err_blk[:, j:j + 1] = err
+        w[:, end:] -= err_blk @ u[start:end, end:]
+    inverse = torch.argsort(order)
+    return q[:, inverse].to(torch.int8), scale
+
+
+def output_error(weight: Tensor, q: Tensor, scale: Tensor, hessian: Tensor) -> float:
+    """tr((W - Q)^T... ) = sum over calibration inputs of ||(W - dequant(Q)) x||^2: the objective GPTQ lowers."""
+    delta = weight.float() - q.float() * scale.float()[:, None]
+    return float(((delta @ hessian.float()) * delta).sum())

@@ -1,0 +1,123 @@
+"""Rotations are exact math: the rotated (and smoothed) float model equals the original to float rounding,
+for a text family with tied and untied embeddings (GQA) and for Qwen2.5-VL with an image through the merger."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from vlmq.calib import demo_coco_root, load_coco_captions
+from vlmq.calib.batches import make_batches
+from vlmq.models.demo import build_demo_model, build_demo_processor, inject_outliers, random_model
+from vlmq.models.families import family_for, quantized_linear_names
+from vlmq.numerics import block_hadamard, sylvester_hadamard
+from vlmq.quantize import rotate
+from vlmq.quantize.fold import fold_smoothquant
+
+
+def rotate_all(model, family, block: int = 32, seed: int = 0) -> None:
+    _, _, head_dim = rotate.text_geometry(model)
+    rotate.fold_norm_gains(model, family)
+    hidden = model.config.get_text_config().hidden_size
+    rotate.rotate_residual(model, family, rotate.randomized_hadamard(hidden, seed))
+    rotate.rotate_values(model, family, rotate.random_orthogonal(head_dim, seed + 1))
+    rotate.rotate_mlp_input(model, family, block)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_hadamard_matrices():
+    h = sylvester_hadamard(64)
+    assert torch.allclose(h @ h.T, torch.eye(64, dtype=h.dtype), atol=1e-12) and torch.equal(h, h.T)
+    x = torch.randn(5, 256, dtype=torch.float64)
+    dense = torch.block_diag(*[sylvester_hadamard(64)] * 4)
+    assert torch.allclose(block_hadamard(x, 64), x @ dense, atol=1e-12)
+    with pytest.raises(ValueError, match="power-of-two"):
+        sylvester_hadamard(48)
+    with pytest.raises(ValueError, match="does not divide"):
+        block_hadamard(x, 96)
+    q = rotate.random_orthogonal(48, 0)
+    assert torch.allclose(q @ q.T, torch.eye(48, dtype=q.dtype), atol=1e-12)
+    assert torch.equal(rotate.random_orthogonal(48, 0), q) and not torch.equal(rotate.random_orthogonal(48, 1), q)
+
+
+def text_model(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = random_model(LlamaForCausalLM, config, seed=5, dtype=torch.float32)
+    with torch.no_grad():   # non-trivial gains, as in trained models
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + torch.rand_like(p) * 3)
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_rotated_text_model_is_unchanged(tied):
+    family = family_for("llama")
+    model = text_model(tied)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    rotated = copy.deepcopy(model)
+    rotate_all(rotated, family)
+    assert rotated.lm_head.weight is not rotated.model.embed_tokens.weight   # untied: the final gain differs
+    assert not rotated.config.tie_word_embeddings
+    assert torch.equal(rotated.model.layers[0].input_layernorm.weight, torch.ones(64))
+    assert rel_diff(rotated.model.layers[1].mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight) > 0.5
+    with torch.no_grad():
+        out = rotated(input_ids=ids).logits
+    assert rel_diff(out, ref) < 1e-5
+    # SmoothQuant composes after the rotation: it folds into the (now unit) norms
+    names = quantized_linear_names(family, 2)
+    modules = dict(rotated.named_modules())
+    gen = torch.Generator().manual_seed(1)
+    amax = {n: 10 ** (3 * torch.rand(modules[n].in_features, generator=gen) - 1) for n in names
+            if not n.endswith("down_proj")}
+    fold_smoothquant(rotated, family, amax, 0.5)
+    with torch.no_grad():
+        out = rotated(input_ids=ids).logits
+    assert rel_diff(out, ref) < 1e-5
+    # and the online Hadamard is really part of the function
+    for layer in rotated.model.layers:
+        layer.mlp.down_proj._forward_pre_hooks.clear()
+    with torch.no_grad():
+        assert rel_diff(rotated(input_ids=ids).logits, ref) > 1e-2
+
+
+def test_rotated_qwen2_5_vl_with_image_is_unchanged():
+    family = family_for("qwen2_5_vl")
+    processor = build_demo_processor()
+    samples, _ = load_coco_captions(demo_coco_root(), num_samples=2, seed=3)
+    batch = make_batches(processor, samples, 2, 512)[0]
+    assert "pixel_values" in batch
+    model = inject_outliers(build_demo_model(torch.float32))
+    with torch.no_grad():
+        ref = model(**batch).logits
+    rotated = copy.deepcopy(model)
+    rotate_all(rotated, family)
+    with torch.no_grad():
+        out = rotated(**batch).logits
+    assert rel_diff(out, ref) < 1e-5
+    # without rotating the merger's output, image tokens would enter the stream unrotated
+    broken = copy.deepcopy(model)
+    rotate_all(broken, family)
+    merger = broken.model.visual.merger.mlp[2]
+    q = rotate.randomized_hadamard(merger.out_features, 0)
+    with torch.no_grad():
+        merger.weight.copy_(q.T.float() @ merger.weight)
+        merger.bias.copy_(q.T.float() @ merger.bias)
+        assert rel_diff(broken(**batch).logits, ref) > 1e-3
+
+
+def test_unmapped_vision_output_is_refused():
+    family = family_for("qwen3_vl")
+    with pytest.raises(rotate.RotationError, match="vision outputs"):
+        rotate.rotate_residual(torch.nn.Module(), family, torch.eye(4))
