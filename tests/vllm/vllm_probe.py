@@ -131,7 +131,6 @@ def provide_hadacore_on_cpu() -> str:
     transform's placement, its weights' layout and the int8 GEMMs. Returns what was done, for the report.
     Must run in the engine's process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
     import torch
-
     import vllm._custom_ops as ops
 
     if hasattr(torch.ops._C, "hadacore_transform"):

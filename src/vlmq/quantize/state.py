@@ -5,7 +5,8 @@ Per quantized linear (`LinearState`): the online transform applied to its input 
 the rotate step; folded rotations need none), its SmoothQuant factor and the module it is folded into,
 its int8 weight and fp32 per-output-channel scale, its (folded) bias, and its activation quantization
 (dynamic per-token, or static with the per-tensor scale from calibration). Model-level edits (`edits`):
-tensors of the float model that the fold changed: RMSNorm gains, and the columns of LM linears kept bf16 by the fallback.
+tensors of the float model that the fold changed: RMSNorm gains, and the columns of LM linears kept bf16 by
+the fallback.
 Everything else is the live model's own tensor, read when the exporter writes it.
 With `quant.kv_cache=fp8` (`kv_cache`), each LM attention module also carries its FP8 KV-cache scales
 (`kv_scales`: k_scale, v_scale = calibrated amax / 448, fp32 [1]), read from ModelOpt's `k_bmm_quantizer` /
