@@ -23,11 +23,17 @@ def _on_device(t: Tensor) -> bool:
     return t.is_cuda or interpreting()  # the Triton interpreter runs the kernels on CPU tensors (tests)
 
 
-def _prequant_ok(linear: nn.Module) -> bool:
-    """W8A8 linear whose activations the producer can quantize: dynamic, no smoothing pre-scale."""
+def _dynamic_triton(linear: nn.Module) -> bool:
+    """W8A8 linear with dynamic per-token activations, no smoothing pre-scale, on the Triton backend."""
     if not isinstance(linear, W8A8Linear) or linear.input_scale is not None or linear.pre_quant_scale is not None:
         return False
     return interpreting() or resolve_backend(linear.backend, linear.weight.device) == "triton"
+
+
+def _prequant_ok(linear: nn.Module) -> bool:
+    """W8A8 linear whose activations the producer can quantize as they are: dynamic, no smoothing
+    pre-scale, no input Hadamard (the linear rotates its input before quantizing; these producers don't)."""
+    return _dynamic_triton(linear) and not getattr(linear, "input_hadamard", 0)
 
 
 def _apply(linear: nn.Module, x: Tensor | tuple[Tensor, Tensor], out_dtype: torch.dtype) -> Tensor:
