@@ -26,13 +26,13 @@ def down_linear(k: int, n: int, block: int, dtype: torch.dtype = torch.bfloat16)
     return lin
 
 
-def gate_up(m: int, i: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def gate_up(m: int, i: int, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> torch.Tensor:
     """[1, m, 2i] with outlier channels (what the rotation spreads out)."""
     torch.manual_seed(2)
     gu = torch.randn(1, m, 2 * i) * 2
     gu[..., 3] *= 30
     gu[..., i + 7] *= 40
-    return gu.to(dtype)
+    return gu.to(dtype).to(device)
 
 
 def reference_down(gu: torch.Tensor, lin: W8A8Linear) -> torch.Tensor:
@@ -43,6 +43,10 @@ def reference_down(gu: torch.Tensor, lin: W8A8Linear) -> torch.Tensor:
     return out.view(*gu.shape[:-1], -1)
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
 def test_reference_ops_rotate_before_quantizing() -> None:
     lin = down_linear(160, 48, 32)
     gu = gate_up(4, 160)
@@ -51,21 +55,42 @@ def test_reference_ops_rotate_before_quantizing() -> None:
 
 INTERPRETER_OPS = textwrap.dedent("""
     import torch
-    from test_hadamard_act import down_linear, gate_up, reference_down
+    from test_hadamard_act import down_linear, gate_up, reference_down, rel_err
+    from vlmq.runtime import attention as AT
+    from vlmq.runtime import ops as OPS
     from vlmq.runtime.decode import ReferenceOps
-    from vlmq.runtime.ops import FusedOps
     ref = ReferenceOps()
-    for i, block in ((160, 32), (43 * 32, 32), (5 * 128, 128)):  # 5 and 43 blocks: not powers of two
+    fused = OPS.FusedOps(ref)
+    # 5 and 43 blocks: not powers of two; block 256: no fused kernel, the linear rotates bf16 rows
+    for i, block in ((160, 32), (43 * 32, 32), (5 * 128, 128), (512, 256)):
         lin = down_linear(i, 48, block)
         gu = gate_up(3, i)
         want = reference_down(gu, lin)
         assert torch.equal(ref.act_linear(gu, lin), want), (i, block)
-        got = FusedOps(ref).act_linear(gu, lin)
-        rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
-        print("act_linear", i, block, "rel", rel)
-        # a bf16 ulp from the interpreter's GEMM epilogue, a rare int8 step at a rounding tie; skipping
-        # the Hadamard gives rel ~1 (the weight holds W H)
-        assert rel < 5e-3, (i, block, rel)
+        assert OPS._hadamard_prequant_ok(lin, i) == (block <= 128) and not OPS._prequant_ok(lin)
+        for fuse in (True, False):  # the fused kernel, and the SiLU·mul kernel + the linear's own rotation
+            fused.fuse_hadamard = fuse
+            rel = rel_err(fused.act_linear(gu, lin), want)
+            print("act_linear", i, block, "fused" if fuse else "unfused", "rel", rel)
+            # up to a bf16 ulp per output from the interpreter's GEMM epilogue (it truncates), a rare int8
+            # step at a rounding tie; skipping the Hadamard gives rel ~1.5 (the weight holds W H)
+            assert rel < 1e-2, (i, block, fuse, rel)
+    fused.fuse_hadamard = True
+    # the other producers (not used by the recipe, but never wrong): a rotating linear gets bf16 rows
+    h, d = (t.contiguous() for t in gate_up(3, 64).chunk(2, dim=-1))
+    w = torch.rand(64).bfloat16() + 0.5
+    lin = down_linear(64, 40, 32)
+    a, b = ref.add_norm_linear(h, d, w, 1e-6, lin), fused.add_norm_linear(h, d, w, 1e-6, lin)
+    assert torch.equal(a[0], b[0]) and rel_err(b[1], a[1]) < 1e-2, rel_err(b[1], a[1])
+    attn = torch.randn(2, 2, 3 * 5, 32).bfloat16()  # [B, Hkv, G*T, D], 6 heads
+    lin = down_linear(6 * 32, 40, 64)
+    assert rel_err(fused.attention_o(attn, lin, 3), ref.attention_o(attn, lin, 3)) < 1e-2
+    q = torch.randn(2, 4, 1, 32).half()  # fp16: the interpreter's bf16 dot is broken
+    kc, vc = torch.randn(2, 2, 128, 32).half(), torch.randn(2, 2, 128, 32).half()
+    valid, cur = torch.rand(2, 128) > 0.2, torch.tensor([77])
+    lin = down_linear(4 * 32, 40, 32, torch.float16)
+    want = lin(AT.decode_attention_reference(q, kc, vc, valid, cur, 32**-0.5))
+    assert rel_err(fused.decode_attention_o(q, kc, vc, valid, cur, 32**-0.5, lin).reshape(want.shape), want) < 1e-2
     print("OPS-OK")
 """)
 
@@ -82,3 +107,94 @@ def run_interpreted(script: str, marker: str) -> str:
 
 def test_fused_ops_rotate_before_quantizing_in_triton_interpreter() -> None:
     run_interpreted(INTERPRETER_OPS, "OPS-OK")
+
+
+INTERPRETER_KERNEL = textwrap.dedent("""
+    import torch
+    from test_hadamard_act import compare_kernel
+    from vlmq.runtime.fused import silu_mul_hadamard_fits
+    assert silu_mul_hadamard_fits(128, 11008) and silu_mul_hadamard_fits(128, 18944)  # 3B, 7B down_proj
+    assert not any(silu_mul_hadamard_fits(b, w) for b, w in ((8, 64), (128, 1000), (256, 512), (128, 512 * 128)))
+    stats = [compare_kernel(m, nb, block, dtype) for m, nb, block, dtype in (
+        (4, 5, 32, torch.bfloat16), (3, 43, 32, torch.bfloat16), (64, 86, 128, torch.bfloat16),
+        (2, 1, 16, torch.bfloat16), (3, 5, 128, torch.float32), (2, 43, 64, torch.float16))]
+    print("mismatches", stats)
+    print("KERNEL-OK")
+""")
+
+
+def bf16_tie_distance(x: torch.Tensor) -> torch.Tensor:
+    """|x - the nearest midpoint between two adjacent bf16 values|, in bf16 ulps at x (x float64)."""
+    ulp = torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(1e-30))) - 7)
+    return ((x / ulp) - torch.floor(x / ulp) - 0.5).abs()
+
+
+def compare_kernel(m: int, n_blocks: int, block: int, dtype: torch.dtype, device: str = "cpu") -> tuple[int, int]:
+    """silu_mul_hadamard vs the eager reference; returns (int8 mismatches, elements). The kernel sums ±x
+    exactly and scales once, the reference accumulates x * (±1/sqrt(block)) in fp32: the two can land on
+    either side of a model-dtype rounding tie, and only there may an int8 value differ (by one)."""
+    from vlmq.numerics import sylvester_hadamard
+    from vlmq.runtime.fused import silu_mul, silu_mul_hadamard
+
+    i = n_blocks * block
+    gu = gate_up(m, i, dtype, device).reshape(m, 2 * i)
+    gu[0] = 0.0  # an all-zero row: scale MIN_SCALE, q 0
+    q, s = silu_mul_hadamard(gu, block)
+    g, u = gu.chunk(2, dim=-1)
+    # on CUDA the kernels' SiLU is within a bf16 ulp of torch's (tests/gpu/test_decode_gpu.py): start
+    # the reference from the SiLU·mul kernel's own product there; the interpreter matches torch exactly
+    y = silu_mul(gu, False) if gu.is_cuda else nn.functional.silu(g) * u
+    q_ref, s_ref = quantize_per_token(block_hadamard(y, block))
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and q.shape == (m, i) and s.shape == (m,)
+    assert torch.equal(q[0], q_ref[0]) and torch.equal(s[0], s_ref[0])
+    diff = (q.int() - q_ref.int()).abs()
+    bad = diff > 0
+    assert int(diff.max()) <= 1, (m, n_blocks, block, dtype)
+    assert int(bad.sum()) <= max(2, q.numel() // 10_000), (int(bad.sum()), q.numel())  # measured: 3e-6
+    if dtype != torch.float32:  # every differing value sat on a model-dtype rounding tie
+        exact = (y.cpu().double().reshape(m, n_blocks, block) @ sylvester_hadamard(block)).reshape(m, i)
+        assert (bf16_tie_distance(exact[bad.cpu()]) < 2**-10).all() if dtype == torch.bfloat16 else True
+    assert torch.allclose(s, s_ref, rtol=2**-7, atol=0), (s / s_ref - 1).abs().max()
+    return int(bad.sum()), q.numel()
+
+
+def test_silu_mul_hadamard_kernel_in_triton_interpreter() -> None:
+    out = run_interpreted(INTERPRETER_KERNEL, "KERNEL-OK")
+    print(out)
+
+
+def test_benchmark_rotated_down_proj_computes_the_same_linear() -> None:
+    """benchmarks/bench_down_hadamard.py compares like with like: its rotated down_proj (W H requantized,
+    input_hadamard) gives the plain one's output up to int8 rounding."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        from bench_down_hadamard import rotated
+    finally:
+        sys.path.pop(0)
+    plain = down_linear(512, 64, 0)
+    rot = rotated(plain, 128)
+    x = torch.randn(5, 512).bfloat16()
+    assert rot.input_hadamard == 128 and rel_err(rot(x), plain(x)) < 2e-2
+
+
+@pytest.mark.parametrize("capability,mma", [(90, "wgmma.mma_async"), (80, "mma.sync")])
+def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -> None:
+    """The bf16 branch (the GPU's; the interpreter runs the fp32 one) compiled ahead of time on the CPU for
+    the 3B row (86 blocks of 128 padded to 128): a tensor-core dot whose ±1 block fits shared memory."""
+    pytest.importorskip("triton")
+    try:  # Triton internals (3.6-3.8): skip, not fail, on a Triton that moved them
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:
+        pytest.skip(f"no ahead-of-time compile path in this Triton: {exc}")
+    from vlmq.runtime import fused as FU
+
+    const = {"HB": 128, "LOG2_HB": 7, "NB": 128, "DOT_FP32": False, "USE_PDL": capability >= 90}
+    sig = {"gu_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "n_cols": "i32", "n_blocks": "i32",
+           "h_scale": "fp32", **dict.fromkeys(const, "constexpr")}
+    src = ASTSource(FU._silu_mul_hadamard_kernel, sig, const)
+    options = {"num_warps": FU._warps(128 * 128)}
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+    assert mma in compiled.asm["ptx"]
+    assert compiled.metadata.shared <= 64 * 1024, compiled.metadata.shared

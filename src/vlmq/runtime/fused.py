@@ -4,6 +4,12 @@
   bf16 (bf16 linears) or as int8 + per-token fp32 scale (W8A8 linears with dynamic activations):
   per-token quantization happens once per layer input, shared by q/k/v and by gate/up.
 * ``silu_mul``: ``silu(g) * u`` from the fused gate/up output, bf16 or int8 + scale (down_proj).
+* ``silu_mul_hadamard``: the same, rotated by down_proj's online block Hadamard (R4) before the int8
+  quantization, in one pass over the row: the row as [blocks, block] times the ±1 Sylvester block (a
+  tensor-core dot, exact: ±1 times model-dtype values, fp32 sums), then 1/sqrt(block). The eager
+  reference sums x * (±1/sqrt(block)) in fp32 in another order, so where the exact value sits on a
+  model-dtype rounding tie the two may round apart: an int8 value then differs by one (2 of 704,512 in
+  tests/test_hadamard_act.py); everywhere else it is bit for bit.
 * ``rope_cache``: rotary embedding of q and k from the fused q/k/v output, k and v written
   straight into the static KV cache slots.
 
@@ -18,12 +24,14 @@ reads or writes any activation, so kernel launch latency overlaps the previous k
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from vlmq.runtime.kernels.tiles import next_pow2, pdl_enter, pdl_kwargs
+from vlmq.runtime.kernels.tiles import interpreting, next_pow2, pdl_enter, pdl_kwargs
 from vlmq.runtime.kernels.triton_w8a8 import quant_store
 
 
@@ -76,6 +84,38 @@ def _silu_mul_kernel(gu_ptr, y_ptr, s_ptr, n_cols, BLOCK: tl.constexpr, QUANT: t
         quant_store(y, y_ptr + row * n_cols + cols, s_ptr + row, mask)
     else:
         tl.store(y_ptr + row * n_cols + cols, y.to(dt), mask=mask)
+
+
+@triton.jit
+def _sylvester_signs(HB: tl.constexpr, LOG2_HB: tl.constexpr):
+    """The HB x HB Sylvester Hadamard's entries, unnormalized: H[i, j] = (-1)^popcount(i & j)."""
+    both = tl.arange(0, HB)[:, None] & tl.arange(0, HB)[None, :]
+    parity = tl.zeros([HB, HB], dtype=tl.int32)
+    for b in tl.static_range(LOG2_HB):
+        parity = parity ^ ((both >> b) & 1)
+    return (1 - 2 * parity).to(tl.float32)
+
+
+@triton.jit
+def _silu_mul_hadamard_kernel(gu_ptr, q_ptr, s_ptr, n_cols, n_blocks, h_scale, HB: tl.constexpr,
+                              LOG2_HB: tl.constexpr, NB: tl.constexpr, DOT_FP32: tl.constexpr,
+                              USE_PDL: tl.constexpr):  # fmt: skip
+    pdl_enter(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.arange(0, NB)[:, None]
+    cols = blk * HB + tl.arange(0, HB)[None, :]  # the row as [blocks (padded to NB), HB]
+    mask = (blk < n_blocks) & (cols >= 0)  # cols >= 0: the block mask at the tile's full shape
+    dt = gu_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    y = round_to(round_to(g / (1.0 + tl.exp(-g)), dt) * u, dt)
+    signs = _sylvester_signs(HB, LOG2_HB)
+    if DOT_FP32:  # fp32 models, and the interpreter (its bf16 dot is broken)
+        z = tl.dot(y, signs, input_precision="ieee")
+    else:  # y holds model-dtype values: exact as dot operands, products exact, fp32 sums
+        z = tl.dot(y.to(dt), signs.to(dt), out_dtype=tl.float32)
+    # block_hadamard's fp32 result goes back to the model dtype before the linear quantizes it
+    quant_store(round_to(z * h_scale, dt), q_ptr + row * n_cols + cols, s_ptr + row, mask)
 
 
 @triton.jit
@@ -142,6 +182,36 @@ def silu_mul(gu: Tensor, quant: bool) -> Tensor | tuple[Tensor, Tensor]:
     _silu_mul_kernel[(m,)](gu, y, s, i, BLOCK=block, QUANT=quant, num_warps=_warps(block),
                            **pdl_kwargs())
     return (y, s) if quant else y
+
+
+HADAMARD_MIN_BLOCK = 16  # tl.dot's smallest operand side
+HADAMARD_MAX_BLOCK = 128  # the ±1 block sits in shared memory as a dot operand: 32 KB in bf16 (512 would take 512 KB)
+HADAMARD_MAX_TILE = 32768  # [padded blocks, block] elements in one program's registers (7B: 148 x 128 -> 256 x 128)
+
+
+def silu_mul_hadamard_fits(block: int, width: int) -> bool:
+    """Whether ``silu_mul_hadamard`` takes a row of ``width`` with this Hadamard block size."""
+    if not HADAMARD_MIN_BLOCK <= block <= HADAMARD_MAX_BLOCK or block & (block - 1) or width % block:
+        return False
+    return max(HADAMARD_MIN_BLOCK, next_pow2(width // block)) * block <= HADAMARD_MAX_TILE
+
+
+def silu_mul_hadamard(gu: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """silu(gate) * up from gate_up [M, 2I], times the block-diagonal normalized Sylvester Hadamard
+    (``vlmq.numerics.block_hadamard``), as (int8 [M, I], fp32 scale [M]) for down_proj."""
+    m, two_i = gu.shape
+    i = two_i // 2
+    if not silu_mul_hadamard_fits(block, i):
+        raise ValueError(f"no fused Hadamard for block {block} over {i} columns")
+    q = torch.empty((m, i), dtype=torch.int8, device=gu.device)
+    s = torch.empty(m, dtype=torch.float32, device=gu.device)
+    nb = max(HADAMARD_MIN_BLOCK, next_pow2(i // block))
+    dot_fp32 = interpreting() or gu.dtype == torch.float32
+    # h_scale: sylvester_hadamard's fp64 1/sqrt(block), rounded to fp32 at the launch like its .to(fp32)
+    _silu_mul_hadamard_kernel[(m,)](gu, q, s, i, i // block, 1.0 / math.sqrt(block), HB=block,
+                                    LOG2_HB=block.bit_length() - 1, NB=nb, DOT_FP32=dot_fp32,
+                                    num_warps=_warps(nb * block), **pdl_kwargs())  # fmt: skip
+    return q, s
 
 
 def rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,

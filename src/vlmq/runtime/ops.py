@@ -13,7 +13,7 @@ from vlmq.runtime.attention import (
     heads_to_rows,
     rows_layout_ok,
 )
-from vlmq.runtime.fused import add_rms_norm, rope_cache, silu_mul
+from vlmq.runtime.fused import add_rms_norm, rope_cache, silu_mul, silu_mul_hadamard, silu_mul_hadamard_fits
 from vlmq.runtime.kernels.tiles import interpreting
 from vlmq.runtime.kernels.triton_w8a8 import w8a8_gemm_prequant
 from vlmq.runtime.linear import W8A8Linear, resolve_backend
@@ -36,6 +36,17 @@ def _prequant_ok(linear: nn.Module) -> bool:
     return _dynamic_triton(linear) and not getattr(linear, "input_hadamard", 0)
 
 
+def _hadamard_prequant_ok(linear: nn.Module, width: int) -> bool:
+    """W8A8 linear with an input Hadamard that ``silu_mul_hadamard`` applies, then quantizes, for it."""
+    block = getattr(linear, "input_hadamard", 0)
+    return bool(block) and _dynamic_triton(linear) and silu_mul_hadamard_fits(block, width)
+
+
+def _rotating(linear: nn.Module) -> bool:
+    """W8A8 linear that rotates its own input: given bf16 rows, its forward is right whatever its mode."""
+    return isinstance(linear, W8A8Linear) and bool(linear.input_hadamard)
+
+
 def _apply(linear: nn.Module, x: Tensor | tuple[Tensor, Tensor], out_dtype: torch.dtype) -> Tensor:
     if isinstance(x, tuple):
         return w8a8_gemm_prequant(x[0], x[1], linear.weight, linear.weight_scale, linear.bias, out_dtype)
@@ -43,12 +54,14 @@ def _apply(linear: nn.Module, x: Tensor | tuple[Tensor, Tensor], out_dtype: torc
 
 
 def _fusable(h: Tensor, linear: nn.Module) -> bool:
-    return _on_device(h) and (_prequant_ok(linear) or type(linear) is nn.Linear)
+    return _on_device(h) and (_prequant_ok(linear) or _rotating(linear) or type(linear) is nn.Linear)
 
 
 class FusedOps:
     """Same interface as ``vlmq.runtime.decode.ReferenceOps``; falls back to it where a kernel
     does not apply (CPU tensors, static/smoothed W8A8, other linear types)."""
+
+    fuse_hadamard = True  # down_proj's input Hadamard inside the SiLU·mul kernel (off: its own forward rotates)
 
     def __init__(self, ref) -> None:  # type: ignore[no-untyped-def]
         self.ref = ref
@@ -68,7 +81,11 @@ class FusedOps:
         if not _fusable(gu, linear):
             return self.ref.act_linear(gu, linear)
         shape = gu.shape
-        y = silu_mul(gu.reshape(-1, shape[-1]), quant=_prequant_ok(linear))
+        rows = gu.reshape(-1, shape[-1])
+        if self.fuse_hadamard and _hadamard_prequant_ok(linear, shape[-1] // 2):
+            y = silu_mul_hadamard(rows, linear.input_hadamard)
+        else:
+            y = silu_mul(rows, quant=_prequant_ok(linear))
         return _apply(linear, y, gu.dtype).view(*shape[:-1], -1)
 
     def rope_cache(self, qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,

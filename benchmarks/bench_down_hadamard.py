@@ -1,0 +1,150 @@
+"""On the GPU: what down_proj's online input Hadamard (R4, blocks of 128) costs the W8A8 decode loop, side by
+side in one process on the 3B shape (random weights; lean loop, CUDA graphs):
+
+- ``plain``: today's W8A8 (every LM linear dynamic per-token int8, no rotation);
+- ``hadamard fused``: the same model with each down_proj holding W H and ``input_hadamard = 128``, its input
+  from the fused SiLU·mul + block Hadamard + int8 kernel (``vlmq.runtime.fused.silu_mul_hadamard``);
+- ``hadamard unfused``: the same rotated model, SiLU·mul in bf16 then the linear's own eager
+  ``block_hadamard`` + quantization (``FusedOps.fuse_hadamard = False``), to show what the fusion buys.
+
+Variants alternate round by round (median per variant), so clock drift hits them alike. Then the three
+activation producers alone (no GEMM) at M = 1/8/64 from CUDA graphs over input sets sized past L2.
+
+    PYTHONPATH=src python benchmarks/bench_down_hadamard.py --out $OUT/down_hadamard.json
+
+``--shape demo --device cpu`` is a smoke run of the script (no kernels, no meaningful speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlmq.bench import make_inputs, quantize_language_model, random_model, sync
+from vlmq.numerics import block_hadamard, quantize_weight_per_channel
+from vlmq.runtime.decode import LeanDecoder
+from vlmq.runtime.linear import W8A8Linear
+
+BLOCK = 128
+VARIANTS = {"plain": (False, True), "hadamard fused": (True, True), "hadamard unfused": (True, False)}
+
+
+def rotated(lin: W8A8Linear, block: int) -> W8A8Linear:
+    """The linear on a rotated input: weight (W H) requantized per channel, ``input_hadamard = block``
+    (y = (x H)(W H)^T = x W^T, H symmetric orthogonal)."""
+    w = lin.weight.float() * lin.weight_scale[:, None]
+    w_q, w_s = quantize_weight_per_channel(block_hadamard(w, block))
+    out = W8A8Linear.from_quantized(w_q, w_s, lin.bias, backend=lin.backend)
+    out.input_hadamard = block
+    return out
+
+
+def set_down(model: nn.Module, downs: list[nn.Module]) -> None:
+    for layer, down in zip(model.model.language_model.layers, downs, strict=True):
+        layer.mlp.down_proj = down
+
+
+@torch.no_grad()
+def decode_run(model: nn.Module, inputs: dict, batch: int, new_tokens: int, fuse_hadamard: bool,
+               device: torch.device) -> tuple[float, list[int]]:
+    """(decode tok/s of one timed generation after a warm one, the first greedy tokens of row 0)."""
+    max_len = (inputs["input_ids"].shape[1] + new_tokens + 63) // 64 * 64
+    dec = LeanDecoder(model, batch, max_len)
+    if hasattr(dec.ops, "fuse_hadamard"):
+        dec.ops.fuse_hadamard = fuse_hadamard
+    times = []
+    for _ in range(2):
+        dec.prefill(**inputs)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            dec.step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return batch * (new_tokens - 1) / times[-1], dec.tokens[0, :8].tolist()
+
+
+def decode_table(model: nn.Module, downs: dict[str, list[nn.Module]], processor, batches: list[int],
+                 args: argparse.Namespace, device: torch.device) -> dict:
+    out: dict = {}
+    for batch in batches:
+        inputs = {k: v.to(device) for k, v in make_inputs(processor, "text", batch, args.prompt_tokens,
+                                                            (448, 336)).items()}
+        runs: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        tokens: dict[str, list[int]] = {}
+        for _ in range(args.rounds):
+            for name, (rot, fuse) in VARIANTS.items():
+                set_down(model, downs["rotated" if rot else "plain"])
+                tok_s, tokens[name] = decode_run(model, inputs, batch, args.new_tokens, fuse, device)
+                runs[name].append(round(tok_s, 1))
+        med = {name: round(statistics.median(r), 1) for name, r in runs.items()}
+        out[f"text_b{batch}"] = {"tok_s_runs": runs, "tok_s_median": med, "tokens": tokens,
+                                 **{f"{n} / plain": round(med[n] / med["plain"], 4) for n in VARIANTS if n != "plain"}}
+        print(f"batch {batch}: " + ", ".join(f"{n} {med[n]:.1f} tok/s" for n in VARIANTS)
+              + f"  (fused / plain {med['hadamard fused'] / med['plain']:.4f})", flush=True)
+    return out
+
+
+def producer_table(ms: list[int], width: int) -> dict:
+    """Microseconds per call of the three ways to produce down_proj's int8 input from gate_up [M, 2I]."""
+    from bench_timing import time_graph
+
+    from vlmq.runtime.fused import silu_mul, silu_mul_hadamard
+    from vlmq.runtime.kernels.triton_w8a8 import quantize_rows
+
+    def unfused(gu: torch.Tensor) -> None:
+        quantize_rows(block_hadamard(silu_mul(gu, False), BLOCK), None, None)
+
+    fns = {"silu_mul+quant (plain)": lambda gu: silu_mul(gu, True),
+           "silu_mul_hadamard (fused)": lambda gu: silu_mul_hadamard(gu, BLOCK), "unfused": unfused}
+    out = {}
+    for m in ms:
+        r = int(min(256, max(2, math.ceil(150e6 / (m * width * 4)))))  # inputs past the 50 MB L2
+        sets = [torch.randn(m, 2 * width, device="cuda").bfloat16() for _ in range(r)]
+        out[f"M{m}"] = {name: round(time_graph(lambda i, f=fn, xs=sets: f(xs[i]), r), 2) for name, fn in fns.items()}
+        print(f"M {m}: " + ", ".join(f"{k} {v} us" for k, v in out[f"M{m}"].items()), flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="3b", choices=("3b", "small", "demo"))
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--producer-ms", default="1,8,64", help="M values of the producer table (CUDA); '' = skip")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model, processor = random_model(args.shape, device)
+    quantize_language_model(model, backend="triton" if device.type == "cuda" else "auto")
+    plain = [layer.mlp.down_proj for layer in model.model.language_model.layers]
+    downs = {"plain": plain, "rotated": [rotated(d, BLOCK) for d in plain]}
+    batches = [int(b) for b in args.batch_sizes.split(",") if b]
+    result: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "shape": args.shape, "block": BLOCK, "args": vars(args) | {"out": None}}
+    if device.type == "cuda":
+        import triton
+
+        result["triton"] = triton.__version__
+    result["decode"] = decode_table(model, downs, processor, batches, args, device)
+    ms = [int(m) for m in args.producer_ms.split(",") if m]
+    if device.type == "cuda" and ms:
+        result["producers_us"] = producer_table(ms, plain[0].in_features)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
