@@ -165,11 +165,15 @@ def read_results(out_dir: Path) -> dict[str, Any] | None:
 
 
 def task_scores(raw: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """results -> task -> numeric metrics (stderr dropped; the default filter's ',none' suffix dropped)."""
+    """results -> task -> numeric metrics: those the task declares in `higher_is_better` when it does (lm-eval
+    also reports e.g. sample_len), stderr dropped, the default filter's ',none' suffix dropped."""
     out = {}
+    declared = raw.get("higher_is_better") or {}
     for task, metrics in (raw.get("results") or {}).items():
+        names = declared.get(task)
         out[task] = {k.removesuffix(",none"): float(v) for k, v in metrics.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k}
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k
+                     and (not names or k.split(",")[0] in names)}
     return out
 
 
