@@ -179,6 +179,6 @@ def test_fused_groups_fall_back_whole():
 
     layer = "model.language_model.layers.3"
     qkv = [f"{layer}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
-    assert fused_siblings(f"{layer}.self_attn.k_proj") == qkv
-    assert fused_siblings(f"{layer}.mlp.up_proj") == [f"{layer}.mlp.gate_proj", f"{layer}.mlp.up_proj"]
-    assert fused_siblings(f"{layer}.mlp.down_proj") == [f"{layer}.mlp.down_proj"]
+    assert fused_siblings(f"{layer}.self_attn.k_proj", FAMILY) == qkv
+    assert fused_siblings(f"{layer}.mlp.up_proj", FAMILY) == [f"{layer}.mlp.gate_proj", f"{layer}.mlp.up_proj"]
+    assert fused_siblings(f"{layer}.mlp.down_proj", FAMILY) == [f"{layer}.mlp.down_proj"]

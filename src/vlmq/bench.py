@@ -97,16 +97,20 @@ def make_inputs(processor, kind: str, batch: int, prompt_tokens: int, image_size
 
 @torch.no_grad()
 def quantize_language_model(model: nn.Module, backend: str = "auto") -> list[str]:
-    """Replace the LM's nn.Linear layers (not lm_head) by dynamic per-token W8A8Linear, in place."""
+    """Replace the decoder linears of the model's family (`Family.linears`, not lm_head) that are still
+    nn.Linear by dynamic per-token W8A8Linear, in place. Returns their names."""
+    from vlmq.models.families import family_for, quantized_linear_names
     from vlmq.runtime.linear import W8A8Linear
 
+    family = family_for(model.config.model_type)
+    names = quantized_linear_names(family, len(model.get_submodule(family.layers)))
     done = []
-    lm = model.model.language_model
-    for name, module in list(lm.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, child_name, W8A8Linear.from_float(child, backend=backend))
-                done.append(f"{name}.{child_name}")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        module = model.get_submodule(name)
+        if type(module) is nn.Linear:
+            setattr(model.get_submodule(parent), child, W8A8Linear.from_float(module, backend=backend))
+            done.append(name)
     return done
 
 

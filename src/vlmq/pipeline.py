@@ -380,7 +380,7 @@ def sensitivity_fallback(ctx: RunContext, cfg: Config, snapshot: Snapshot, model
     names = quantized_linear_names(snapshot.family, num_layers)
     with ctx.stage("sensitivity"), progress_bar("sensitivity", len(names)) as advance:
         sens = rank_linears(model, names, probe, advance)
-        fallback = choose_fallback(model, sens, probe, cfg.quant.max_kl)
+        fallback = choose_fallback(model, sens, probe, cfg.quant.max_kl, snapshot.family)
     log.info("sensitivity fallback: %d linears bf16 for KL <= %g: %s", len(fallback.exclude), cfg.quant.max_kl,
              fallback.exclude)
     if fallback.exclude:

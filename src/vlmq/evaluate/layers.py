@@ -9,12 +9,16 @@ import torch
 from torch import nn
 
 from vlmq.evaluate.metrics import column_factors, range_summary, row_factors
+from vlmq.models.families import Family
 
 
-def smoothing_transform(ref: nn.Module, test: nn.Module, names: list[str], fmt: str, family) -> tuple[dict, dict]:
+def smoothing_transform(ref: nn.Module, test: nn.Module, names: list[str], fmt: str,
+                        family: Family) -> tuple[dict, dict]:
     """(input factor c per linear, output row factor r per producer linear) so that
     test_linear(x * c) / r ~= ref_linear(x). ModelOpt keeps c inside the layer (pre_quant_scale): no transform.
-    compressed-tensors folds c into the producers: recovered from the weights (metrics.column_factors)."""
+    compressed-tensors folds c into the producers: recovered from the weights (metrics.column_factors). A
+    linear producer (the family's linear_rows / attn_v groups, e.g. up_proj, v_proj) reads the same norm as a
+    sibling (gate_proj, q_proj), whose factor is its input factor."""
     if fmt == "modelopt_hf":
         return {}, {}
     mods_r, mods_t = dict(ref.named_modules()), dict(test.named_modules())

@@ -1,6 +1,8 @@
-"""Per-family facts: where the language model, vision tower and decoder layers live, and which
-norm/linear pairs can absorb SmoothQuant factors. One registry keyed by model_type; an unknown
-architecture is an error, never a silent default."""
+"""Per-family facts: where the language model, vision tower and decoder layers live, and a decoder layer's
+structure: its linears, which norm feeds which linears, which linears engines fuse, and the residual stream.
+Everything that walks a model's layers (fold, rotate, alpha search, the bf16 fallback, the lean decode loop,
+bench) reads it here, so a family with other module names is one `register` call. One registry keyed by
+model_type; an unknown architecture is an error, never a silent default."""
 
 from __future__ import annotations
 
@@ -38,11 +40,28 @@ class Family:
     lm_head: str = "lm_head"
     residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     vision_out: tuple[str, ...] = ()
+    # Linears of a decoder layer that engines run as one GEMM over one input (vLLM's qkv_proj, gate_up_proj),
+    # each in the order its outputs are concatenated: (q, k, v), (gate, up). The bf16 fallback keeps such a
+    # group whole; the lean decode loop fuses them.
+    fused: tuple[tuple[str, ...], ...] = ()
+    rotary_emb: str = ""          # the language model's rotary embedding module (the lean decode loop)
 
     @property
     def norm_groups(self) -> tuple[SmoothGroup, ...]:
         """The RMSNorms inside a decoder layer and the linears that read them."""
         return tuple(g for g in self.smooth_groups if g.kind == "norm")
+
+    @property
+    def shared_inputs(self) -> tuple[tuple[str, ...], ...]:
+        """A decoder layer's linears grouped by the tensor they read, in `linears` order: the readers of one
+        norm together, every other linear alone."""
+        groups: list[tuple[str, ...]] = []
+        for linear in self.linears:
+            norm = next((g for g in self.norm_groups if linear in g.consumers), None)
+            group = tuple(c for c in norm.consumers if c in self.linears) if norm else (linear,)
+            if group not in groups:
+                groups.append(group)
+        return tuple(groups)
 
     @property
     def value_pair(self) -> tuple[str, str] | None:
@@ -86,6 +105,7 @@ QWEN_LINEARS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
 )
+QWEN_FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 QWEN_SMOOTH_GROUPS = (
     SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
     SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "norm"),
@@ -96,7 +116,27 @@ QWEN_SMOOTH_GROUPS = (
 FAMILIES: dict[str, Family] = {}
 
 
+class FamilyError(ValueError):
+    """A family whose fields disagree with each other (one line, said at registration)."""
+
+
+def check_family(family: Family) -> None:
+    """Every name a family's structure uses is one of its linears (or, for a group's producer, a norm)."""
+    linears = set(family.linears)
+    named = [("fused", m) for g in family.fused for m in g] + [("residual_writers", m) for m in family.residual_writers]
+    for group in family.smooth_groups:
+        named += [("smooth_groups", c) for c in group.consumers]
+        if group.kind != "norm":
+            named.append(("smooth_groups", group.producer))
+    for field_name, name in named:
+        if name not in linears:
+            raise FamilyError(f"family {family.name}: {field_name} names {name!r}, which is not one of its linears")
+    if family.layers and not family.layers.startswith(family.language_model + "."):
+        raise FamilyError(f"family {family.name}: layers {family.layers!r} is not inside {family.language_model!r}")
+
+
 def register(family: Family) -> Family:
+    check_family(family)
     for model_type in family.model_types:
         FAMILIES[model_type] = family
     return family
@@ -110,7 +150,8 @@ for _name, _arch in (("qwen2_vl", "Qwen2VLForConditionalGeneration"),
         layers="model.language_model.layers", vision=("model.visual",),
         keep_bf16=("model.language_model.embed_tokens", "lm_head"), linears=QWEN_LINEARS,
         smooth_groups=QWEN_SMOOTH_GROUPS, embed="model.language_model.embed_tokens",
-        final_norm="model.language_model.norm", vision_out=("model.visual.merger.mlp.2",),
+        final_norm="model.language_model.norm", vision_out=("model.visual.merger.mlp.2",), fused=QWEN_FUSED,
+        rotary_emb="model.language_model.rotary_emb",
     ))
 
 # Qwen3-VL saves its checkpoints under the in-memory names (no legacy key layout).
@@ -121,6 +162,7 @@ register(Family(
     smooth_groups=QWEN_SMOOTH_GROUPS, ckpt_language_model="model.language_model", ckpt_vision="model.visual",
     embed="model.language_model.embed_tokens", final_norm="model.language_model.norm",
     vision_out=(),   # its merger and deepstack mergers: not mapped yet, so rotations refuse Qwen3-VL
+    fused=QWEN_FUSED, rotary_emb="model.language_model.rotary_emb",
 ))
 
 # Text-only causal LMs: the decoder is `model`, there is no vision tower.
@@ -133,7 +175,8 @@ for _name, _types, _archs in (
         name=_name, model_types=_types, architectures=_archs, language_model="model", layers="model.layers",
         vision=(), keep_bf16=("model.embed_tokens", "lm_head"), linears=QWEN_LINEARS,
         smooth_groups=QWEN_SMOOTH_GROUPS, ckpt_language_model="model", ckpt_vision="",
-        auto_class="AutoModelForCausalLM", embed="model.embed_tokens", final_norm="model.norm",
+        auto_class="AutoModelForCausalLM", embed="model.embed_tokens", final_norm="model.norm", fused=QWEN_FUSED,
+        rotary_emb="model.rotary_emb",
     ))
 
 

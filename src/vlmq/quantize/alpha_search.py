@@ -3,8 +3,9 @@
 ModelOpt stays the engine: `mtq.quantize` runs its max calibration with per-input-channel
 activation statistics (recipe with `axis=-1` inputs, exactly what its `smoothquant` does first),
 while forward pre-hooks keep a random subsample of every LM linear's real (bf16) calibration inputs.
-For each shared-input group of a decoder layer (q/k/v, o, gate/up, down) and each alpha of the
-grid, the W8A8 output is simulated in float32:
+For each shared-input group of a decoder layer (`Family.shared_inputs`: the readers of one norm, e.g.
+q/k/v and gate/up, and every other linear alone) and each alpha of the grid, the W8A8 output is
+simulated in float32:
 
     s    = mean over the group's members of amax_w^(1-a) / amax_x^a   (the exports' shared factor)
     x_q  = int8 per-tensor static quantization of x*s, scale max_j(amax_x_j*s_j)/127
@@ -40,25 +41,14 @@ from vlmq.numerics import (
 
 log = logging.getLogger(__name__)
 
-# Linears that read the same tensor, relative to a decoder layer. Others are groups of one.
-SHARED_INPUT = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-
 
 def layer_groups(family: Family, num_layers: int, names: Sequence[str]) -> list[list[str]]:
-    """Full names of the linears in `names`, grouped by shared input, layer by layer."""
+    """Full names of the linears in `names`, grouped by shared input (`family.shared_inputs`), layer by layer."""
     keep = set(names)
-    grouped = {lin for group in SHARED_INPUT for lin in group}
-    per_layer = [list(g) for g in SHARED_INPUT] + [[lin] for lin in family.linears if lin not in grouped]
     out = []
     for i in range(num_layers):
-        for group in per_layer:
-            members = [f"{family.layers}.{i}.{lin}" for lin in group if lin in family.linears]
-            members = [m for m in members if m in keep]
+        for group in family.shared_inputs:
+            members = [m for m in (f"{family.layers}.{i}.{lin}" for lin in group) if m in keep]
             if members:
                 out.append(members)
     return out
@@ -155,17 +145,26 @@ def search_targets(export: Any | None) -> list[Target]:
     return targets
 
 
+def _value_outputs(family: Family, groups: list[list[str]]) -> set[str]:
+    """The attention output linears (the family's v -> o pair's o) among the groups' heads."""
+    if family.value_pair is None:
+        return set()
+    suffix = "." + family.value_pair[1]
+    return {members[0] for members in groups if members[0].endswith(suffix)}
+
+
 @torch.no_grad()
 def search_alphas(model: nn.Module, groups: list[list[str]], sampler: InputSampler, grid: Sequence[float],
-                  default: float, targets: Sequence[Target] = (MODELOPT_TARGET,)) -> AlphaSearch:
+                  default: float, targets: Sequence[Target] = (MODELOPT_TARGET,), *, family: Family) -> AlphaSearch:
     """Pick one alpha per shared-input group. Score of an alpha = sum over `targets` of the group's
     summed output error relative to that target's error at `default` (so each target counts equally
-    and a score below len(targets) means better than the default on average)."""
+    and a score below len(targets) means better than the default on average). A target that shares o_proj's
+    factor per kv-group scores the family's attention output linear that way."""
     modules = dict(model.named_modules())
     text_cfg = getattr(model.config, "text_config", model.config)
-    heads, kv_heads = text_cfg.num_attention_heads, text_cfg.num_key_value_heads
+    kv_groups = (text_cfg.num_attention_heads, text_cfg.num_key_value_heads)
+    value_outputs = _value_outputs(family, groups)
     grid = [float(a) for a in grid]
-    default = float(default)
     result = AlphaSearch(alphas={}, grid=grid, targets=[list(t) for t in targets])
     for members in groups:
         head = members[0]
@@ -174,26 +173,32 @@ def search_alphas(model: nn.Module, groups: list[list[str]], sampler: InputSampl
             raise RuntimeError(f"{head}: no calibration inputs were captured for the alpha search")
         result.tokens = max(result.tokens, int(x.shape[0]))
         dev = modules[head].weight.device
-        x = x.to(dev)
         act_amax = modules[head].input_quantizer.amax.detach().float().flatten().to(dev)
         weights = [modules[m].weight.detach().float() for m in members]
-        score = dict.fromkeys(grid, 0.0)
-        errors = {}
-        for activations, shared_o in targets:
-            kv = None
-            if shared_o and head.endswith("o_proj"):
-                kv = (heads, kv_heads)
-            errs = {a: group_error(x, act_amax, weights, a, activations, kv) for a in sorted(set(grid) | {default})}
-            ref = errs[default] or 1.0
-            for a in grid:
-                score[a] += errs[a] / ref
-            errors[f"{activations}{'_kv_shared_o' if kv else ''}"] = {f"{a:g}": e for a, e in errs.items()}
+        score, errors = _score_group(x.to(dev), act_amax, weights, grid, float(default), targets,
+                                     kv_groups if head in value_outputs else None)
         best = min(grid, key=lambda a: (score[a], abs(a - default)))
         for m in members:
             result.alphas[m] = best
         result.groups.append({"members": members, "alpha": best, "score": {f"{a:g}": v for a, v in score.items()},
                               "errors": errors})
     return result
+
+
+def _score_group(x: torch.Tensor, act_amax: torch.Tensor, weights: list[torch.Tensor], grid: list[float],
+                 default: float, targets: Sequence[Target], kv_groups: tuple[int, int] | None
+                 ) -> tuple[dict[float, float], dict[str, dict[str, float]]]:
+    """(score per alpha, errors per target and alpha) of one group; `kv_groups` for an attention output."""
+    score = dict.fromkeys(grid, 0.0)
+    errors = {}
+    for activations, shared_o in targets:
+        kv = kv_groups if shared_o else None
+        errs = {a: group_error(x, act_amax, weights, a, activations, kv) for a in sorted(set(grid) | {default})}
+        ref = errs[default] or 1.0
+        for a in grid:
+            score[a] += errs[a] / ref
+        errors[f"{activations}{'_kv_shared_o' if kv else ''}"] = {f"{a:g}": e for a, e in errs.items()}
+    return score, errors
 
 
 @torch.no_grad()

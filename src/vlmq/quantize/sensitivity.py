@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from vlmq.evaluate.fidelity import KLProbe
+from vlmq.models.families import Family
 
 log = logging.getLogger(__name__)
 
@@ -109,23 +110,23 @@ class Fallback:
         return {"max_kl": self.max_kl, "fallback_bf16": self.exclude, "search": self.steps, "kl_final": self.kl_final}
 
 
-FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
-
-
-def fused_siblings(name: str) -> list[str]:
-    """`name` and the linears an inference engine fuses it with (vLLM's qkv_proj, gate_up_proj)."""
-    prefix, _, leaf = name.rpartition(".")
-    parent, _, block = prefix.rpartition(".")
-    for group in FUSED:
-        if f"{block}.{leaf}" in group:
-            return [f"{parent}.{member}" for member in group]
+def fused_siblings(name: str, family: Family) -> list[str]:
+    """`name` and the linears an inference engine fuses it with (`family.fused`: vLLM's qkv_proj, gate_up_proj)."""
+    head = family.layers + "."
+    if name.startswith(head):
+        index, _, relative = name[len(head):].partition(".")
+        group = next((g for g in family.fused if relative in g), None)
+        if group is not None:
+            return [f"{head}{index}.{member}" for member in group]
     return [name]
 
 
 @torch.no_grad()
-def choose_fallback(model: nn.Module, sensitivity: Sensitivity, probe: KLProbe, max_kl: float) -> Fallback:
+def choose_fallback(model: nn.Module, sensitivity: Sensitivity, probe: KLProbe, max_kl: float,
+                    family: Family) -> Fallback:
     """Greedy over the ranking: keep the top-k linears bf16 for k = 0, 1, 2, ... and re-measure the
-    whole model each step; the first k that meets `max_kl` wins (the fewest along the ranking)."""
+    whole model each step; the first k that meets `max_kl` wins (the fewest along the ranking). A linear
+    falls back with the family's fused group it belongs to."""
     steps = [{"bf16": 0, "added": None, "kl": sensitivity.full}]
     if sensitivity.full <= max_kl:
         return Fallback(max_kl, [], steps)
@@ -135,7 +136,7 @@ def choose_fallback(model: nn.Module, sensitivity: Sensitivity, probe: KLProbe, 
             if name in exclude:
                 continue
             # engines fuse q/k/v and gate/up into one GEMM with one scheme: a group falls back whole
-            added = [n for n in fused_siblings(name) if n not in exclude]
+            added = [n for n in fused_siblings(name, family) if n not in exclude]
             set_quant(model, added, False)
             exclude.extend(added)
             kl = probe.kl(model)

@@ -156,7 +156,7 @@ def smooth(work: Work) -> Work:
     if work.alphas is None and work.sampler is not None:
         groups = search.layer_groups(work.family, num_layers(work), work.names)
         work.search = search.search_alphas(work.model, groups, work.sampler, work.quant.alpha_grid,
-                                           work.quant.alpha, search.search_targets(work.export))
+                                           work.quant.alpha, search.search_targets(work.export), family=work.family)
         work.alphas = work.search.alphas
         log.info("alpha search: %d groups, chosen alphas %s", len(groups), work.search.histogram())
     work.alphas = {n: float(work.alphas[n]) if work.alphas else float(work.quant.alpha) for n in work.names}

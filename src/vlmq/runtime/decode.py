@@ -1,10 +1,13 @@
-"""A lean greedy decode loop for Qwen2.5-VL, the same for bf16 and W8A8 models.
+"""A lean greedy decode loop for Qwen2.5-VL (and Llama-like text LMs), the same for bf16 and W8A8 models.
 
 `LeanDecoder` runs the language model from the HF module's own weights with its own small
 forward (RMSNorm, fused q/k/v and gate/up linears, multimodal RoPE, SDPA against a static KV
 cache with a validity mask, residuals) so that one decode step has fixed shapes and no
 host-side work: on CUDA it is captured once in a CUDA graph and replayed per token, with the
 greedy argmax, position/cache counters and the token record all updated inside the graph.
+Which modules it runs comes from the model's `Family` (`layout.py`); a model it cannot run as it
+is (a layer with other weights, no fused q/k/v in the family, an activation other than SiLU) is
+refused with one line (`LeanDecodeError`).
 
 Prefill: text-only or image+text. The vision tower + merger (bf16 in both models) run through
 `vision.LeanVision`: the HF blocks' own modules, index work cached per image grid, each layer's
@@ -22,15 +25,17 @@ Batches must be left-padded (or unpadded); padded keys are masked.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmq.runtime.fusion import fuse_linears
+from vlmq.models.families import family_for
+from vlmq.runtime.layout import LeanDecodeError, decode_layers, submodule
 from vlmq.runtime.vision import LeanVision, batched_window_attention
+
+__all__ = ["LeanDecodeError", "LeanDecoder", "ReferenceOps", "mrope_positions", "rms_norm"]
 
 # ---------------------------------------------------------------------------
 # reference ops (the fused module may replace them on CUDA)
@@ -82,19 +87,10 @@ class ReferenceOps:
         return o_proj(attn.reshape(b, n_kv * groups, t, d).transpose(1, 2).reshape(b, t, n_kv * groups * d))
 
 
-@dataclass
-class _Layer:
-    ln1: Tensor
-    qkv: nn.Module
-    o: nn.Module
-    ln2: Tensor
-    gate_up: nn.Module
-    down: nn.Module
-
-
 def mrope_positions(input_ids: Tensor, attention_mask: Tensor, image_grid_thw: Tensor | None,
-                    image_token_id: int, merge: int) -> tuple[Tensor, Tensor]:
-    """(positions [3, B, T] long, next position [B] long) like HF's get_rope_index for images."""
+                    image_token_id: int | None, merge: int) -> tuple[Tensor, Tensor]:
+    """(positions [3, B, T] long, next position [B] long) like HF's get_rope_index for images (no image
+    token id: text only, positions counted over each row's real tokens)."""
     b, t = input_ids.shape
     pos = torch.zeros(3, b, t, dtype=torch.long)
     grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
@@ -102,7 +98,7 @@ def mrope_positions(input_ids: Tensor, attention_mask: Tensor, image_grid_thw: T
     ids_all, mask_all = input_ids.cpu(), attention_mask.cpu().bool()
     for row in range(b):
         ids = ids_all[row][mask_all[row]]
-        is_img = (ids == image_token_id).tolist()
+        is_img = (ids == image_token_id).tolist() if image_token_id is not None else [False] * len(ids)
         parts, cur, i = [], 0, 0
         while i < len(ids):
             j = i
@@ -134,30 +130,31 @@ class LeanDecoder:
         self.model = model
         self.lean_vision = lean_vision  # vision tower via runtime/vision.py (else transformers' forward)
         self._vision: LeanVision | None = None
-        mm = model.model
-        lm = mm.language_model
+        family = family_for(model.config.model_type)
         cfg = model.config.get_text_config()
-        self.device = lm.embed_tokens.weight.device
-        self.dtype = lm.embed_tokens.weight.dtype
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise LeanDecodeError(f"the lean decode loop runs a SiLU MLP; {family.name}'s is {cfg.hidden_act}")
+        self.embed = submodule(model, family.embed, family, "token embedding")
+        self.norm_w = submodule(model, family.final_norm, family, "final norm").weight
+        self.lm_head = submodule(model, family.lm_head, family, "lm_head")
+        rot = submodule(model, family.rotary_emb, family, "rotary embedding")
+        self.visual = submodule(model, family.vision[0], family, "vision tower") if family.vision else None
+        self.family_name = family.name
+        self.device = self.embed.weight.device
+        self.dtype = self.embed.weight.dtype
         self.batch, self.max_len = batch, max_len
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim**-0.5
-        rot = lm.rotary_emb
         self.inv_freq = rot.inv_freq.float().to(self.device)
         self.rope_scaling = float(getattr(rot, "attention_scaling", 1.0))
         rp = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         self.mrope_section = list(getattr(rot, "mrope_section", None) or rp.get("mrope_section") or [])
-        self.embed, self.norm_w, self.lm_head = lm.embed_tokens, lm.norm.weight, model.lm_head
-        self.image_token_id = model.config.image_token_id
-        self.merge = model.config.vision_config.spatial_merge_size
-        self.layers = []
-        for layer in lm.layers:
-            at, mlp = layer.self_attn, layer.mlp
-            self.layers.append(_Layer(layer.input_layernorm.weight, fuse_linears([at.q_proj, at.k_proj, at.v_proj]),
-                                      at.o_proj, layer.post_attention_layernorm.weight,
-                                      fuse_linears([mlp.gate_proj, mlp.up_proj]), mlp.down_proj))
+        self.image_token_id = model.config.image_token_id if self.visual is not None else None
+        self.merge = model.config.vision_config.spatial_merge_size if self.visual is not None else 1
+        kv = self.n_kv * self.head_dim
+        self.layers = decode_layers(model, family, (self.n_heads * self.head_dim, kv, kv))
         dev, n_layers = self.device, len(self.layers)
         shape = (n_layers, batch, self.n_kv, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=dev)
@@ -301,14 +298,16 @@ class LeanDecoder:
     def _image_features(self, pixel_values: Tensor, image_grid_thw: Tensor) -> Tensor:
         """Merged vision features [image tokens, hidden]: `LeanVision` (per-grid plan, CUDA graph with
         ``graph_prefill``) where the tower is recognised, else transformers' ``get_image_features``."""
-        visual = self.model.model.visual
+        visual = self.visual
+        if visual is None:
+            raise LeanDecodeError(f"image inputs, but family {self.family_name} has no vision tower")
         if self.lean_vision and LeanVision.supports(visual):
             if self._vision is None:
                 graphs = self.graph_prefill  # the Triton norm/SiLU kernels only inside the graph
                 self._vision = LeanVision(visual, graphs=graphs, fused=self.fused_ops and graphs)
             return self._vision(pixel_values, image_grid_thw)
         with batched_window_attention(visual) if self.lean_vision else contextlib.nullcontext():
-            out = self.model.model.get_image_features(pixel_values.to(self.device), image_grid_thw.to(self.device))
+            out = self.model.get_image_features(pixel_values.to(self.device), image_grid_thw.to(self.device))
         feats = getattr(out, "pooler_output", None)
         if feats is None:  # versions that return the merged features directly (or as last_hidden_state)
             feats = getattr(out, "last_hidden_state", out)
