@@ -26,6 +26,10 @@ from vlmq.quantize.fold import collect_act_amax
 
 ALPHA = 0.5
 
+# The SmoothQuant-only recipe: what these ModelOpt-fake-quant comparisons and reference writers reproduce
+# (the default adds rotations and GPTQ: tests/test_quantized_state.py, test_rotate.py, test_real_weights.py).
+SMOOTHQUANT = ["calibrate", "smooth", "round"]
+
 
 @dataclass
 class DemoQuant:
@@ -69,7 +73,7 @@ def demo_quant() -> DemoQuant:
     model.save_pretrained(snapshot)
     processor.save_pretrained(snapshot)
     names = quantized_linear_names(family, len(model.get_submodule(family.layers)))
-    quant = QuantConfig(alpha=ALPHA)
+    quant = QuantConfig(alpha=ALPHA, steps=SMOOTHQUANT)
     plain_logits = batch_logits(fake_quant_copy(model, family, quant, calib, smoothquant=False), held_out)
     fake = fake_quant_copy(model, family, quant, calib)
     fake_logits = batch_logits(fake, held_out)

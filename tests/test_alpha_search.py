@@ -28,6 +28,10 @@ from vlmq.quantize.steps import quantize_lm
 FAMILY = family_for("qwen2_5_vl")
 LAYERS = FAMILY.layers
 
+# The SmoothQuant-only recipe: what these ModelOpt-fake-quant comparisons and reference writers reproduce
+# (the default adds rotations and GPTQ: tests/test_quantized_state.py, test_rotate.py, test_real_weights.py).
+SMOOTHQUANT = ["calibrate", "smooth", "round"]
+
 
 @functools.lru_cache(maxsize=1)
 def outlier_setup():
@@ -83,8 +87,8 @@ def test_groups_share_inputs_and_drop_excluded():
 
 def test_one_alpha_grid_reproduces_modelopt_smoothquant():
     """Our per-linear postprocess is ModelOpt's: a one-value grid gives the same model as mtq's smoothquant."""
-    ours, info = quantized(QuantConfig(alpha_search=True, alpha_grid=[0.5]))
-    theirs, _ = quantized(QuantConfig(alpha=0.5))
+    ours, info = quantized(QuantConfig(alpha_search=True, alpha_grid=[0.5], steps=SMOOTHQUANT))
+    theirs, _ = quantized(QuantConfig(alpha=0.5, steps=SMOOTHQUANT))
     assert set(info.alphas.values()) == {0.5}
     mods = dict(theirs.named_modules())
     for name, module in ours.named_modules():
@@ -146,7 +150,7 @@ def export_kl(fake, alphas, activations: str, tmp: Path) -> float:
 
 @functools.lru_cache(maxsize=1)
 def fixed_default():
-    return quantized(QuantConfig(alpha=0.5))[0]
+    return quantized(QuantConfig(alpha=0.5, steps=SMOOTHQUANT))[0]
 
 
 @pytest.mark.parametrize("activations", ["dynamic", "static"])
@@ -156,7 +160,7 @@ def test_alpha_search_never_worse_than_default_on_outlier_model(tmp_path, activa
     _, _, held_out, ref = outlier_setup()
     fixed = fixed_default()
     export = ExportConfig(activations=activations)
-    searched, info = quantized(QuantConfig(alpha_search=True), export=export)
+    searched, info = quantized(QuantConfig(alpha_search=True, steps=SMOOTHQUANT), export=export)
     assert info.search is not None and len(info.search.groups) == 8
     assert info.search.targets[0] == ["static", False] and info.search.targets[-1] == [activations, True]
     assert len(set(info.alphas.values())) > 1, "the outlier model should not want one alpha everywhere"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from vlmq.numerics import quantize_weight_per_channel
-from vlmq.quantize.gptq import HessianCollector, gptq_round, output_error, smoothed_hessian
+from vlmq.quantize.gptq import HessianCollector, gptq_round, output_error, shared_inputs, smoothed_hessian
 
 
 def correlated_inputs(tokens: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -15,18 +15,36 @@ def correlated_inputs(tokens: int, k: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(tokens, k, generator=gen) @ mix * torch.linspace(0.2, 3.0, k)
 
 
-def test_hessian_collector_sums_outer_products():
-    linear = torch.nn.Linear(16, 8)
-    collector = HessianCollector({"lin": linear})
-    xs = [torch.randn(3, 5, 16), torch.randn(7, 16)]
-    for x in xs:
-        linear(x)
+class Masked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 8)
+
+    def forward(self, x, attention_mask=None):
+        return self.lin(x)
+
+
+def test_hessian_collector_sums_outer_products_of_real_tokens():
+    model = Masked()
+    collector = HessianCollector(model, {"lin": model.lin}, aliases={"other": "lin"})
+    x1, x2 = torch.randn(3, 5, 16), torch.randn(2, 4, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    model(x1, attention_mask=mask)
+    model(x2)   # no mask: every position counts
     collector.remove()
-    flat = torch.cat([x.reshape(-1, 16) for x in xs])
-    assert torch.allclose(collector.hessians["lin"], flat.T @ flat, rtol=1e-5, atol=1e-4)
-    assert collector.tokens["lin"] == 22
-    linear(torch.randn(2, 16))   # removed: no more accumulation
-    assert collector.tokens["lin"] == 22
+    flat = torch.cat([x1[mask.bool()], x2.reshape(-1, 16)])
+    assert collector.tokens["lin"] == 9 + 8
+    assert torch.allclose(collector.hessian("lin"), flat.T @ flat, rtol=1e-5, atol=1e-4)
+    assert collector.hessian("other") is collector.hessian("lin")
+    model(x2)   # removed: no more accumulation
+    assert collector.tokens["lin"] == 17
+
+
+def test_shared_inputs_alias_each_group_to_its_first_quantized_member():
+    names = ["l.0.q", "l.0.k", "l.0.v", "l.0.o", "l.1.k", "l.1.v", "l.1.o"]
+    hooked, aliases = shared_inputs(names, [("q", "k", "v")])
+    assert hooked == ["l.0.q", "l.0.o", "l.1.k", "l.1.o"]
+    assert aliases == {"l.0.k": "l.0.q", "l.0.v": "l.0.q", "l.1.v": "l.1.k"}
 
 
 def test_smoothed_hessian_is_that_of_the_scaled_input():

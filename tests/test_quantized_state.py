@@ -29,6 +29,7 @@ from vlmq.quantize.steps import quantize_lm
 
 FAMILY = family_for("qwen2_5_vl")
 FALLBACK = "model.language_model.layers.1.self_attn.k_proj"   # kept bf16; q/v in its group are quantized
+SMOOTHQUANT = ["calibrate", "smooth", "round"]   # the recipe the independent reference writer reproduces
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,8 @@ def _quantize(snapshot: Path, batches, activations: str, quant: QuantConfig, exc
     ("dynamic", False, ()), ("static", False, ()), ("dynamic", True, (FALLBACK,))])
 def test_state_export_equals_reference_writer_bit_for_bit(calibrated, activations, alpha_search, exclude):
     work, processor, batches, snapshot = calibrated
-    quant = QuantConfig(alpha=0.5, alpha_search=alpha_search, alpha_grid=[0.3, 0.5, 0.8], alpha_search_tokens=64)
+    quant = QuantConfig(alpha=0.5, alpha_search=alpha_search, alpha_grid=[0.3, 0.5, 0.8], alpha_search_tokens=64,
+                        steps=SMOOTHQUANT)
     model, lmq = _quantize(snapshot, batches, activations, quant, exclude)
     state = lmq.state
     tag = f"{activations}-{alpha_search}"
@@ -89,7 +91,7 @@ def test_state_export_equals_reference_writer_bit_for_bit(calibrated, activation
 
 def test_shards_and_index_when_over_the_shard_size(calibrated):
     work, processor, batches, snapshot = calibrated
-    _, lmq = _quantize(snapshot, batches, "dynamic", QuantConfig(alpha=0.5))
+    _, lmq = _quantize(snapshot, batches, "dynamic", QuantConfig(alpha=0.5, steps=SMOOTHQUANT))
     one, many = work / "one", work / "many"
     write_compressed_tensors(lmq.state, processor, one)
     files = write_compressed_tensors(lmq.state, processor, many, max_shard_bytes=200_000)
@@ -116,7 +118,8 @@ def test_a_new_step_is_one_function_and_one_config_entry(calibrated, tmp_path):
     _, processor, batches, snapshot = calibrated
     try:
         _, halved = _quantize(snapshot, batches, "dynamic",
-                              QuantConfig(alpha=0.8, steps=["calibrate", "smooth", "halve_alpha", "round"]))
+                              QuantConfig(alpha=0.8, steps=["rotate", "calibrate", "smooth", "halve_alpha", "gptq",
+                                                            "round"]))
     finally:
         STEPS.pop("halve_alpha")
     _, direct = _quantize(snapshot, batches, "dynamic", QuantConfig(alpha=0.4))
@@ -129,7 +132,45 @@ def test_unknown_step_is_a_one_line_error(tmp_path):
     from conftest import run_cli
     from test_cli_errors import assert_one_line_error
 
-    result = run_cli(["quantize", "quant.steps=[calibrate,rotate,round]", f"log_root={tmp_path}",
+    result = run_cli(["quantize", "quant.steps=[calibrate,rotaet,round]", f"log_root={tmp_path}",
                       f"export.dir={tmp_path / 'export'}"], cwd=tmp_path)
-    assert_one_line_error(result, "unknown step 'rotate'", "calibrate, smooth, round")
+    assert_one_line_error(result, "unknown step 'rotaet'", "rotate, calibrate, smooth, gptq, round")
     assert not (tmp_path / "export").exists()
+
+
+def test_steps_out_of_order_are_a_one_line_error(tmp_path):
+    from conftest import run_cli
+    from test_cli_errors import assert_one_line_error
+
+    result = run_cli(["quantize", "quant.steps=[calibrate,rotate,smooth,round]", f"log_root={tmp_path}",
+                      f"export.dir={tmp_path / 'export'}"], cwd=tmp_path)
+    assert_one_line_error(result, "'rotate' must come before 'calibrate'")
+
+
+def test_default_recipe_export_is_the_state_bit_for_bit_with_its_rotations(calibrated):
+    """Rotations, GPTQ and the online Hadamard reach the compressed-tensors export: its int8 weights and scales
+    are the state's, the lm_head is untied and rotated, and down_proj declares its input Hadamard."""
+    work, processor, batches, snapshot = calibrated
+    quant = QuantConfig(alpha=0.5)
+    assert quant.steps == ["rotate", "calibrate", "smooth", "gptq", "round"]
+    model, lmq = _quantize(snapshot, batches, "dynamic", quant)
+    state = lmq.state
+    assert state.rounding == "gptq" and set(state.rotations) == {"residual", "input_hadamards"}
+    out = work / "default"
+    write_compressed_tensors(state, processor, out)
+    got = load_file(out / "model.safetensors")
+    for name, lin in state.linears.items():
+        key = FAMILY.checkpoint_name(name)
+        assert torch.equal(got[f"{key}.weight"], lin.weight.cpu())
+        assert torch.equal(got[f"{key}.weight_scale"][:, 0], lin.weight_scale.float().cpu())
+        assert (lin.input_hadamard == 128 if name.endswith("down_proj") else lin.input_hadamard is None)
+    assert not torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False
+    scheme = cfg["quantization_config"]["transform_config"]["config_groups"]["R4"]
+    assert scheme["type"] == "hadamard" and scheme["head_dim"] == 128
+    # GPTQ changed the rounding: some int8 weight differs from round-to-nearest of the same smoothed weights
+    _, rtn = _quantize(snapshot, batches, "dynamic", QuantConfig(alpha=0.5, steps=["rotate", "calibrate", "smooth",
+                                                                                     "round"]))
+    assert any(not torch.equal(rtn.state.linears[n].weight, lin.weight) for n, lin in state.linears.items())
+

@@ -22,16 +22,32 @@ from vlmq.numerics import MIN_SCALE, QMAX, QMIN
 
 
 class HessianCollector:
-    """Accumulates H = sum x x^T (float32, on the module's device) of each hooked module's input."""
+    """Accumulates H = sum x x^T (float32, on the module's device) of each hooked module's input, over the real
+    tokens only: a pre-hook on `model` reads each batch's attention_mask, and padded positions are dropped.
+    Products run in fp32: a bf16 product rounds every entry to 8 bits, which on a trained model's outlier
+    channels leaves H indefinite (measured: Cholesky failed on SmolLM2).
 
-    def __init__(self, modules: Mapping[str, nn.Module]):
+    `modules` maps a name to its module; `aliases` maps further names to one of those (linears that read the
+    same input, e.g. k/v to q) and `hessian(name)` resolves them, so a shared input is accumulated once."""
+
+    def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], aliases: Mapping[str, str] | None = None):
         self.hessians: dict[str, Tensor] = {}
         self.tokens: dict[str, int] = {}
-        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+        self.aliases = dict(aliases or {})
+        self._mask: Tensor | None = None
+        self._handles = [model.register_forward_pre_hook(self._read_mask, with_kwargs=True)]
+        self._handles += [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _read_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        self._mask = mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = args[0].detach()
+            if self._mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self._mask.shape):
+                x = x[self._mask.to(x.device)]
+            x = x.reshape(-1, x.shape[-1]).float()
             if name not in self.hessians:
                 self.hessians[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
                 self.tokens[name] = 0
@@ -39,10 +55,36 @@ class HessianCollector:
             self.tokens[name] += x.shape[0]
         return hook
 
+    def hessian(self, name: str) -> Tensor:
+        return self.hessians[self.aliases.get(name, name)]
+
+    def clear(self) -> None:
+        self.hessians.clear()
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def shared_inputs(names: list[str], groups: list[tuple[str, ...]]) -> tuple[list[str], dict[str, str]]:
+    """(the linears to hook, {other linear: the hooked one reading the same input}) from groups of layer-relative
+    names (`Family.norm_groups`' consumers): e.g. k_proj and v_proj alias q_proj of the same layer."""
+    keep, aliases = [], {}
+    wanted = set(names)
+    for name in names:
+        for group in groups:
+            rel_full = next((r for r in group if name.endswith("." + r)), None)
+            if rel_full is None:
+                continue
+            layer = name[: -len(rel_full) - 1]
+            first = next((f"{layer}.{r}" for r in group if f"{layer}.{r}" in wanted), name)
+            if first != name:
+                aliases[name] = first
+            break
+        if name not in aliases:
+            keep.append(name)
+    return keep, aliases
 
 
 def smoothed_hessian(hessian: Tensor, smoothing: Tensor | None) -> Tensor:
@@ -71,8 +113,7 @@ def gptq_round(weight: Tensor, hessian: Tensor, scale: Tensor | None = None, dam
     w[:, dead] = 0.0
     order = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k, device=w.device)
     w, h = w[:, order], h[order][:, order]
-    h.diagonal().add_(damp * torch.diagonal(h).mean())
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    u = _inverse_cholesky(h, damp)
     q = torch.zeros_like(w)
     inv_scale = scale[:, None]
     for start in range(0, k, block):
@@ -89,6 +130,26 @@ def gptq_round(weight: Tensor, hessian: Tensor, scale: Tensor | None = None, dam
         w[:, end:] -= err_blk @ u[start:end, end:]
     inverse = torch.argsort(order)
     return q[:, inverse].to(torch.int8), scale
+
+
+def _inverse_cholesky(h: Tensor, damp: float, tries: int = 4) -> Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; the damping grows 10x per failed try (a
+    Hessian from few tokens is singular, and fp32 sums of outlier channels can leave it barely indefinite)."""
+    mean_diag = torch.diagonal(h).mean()
+    for attempt in range(tries):
+        damped = h.clone()
+        damped.diagonal().add_(max(damp, 1e-6) * 10 ** attempt * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            if int(info) == 0:
+                return inverse
+    raise GPTQError(f"the Hessian stays indefinite with damping up to {damp * 10 ** (tries - 1):g} of its mean "
+                    "diagonal (raise quant.gptq.damp, or calibrate on more samples)")
+
+
+class GPTQError(RuntimeError):
+    pass
 
 
 def output_error(weight: Tensor, q: Tensor, scale: Tensor, hessian: Tensor) -> float:

@@ -122,10 +122,11 @@ def calibrate(work: Work) -> Work:
         groups = search.layer_groups(work.family, num_layers(work), work.names)
         work.sampler = search.InputSampler({g[0]: modules[g[0]] for g in groups}, work.quant.alpha_search_tokens)
     if "gptq" in work.quant.steps:   # the Hessians come from the same forward passes
-        from vlmq.quantize.gptq import HessianCollector
+        from vlmq.quantize.gptq import HessianCollector, shared_inputs
 
         modules = dict(work.model.named_modules())
-        work.hessians = HessianCollector({n: modules[n] for n in work.names})
+        hooked, aliases = shared_inputs(work.names, [g.consumers for g in work.family.norm_groups])
+        work.hessians = HessianCollector(work.model, {n: modules[n] for n in hooked}, aliases)
     try:
         work.model = quantize(work.model, work.recipe, work.forward_loop)
     finally:
@@ -139,10 +140,10 @@ def calibrate(work: Work) -> Work:
 def gptq(work: Work) -> Work:
     from vlmq.quantize.gptq import gptq_round, smoothed_hessian
 
-    cfg, hessians = work.quant.gptq, work.hessians.hessians
+    cfg, hessians = work.quant.gptq, work.hessians
 
     def rounding(name, weight, smoothing):
-        return gptq_round(weight, smoothed_hessian(hessians[name], smoothing), damp=cfg.damp, block=cfg.block,
+        return gptq_round(weight, smoothed_hessian(hessians.hessian(name), smoothing), damp=cfg.damp, block=cfg.block,
                           act_order=cfg.act_order)
 
     work.rounding = rounding
@@ -179,7 +180,7 @@ def round_to_int8(work: Work) -> Work:
     work.state.rotations = dict(work.rotations)
     work.state.rounding = "gptq" if work.rounding else "rtn"
     if work.hessians is not None:   # free them: 3B's are ~25 GB
-        work.hessians.hessians.clear()
+        work.hessians.clear()
     if work.quant.kv_cache != "none":   # the calibrated KV-cache scales, for the compressed-tensors export
         work.state.kv_cache = work.quant.kv_cache
         work.state.kv_scales = kv_cache_scales(work.model, work.family)
