@@ -16,9 +16,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 300
 
-# modelopt_hf cannot carry the default recipe's online Hadamard (docs/QUANTIZATION.md): tests that write
-# both formats turn it off (the folded rotations and GPTQ stay).
-NO_ONLINE_HADAMARD = "quant.rotate.mlp_input_block=0"
+# modelopt_hf carries neither the default recipe's rotations nor GPTQ (docs/QUANTIZATION.md): tests that write
+# both formats use the SmoothQuant-only recipe.
+SMOOTHQUANT_RECIPE = "quant.steps=[calibrate,smooth,round]"
 
 
 @dataclass
@@ -88,7 +88,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     workdir = tmp_path_factory.mktemp("demo_quantize")
     log_root, export_dir = workdir / "logs", workdir / "export"
     result = run_cli(["quantize", f"log_root={log_root}", f"export.dir={export_dir}", "run_name=x",
-                      "export.formats=[compressed_tensors,modelopt_hf]", NO_ONLINE_HADAMARD], cwd=workdir)
+                      "export.formats=[compressed_tensors,modelopt_hf]", SMOOTHQUANT_RECIPE], cwd=workdir)
     assert result.rc == 0, describe(result)
     manifest = json.loads((export_dir / "manifest.json").read_text())
     return DemoRun(result, workdir, log_root, log_root / "x", export_dir, manifest)

@@ -78,8 +78,9 @@ def test_model_recipe_calib_and_overrides_are_the_cli_overrides(tmp_path):
     same_config(config_for("demo", calib=tmp_path, overrides={"calib.num_samples": 64, "quant.max_kl": None}),
                 ["demo=on", f"calib.root={tmp_path}", "calib.num_samples=64", "quant.max_kl=null"])
     same_config(config_for("demo", overrides=["calib.num_samples=64", "export.formats=[modelopt_hf]",
-                                               "quant.rotate.mlp_input_block=0"]),
-                ["demo=on", "calib.num_samples=64", "export.formats=[modelopt_hf]", "quant.rotate.mlp_input_block=0"])
+                                               "quant.steps=[calibrate,smooth,round]"]),
+                ["demo=on", "calib.num_samples=64", "export.formats=[modelopt_hf]",
+                 "quant.steps=[calibrate,smooth,round]"])
 
 
 def test_a_snapshot_folder_is_arch_snapshot_and_its_family(tmp_path):

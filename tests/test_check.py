@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import NO_ONLINE_HADAMARD, REPO_ROOT, CliResult, describe, run_cli
+from conftest import REPO_ROOT, SMOOTHQUANT_RECIPE, CliResult, describe, run_cli
 from vlmq.calib import demo_coco_root, load_coco_captions
 from vlmq.evaluate.check import Case, apply_gates, score_case, select_heldout
 from vlmq.evaluate.layers import LayerProbe
@@ -48,7 +48,7 @@ def _check_export() -> Path:
 
     work = Path(tempfile.mkdtemp(prefix="vlmq-check-quantize-"))
     rc = main(["quantize", f"log_root={work / 'logs'}", f"export.dir={work / 'export'}", "run_name=q",
-               "export.formats=[compressed_tensors,modelopt_hf]", NO_ONLINE_HADAMARD,
+               "export.formats=[compressed_tensors,modelopt_hf]", SMOOTHQUANT_RECIPE,
                f"calib.num_samples={CALIB_N}"])  # in process: the subprocess CLI is exercised by check_pass
     assert rc == 0
     return work / "export"

@@ -28,7 +28,7 @@ def test_overrides_apply():
     # Values that differ from the defaults, so a dropped override cannot pass unnoticed.
     cfg = load_config(["calib.num_samples=37", "quant.alpha=0.25", "calib.batch_size=3", "calib.seed=9",
                        "export.formats=[modelopt_hf,compressed_tensors]", "run_name=abc", "demo=off",
-                       "quant.rotate.mlp_input_block=0"])
+                       "quant.steps=[calibrate,smooth,round]"])
     assert (cfg.calib.num_samples, cfg.quant.alpha, cfg.calib.batch_size, cfg.calib.seed) == (37, 0.25, "3", 9)
     assert cfg.export.formats == ["modelopt_hf", "compressed_tensors"]
     assert (cfg.run_name, cfg.demo) == ("abc", "off")

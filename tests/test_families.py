@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import NO_ONLINE_HADAMARD, describe, run_cli
+from conftest import SMOOTHQUANT_RECIPE, describe, run_cli
 from vlmq.calib import demo_coco_root, load_rgb
 from vlmq.models.demo import write_demo_qwen2_vl_snapshot, write_demo_qwen3_vl_snapshot
 from vlmq.models.families import FAMILIES, family_for
@@ -51,7 +51,7 @@ def test_vlm_family_end_to_end(tmp_path, family, writer):
     assert not export.exists()
     result = run_cli(["quantize", f"arch.snapshot={snapshot}", f"calib.root={demo_coco_root()}",
                       f"export.dir={export}", f"log_root={tmp_path / 'logs'}", f"arch.family={family}",
-                      "export.formats=[compressed_tensors,modelopt_hf]", NO_ONLINE_HADAMARD], cwd=tmp_path)
+                      "export.formats=[compressed_tensors,modelopt_hf]", SMOOTHQUANT_RECIPE], cwd=tmp_path)
     assert result.rc == 0, describe(result)
     assert "DEMO" not in result.stderr
     verify = run_cli(["verify", str(export)], cwd=tmp_path)
@@ -90,7 +90,7 @@ def test_text_only_llm_end_to_end(tmp_path, family):
     export = tmp_path / "export"
     result = run_cli(["quantize", f"arch.snapshot={snapshot}", f"arch.family={family}", "calib.source=text_jsonl",
                       f"calib.root={data}", f"export.dir={export}", f"log_root={tmp_path / 'logs'}",
-                      "export.formats=[compressed_tensors,modelopt_hf]", NO_ONLINE_HADAMARD], cwd=tmp_path)
+                      "export.formats=[compressed_tensors,modelopt_hf]", SMOOTHQUANT_RECIPE], cwd=tmp_path)
     assert result.rc == 0, describe(result)
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["calibration"]["samples"] == 12 and manifest["calibration"]["images"] == 0

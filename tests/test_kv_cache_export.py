@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import NO_ONLINE_HADAMARD, describe, run_cli
+from conftest import SMOOTHQUANT_RECIPE, describe, run_cli
 from vlmq.runtime.loader import CheckpointError, inspect_checkpoint, load_w8a8
 
 KV_SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
@@ -25,7 +25,7 @@ def fp8_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("kv_fp8")
     export = work / "export"
     result = run_cli(["quantize", "quant.kv_cache=fp8", "export.formats=[compressed_tensors,modelopt_hf]",
-                      NO_ONLINE_HADAMARD, f"export.dir={export}", f"log_root={work / 'logs'}", "run_name=x"], cwd=work)
+                      SMOOTHQUANT_RECIPE, f"export.dir={export}", f"log_root={work / 'logs'}", "run_name=x"], cwd=work)
     assert result.rc == 0, describe(result)
     return export
 

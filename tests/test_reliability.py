@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import NO_ONLINE_HADAMARD, CliResult, cli_command, cli_env, describe, run_cli
+from conftest import SMOOTHQUANT_RECIPE, CliResult, cli_command, cli_env, describe, run_cli
 from vlmq.cli import main as vlmq_main
 from vlmq.export.manifest import MANIFEST_NAME, file_hashes
 from vlmq.runtime.loader import CheckpointError, load_w8a8
@@ -64,7 +64,7 @@ def rehash(root: Path) -> None:
 def quantize_cmd(workdir: Path, export_dir: Path, run_name: str, *extra: str) -> list[str]:
     return cli_command() + ["quantize", f"log_root={workdir / 'logs'}", f"export.dir={export_dir}",
                             f"run_name={run_name}", "export.formats=[compressed_tensors,modelopt_hf]",
-                            NO_ONLINE_HADAMARD, *extra]
+                            SMOOTHQUANT_RECIPE, *extra]
 
 
 def _foreground_signals() -> None:
@@ -194,7 +194,7 @@ def killed_then_rerun(demo_run, tmp_path_factory) -> KilledThenRerun:
     # The next run (a real, successful one, calibrating on a COCO + text JSONL mix) cleans up.
     coco, text = write_mix_sources(work / "data")
     args = ["quantize", f"log_root={work / 'logs'}", f"export.dir={export_dir}", "run_name=rerun",
-            "export.formats=[compressed_tensors,modelopt_hf]", NO_ONLINE_HADAMARD,
+            "export.formats=[compressed_tensors,modelopt_hf]", SMOOTHQUANT_RECIPE,
             f"calib.root={coco}", "calib.num_samples=8", "calib.min_samples=4",
             f"calib.mix=[{{source:text_jsonl,root:{text},ratio:0.25}}]", "--force"]
     rerun = run_cli(args, cwd=work)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import NO_ONLINE_HADAMARD, describe, run_cli
+from conftest import SMOOTHQUANT_RECIPE, describe, run_cli
 from vlmq.calib import demo_coco_root, load_coco_captions
 from vlmq.calib.batches import make_batches
 from vlmq.config import QuantConfig
@@ -141,7 +141,7 @@ def test_max_kl_fallback_end_to_end(fragile_snapshot, tmp_path):
 
     export = tmp_path / "export"
     result = run_cli(["quantize", *cli_args(fragile_snapshot, tmp_path), f"export.dir={export}",
-                      f"quant.max_kl={MAX_KL}", "export.formats=[compressed_tensors,modelopt_hf]", NO_ONLINE_HADAMARD],
+                      f"quant.max_kl={MAX_KL}", "export.formats=[compressed_tensors,modelopt_hf]", SMOOTHQUANT_RECIPE],
                      cwd=tmp_path)
     assert result.rc == 0, describe(result)
     manifest = json.loads((export / "manifest.json").read_text())

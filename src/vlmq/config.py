@@ -220,11 +220,6 @@ def _check_override_keys(overrides: list[str]) -> None:
             raise ConfigError(f"{key} takes a list: {key}=[{value}]")
 
 
-def online_hadamard(cfg: Config) -> bool:
-    """Does the recipe put an online Hadamard on down_proj's input (R4 of the rotate step)?"""
-    return "rotate" in cfg.quant.steps and cfg.quant.rotate.mlp_input_block > 0
-
-
 def check_values(cfg: Config) -> None:
     """Values the types allow but vlmq does not: the first is a one-line `ConfigError`."""
     checks = [
@@ -264,9 +259,10 @@ def check_values(cfg: Config) -> None:
         (cfg.quant.rotate.mlp_input_block >= 0 and not cfg.quant.rotate.mlp_input_block & (
             cfg.quant.rotate.mlp_input_block - 1), "quant.rotate.mlp_input_block must be 0 (off) or a power of two, "
          f"got {cfg.quant.rotate.mlp_input_block}"),
-        (not (online_hadamard(cfg) and "modelopt_hf" in cfg.export.formats),
-         "export.formats: modelopt_hf cannot carry the online Hadamard on down_proj's input "
-         "(quant.rotate.mlp_input_block): export compressed_tensors only, or set quant.rotate.mlp_input_block=0"),
+        (not ("modelopt_hf" in cfg.export.formats and set(cfg.quant.steps) & {"rotate", "gptq"}),
+         "export.formats: modelopt_hf is ModelOpt's own export of the live model, which carries neither the rotate "
+         "step (an untied lm_head, the online Hadamard) nor GPTQ's rounding: with it, use the SmoothQuant-only "
+         "recipe quant.steps=[calibrate,smooth,round]"),
         (0.0 <= cfg.quant.gptq.damp < 1.0, f"quant.gptq.damp must be in [0, 1), got {cfg.quant.gptq.damp}"),
         (cfg.quant.gptq.block >= 1, f"quant.gptq.block must be >= 1, got {cfg.quant.gptq.block}"),
         (cfg.arch.dtype in ("bfloat16", "float16", "float32"),
