@@ -25,20 +25,22 @@ from real_fidelity import heldout_batches  # noqa: E402
 pytestmark = pytest.mark.slow
 
 CALIB = REPO_ROOT / "benchmarks" / "data" / "real_text" / "calib.jsonl"
-CALIB_SAMPLES = 128
+CALIB_SAMPLES = 128          # the SmoothQuant-only fixture (its floors and lm-eval recovery were measured so)
+DEFAULT_CALIB_SAMPLES = 256  # the default recipe: GPTQ's Hessians gain from more text (docs/BENCHMARKS.md)
 HELDOUT_SAMPLES = 16   # held-out records scored per export (about 5,000 tokens)
 
-# Measured on this setup (2-core x86 CPU, bf16 reference, 16 held-out records, 4,701 positions;
+# Measured 2026-12-05 on this setup (2-core x86 CPU, bf16 reference, 16 held-out records, 4,701 positions;
 # docs/BENCHMARKS.md, "Real weights"):
-# - default (rotate R1 + R4, SmoothQuant 0.5, GPTQ; every LM linear int8): KL {D_KL}, top-1 {D_TOP1},
-#   perplexity {D_PPL};
-# - smoothquant (the previous default, quant.steps=[calibrate,smooth,round]): KL 0.0164, top-1 0.933,
-#   perplexity +1.97 %; its modelopt_hf KL 0.407 (24.8x), perplexity +41 %.
-# Floors: KL at 1.5x the measured value, top-1 0.02 below it, perplexity change 1 percentage point above it
-# (bf16 GEMMs round differently on other CPUs), except the default's perplexity, held to #12's target
-# (within 0.5 % of bf16) with its measured value well inside it.
+# - default (rotate R1 + R4, SmoothQuant 0.5, GPTQ; every LM linear int8; 256 calibration texts): KL 0.0072,
+#   top-1 0.960, perplexity +0.20 % (issue #12's target: KL <= 0.008, top-1 >= 0.95, within 0.5 %);
+# - smoothquant (the previous default, quant.steps=[calibrate,smooth,round], 128 texts): KL 0.0182, top-1 0.933,
+#   perplexity +2.23 %; its modelopt_hf KL 0.42 (23x), perplexity +45 %.
+# The same SmoothQuant export measured KL 0.0164 / +1.97 % in an earlier session (other machine, other
+# library patch versions): about 11 % of drift between runs. Floors: KL 1.3x the measured value (covers that
+# drift), top-1 0.015 below it, perplexity 0.8 points above it; the SmoothQuant floors keep their earlier,
+# looser margins.
 FLOORS = {
-    "default": {"kl": 0.008, "top1": 0.95, "ppl_pct": 0.5},
+    "default": {"kl": 0.0095, "top1": 0.945, "ppl_pct": 1.0},
     "smoothquant": {"kl": 0.025, "top1": 0.913, "ppl_pct": 3.0},
 }
 SMOOTHQUANT_ONLY = "quant.steps=[calibrate,smooth,round]"
@@ -61,10 +63,10 @@ def real_snapshot() -> Path:
     return build_real_snapshot()
 
 
-def _quantize(snapshot: Path, work: Path, name: str, *extra: str) -> RealExport:
+def _quantize(snapshot: Path, work: Path, name: str, samples: int, *extra: str) -> RealExport:
     export = work / name
     result = run_cli(["quantize", f"arch.snapshot={snapshot}", "arch.family=llama", "calib.source=text_jsonl",
-                      f"calib.root={CALIB}", f"calib.num_samples={CALIB_SAMPLES}", f"export.dir={export}",
+                      f"calib.root={CALIB}", f"calib.num_samples={samples}", f"export.dir={export}",
                       f"log_root={work / 'logs'}", f"run_name={name}", *extra], cwd=work, timeout=900)
     assert result.rc == 0, describe(result)
     return RealExport(result, export, json.loads((export / "manifest.json").read_text()))
@@ -74,14 +76,14 @@ def _quantize(snapshot: Path, work: Path, name: str, *extra: str) -> RealExport:
 def real_default(real_snapshot, tmp_path_factory) -> RealExport:
     """The default recipe (rotations, SmoothQuant, GPTQ): compressed-tensors only, since ModelOpt's format
     cannot carry the online Hadamard."""
-    return _quantize(real_snapshot, tmp_path_factory.mktemp("real"), "default")
+    return _quantize(real_snapshot, tmp_path_factory.mktemp("real"), "default", DEFAULT_CALIB_SAMPLES)
 
 
 @pytest.fixture(scope="session")
 def real_smoothquant(real_snapshot, tmp_path_factory) -> RealExport:
     """SmoothQuant alone (the previous default), with ModelOpt's format written too, to measure it against the
     deployable one."""
-    return _quantize(real_snapshot, tmp_path_factory.mktemp("real"), "smoothquant", SMOOTHQUANT_ONLY,
+    return _quantize(real_snapshot, tmp_path_factory.mktemp("real"), "smoothquant", CALIB_SAMPLES, SMOOTHQUANT_ONLY,
                      "export.formats=[compressed_tensors,modelopt_hf]")
 
 
@@ -178,7 +180,8 @@ def test_sensitivity_ranks_real_linears(real_snapshot, tmp_path):
 # the CPU build lacks that kernel, so the probe gives vLLM a torch equivalent of it (tests/vllm/vllm_probe.py,
 # provide_hadacore_on_cpu) and says so in its report. Everything else is vLLM's own: it places the transform
 # from the config, and its int8 GEMMs run the rotated down_proj.
-# Measured 2026-12-05 (8 held-out records): {VLLM_MEASURED}. Limits: 0.03 nats; perplexity within 1 % of vLLM bf16.
+# Measured 2026-12-05 (8 held-out records): vLLM W8A8 NLL 2.8035 nats/token, vlmq's runtime 2.8037,
+# vLLM bf16 2.8053 (W8A8 perplexity -0.18 % against vLLM's bf16). Limits: 0.03 nats; within 1 % of vLLM bf16.
 VLLM_RECORDS = 8
 VLLM_NLL_TOL = 0.03
 VLLM_PPL_PCT = 1.0
