@@ -21,16 +21,16 @@ import argparse
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vlmq.bench import make_inputs, quantize_language_model, random_model, sync
+from vlmq.bench import make_inputs, quantize_language_model, random_model
 from vlmq.numerics import block_hadamard, quantize_weight_per_channel
 from vlmq.runtime.decode import LeanDecoder
 from vlmq.runtime.linear import W8A8Linear
+from vlmq.timing import decode_times
 
 BLOCK = 128
 VARIANTS = {"plain": (False, True), "hadamard fused": (True, True), "hadamard unfused": (True, False)}
@@ -59,15 +59,7 @@ def decode_run(model: nn.Module, inputs: dict, batch: int, new_tokens: int, fuse
     dec = LeanDecoder(model, batch, max_len)
     if hasattr(dec.ops, "fuse_hadamard"):
         dec.ops.fuse_hadamard = fuse_hadamard
-    times = []
-    for _ in range(2):
-        dec.prefill(**inputs)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            dec.step()
-        sync(device)
-        times.append(time.perf_counter() - start)
+    times = decode_times(dec, inputs, new_tokens, device, rounds=2)   # the first warms up
     return batch * (new_tokens - 1) / times[-1], dec.tokens[0, :8].tolist()
 
 

@@ -22,32 +22,15 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from vlmq.timing import decode_times, median_time
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time(fn: Callable[[], Any], device: torch.device, warmup: int = 1, iters: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _load_script(name: str):
@@ -165,15 +148,7 @@ def measure_lean(model, inputs: dict, batch: int, new_tokens: int, device: torch
     if "pixel_values" in inputs:
         embed = inputs["input_ids"].to(device), inputs["pixel_values"], inputs["image_grid_thw"]
         out["vision_ms"] = median_time(lambda: dec.embed_inputs(*embed), device, iters=iters) * 1e3
-    times = []
-    for _ in range(max(1, iters)):
-        dec.prefill(**inputs)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            dec.step()
-        sync(device)
-        times.append(time.perf_counter() - start)
+    times = decode_times(dec, inputs, new_tokens, device, max(1, iters))
     out["decode_tok_s"] = batch * (new_tokens - 1) / max(statistics.median(times), 1e-9)
     out["tokens"] = dec.tokens[0, : min(new_tokens, 8)].tolist()
     out["graphs"] = dec.use_graphs
