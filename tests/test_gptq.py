@@ -3,6 +3,7 @@ round-to-nearest, and with correlated inputs GPTQ lowers the layer's output erro
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vlmq.numerics import quantize_weight_per_channel
@@ -24,9 +25,13 @@ class Masked(torch.nn.Module):
         return self.lin(x)
 
 
-def test_hessian_collector_sums_outer_products_of_real_tokens():
+@pytest.mark.parametrize("device", [None, "cpu", "meta"])
+def test_hessian_collector_sums_outer_products_of_real_tokens(device):
+    """`device` None sums where the input is, "cpu" in host RAM (quant.gptq.hessian_device); "meta" stands in
+    for a device other than the input's, which takes the form-then-move path (tests/gpu/test_gptq_gpu.py runs
+    it with CUDA inputs and CPU sums)."""
     model = Masked()
-    collector = HessianCollector(model, {"lin": model.lin}, aliases={"other": "lin"})
+    collector = HessianCollector(model, {"lin": model.lin}, aliases={"other": "lin"}, device=device)
     x1, x2 = torch.randn(3, 5, 16), torch.randn(2, 4, 16)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     model(x1, attention_mask=mask)
@@ -34,6 +39,10 @@ def test_hessian_collector_sums_outer_products_of_real_tokens():
     collector.remove()
     flat = torch.cat([x1[mask.bool()], x2.reshape(-1, 16)])
     assert collector.tokens["lin"] == 9 + 8
+    assert collector.nbytes() == 16 * 16 * 4
+    if device == "meta":
+        assert collector.hessian("lin").device.type == "meta"
+        return
     assert torch.allclose(collector.hessian("lin"), flat.T @ flat, rtol=1e-5, atol=1e-4)
     assert collector.hessian("other") is collector.hessian("lin")
     model(x2)   # removed: no more accumulation

@@ -68,6 +68,10 @@ class GptqConfig:
     damp: float = 0.01
     block: int = 128
     act_order: bool = True
+    # Where the Hessians are summed: null = each linear's own device; "cpu" = host RAM (on a GPU each batch's
+    # x^T x is still formed there). Qwen2.5-VL-3B's are 19.3 GB in fp32, more than a 24 GB GPU holds beside
+    # the model; 7B's 44.5 GB.
+    hessian_device: str | None = None
 
 
 @dataclass
@@ -265,6 +269,9 @@ def check_values(cfg: Config) -> None:
          "recipe quant.steps=[calibrate,smooth,round]"),
         (0.0 <= cfg.quant.gptq.damp < 1.0, f"quant.gptq.damp must be in [0, 1), got {cfg.quant.gptq.damp}"),
         (cfg.quant.gptq.block >= 1, f"quant.gptq.block must be >= 1, got {cfg.quant.gptq.block}"),
+        (cfg.quant.gptq.hessian_device in (None, "cpu"),
+         "quant.gptq.hessian_device must be null (each linear's device) or cpu, "
+         f"got {cfg.quant.gptq.hessian_device!r}"),
         (cfg.arch.dtype in ("bfloat16", "float16", "float32"),
          f"arch.dtype must be bfloat16, float16 or float32, got {cfg.arch.dtype!r}"),
     ]

@@ -28,12 +28,16 @@ class HessianCollector:
     channels leaves H indefinite (measured: Cholesky failed on SmolLM2).
 
     `modules` maps a name to its module; `aliases` maps further names to one of those (linears that read the
-    same input, e.g. k/v to q) and `hessian(name)` resolves them, so a shared input is accumulated once."""
+    same input, e.g. k/v to q) and `hessian(name)` resolves them, so a shared input is accumulated once.
+    `device`: where the sums live (default: each input's device); each batch's x^T x is formed on the input's
+    device and added there, so "cpu" keeps GPU memory to one product at a time."""
 
-    def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], aliases: Mapping[str, str] | None = None):
+    def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], aliases: Mapping[str, str] | None = None,
+                 device: str | torch.device | None = None):
         self.hessians: dict[str, Tensor] = {}
         self.tokens: dict[str, int] = {}
         self.aliases = dict(aliases or {})
+        self.device = torch.device(device) if device is not None else None
         self._mask: Tensor | None = None
         self._handles = [model.register_forward_pre_hook(self._read_mask, with_kwargs=True)]
         self._handles += [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
@@ -48,15 +52,22 @@ class HessianCollector:
             if self._mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self._mask.shape):
                 x = x[self._mask.to(x.device)]
             x = x.reshape(-1, x.shape[-1]).float()
+            device = self.device or x.device
             if name not in self.hessians:
-                self.hessians[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+                self.hessians[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=device)
                 self.tokens[name] = 0
-            self.hessians[name].addmm_(x.T, x)
+            if device == x.device:
+                self.hessians[name].addmm_(x.T, x)
+            else:
+                self.hessians[name] += (x.T @ x).to(device)
             self.tokens[name] += x.shape[0]
         return hook
 
     def hessian(self, name: str) -> Tensor:
         return self.hessians[self.aliases.get(name, name)]
+
+    def nbytes(self) -> int:
+        return sum(h.numel() * h.element_size() for h in self.hessians.values())
 
     def clear(self) -> None:
         self.hessians.clear()

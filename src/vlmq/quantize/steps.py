@@ -126,7 +126,8 @@ def calibrate(work: Work) -> Work:
 
         modules = dict(work.model.named_modules())
         hooked, aliases = shared_inputs(work.names, [g.consumers for g in work.family.norm_groups])
-        work.hessians = HessianCollector(work.model, {n: modules[n] for n in hooked}, aliases)
+        work.hessians = HessianCollector(work.model, {n: modules[n] for n in hooked}, aliases,
+                                         device=work.quant.gptq.hessian_device)
     try:
         work.model = quantize(work.model, work.recipe, work.forward_loop)
     finally:
@@ -147,6 +148,8 @@ def gptq(work: Work) -> Work:
                           act_order=cfg.act_order)
 
     work.rounding = rounding
+    log.info("gptq: %d Hessians, %.2f GB (fp32) on %s", len(hessians.hessians), hessians.nbytes() / 1e9,
+             cfg.hessian_device or "each linear's device")
     return work
 
 
