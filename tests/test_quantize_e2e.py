@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import SMOOTHQUANT_RECIPE
 from vlmq.export.manifest import MANIFEST_NAME, verify_hashes
 from vlmq.models.families import QWEN_LINEARS, family_for
 
@@ -249,7 +250,7 @@ def quantized_and_exported(tmp_path_factory):
     from vlmq.models.families import quantized_linear_names
     from vlmq.quantize.steps import quantize_lm
 
-    cfg = load_config([])
+    cfg = load_config([SMOOTHQUANT_RECIPE])   # ModelOpt's export carries neither rotations nor GPTQ
     model, processor = build_demo_model(), build_demo_processor()
     samples, stats = load_coco_captions(demo_coco_root(), ["val2017"], 16, 0, cfg.calib.instruction, 1)
     batches = make_batches(processor, samples, 4, 512, stats)

@@ -164,7 +164,11 @@ def test_default_recipe_export_is_the_state_bit_for_bit_with_its_rotations(calib
         assert torch.equal(got[f"{key}.weight"], lin.weight.cpu())
         assert torch.equal(got[f"{key}.weight_scale"][:, 0], lin.weight_scale.float().cpu())
         assert (lin.input_hadamard == 128 if name.endswith("down_proj") else lin.input_hadamard is None)
-    assert not torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+    # Untied and rotated: the export's lm_head is the live model's (Q^T applied, the final norm's gain folded in:
+    # the random demo's gain is 1, so it equals the rotated embedding here), not the snapshot's tied one.
+    original = load_clean_copy(snapshot, family=FAMILY).lm_head.weight.detach().cpu()
+    assert torch.equal(got["lm_head.weight"], model.lm_head.weight.detach().cpu())
+    assert not torch.equal(got["lm_head.weight"], original)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False
     scheme = cfg["quantization_config"]["transform_config"]["config_groups"]["R4"]

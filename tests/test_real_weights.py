@@ -177,9 +177,9 @@ def test_sensitivity_ranks_real_linears(real_snapshot, tmp_path):
 
 # vLLM (CPU build) on the default export vs vlmq's runtime on the same token ids: mean NLL per token.
 # The default export declares an online Hadamard (transform_config) that vLLM runs with its hadacore CUDA kernel;
-# the CPU build lacks that kernel, so the probe gives vLLM a torch equivalent of it (tests/vllm/vllm_probe.py,
-# provide_hadacore_on_cpu) and says so in its report. Everything else is vLLM's own: it places the transform
-# from the config, and its int8 GEMMs run the rotated down_proj.
+# the CPU build lacks that kernel, so vlmq's vLLM plugin (integrations/vllm_cpu_hadamard, in .venv-vllm) gives
+# vLLM a torch equivalent of it, and the probe's report says which one ran. Everything else is vLLM's own: it
+# places the transform from the config, and its int8 GEMMs run the rotated down_proj.
 # Measured 2026-12-05 (8 held-out records): vLLM W8A8 NLL 2.8035 nats/token, vlmq's runtime 2.8037,
 # vLLM bf16 2.8053 (W8A8 perplexity -0.18 % against vLLM's bf16). Limits: 0.03 nats; within 1 % of vLLM bf16.
 VLLM_RECORDS = 8

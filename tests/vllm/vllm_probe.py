@@ -124,33 +124,13 @@ def _chosen(entry: dict[int, Any] | None, token_id: int) -> float | None:
 
 
 def provide_hadacore_on_cpu() -> str:
-    """vLLM runs a compressed-tensors `hadamard` input transform with `ops.hadacore_transform`, a CUDA kernel
-    that the CPU build lacks (AttributeError at the first forward). Where it is missing, this sets a plain torch
-    equivalent: x @ (H_d / sqrt(d)) along the last dim, H_d Sylvester, which is what the kernel computes (vLLM
-    reshapes to the scheme's head_dim blocks before calling it). Everything else stays vLLM's own: the
-    transform's placement, its weights' layout and the int8 GEMMs. Returns what was done, for the report.
-    Must run in the engine's process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
-    import torch
-    import vllm._custom_ops as ops
+    """vLLM runs a compressed-tensors `hadamard` input transform with `ops.hadacore_transform`, a CUDA kernel that
+    the CPU build lacks. .ci/setup_vllm_cpu.sh installs vlmq's vLLM plugin (integrations/vllm_cpu_hadamard),
+    which vLLM loads itself and which puts a torch equivalent in its place; this asks it which one vLLM runs
+    (and installs it if vLLM has not loaded plugins yet). Returns what was done, for the report."""
+    from vlmq_vllm_cpu_hadamard import register
 
-    if hasattr(torch.ops._C, "hadacore_transform"):
-        return "vllm kernel"
-
-    def hadacore_transform(x: torch.Tensor, inplace: bool = True) -> torch.Tensor:
-        d = x.shape[-1]
-        if d & (d - 1):
-            raise ValueError(f"hadacore_transform needs a power-of-two size, got {d}")
-        y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(-1, d)
-        h = 1
-        while h < d:   # butterfly: pairs (a, b) at distance h -> (a + b, a - b)
-            y = y.view(-1, d // (2 * h), 2, h)
-            y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
-            h *= 2
-        y = (y.reshape(x.shape) * d ** -0.5).to(x.dtype)
-        return x.copy_(y) if inplace else y
-
-    ops.hadacore_transform = hadacore_transform
-    return "torch fallback (the CPU build has no hadacore_transform kernel)"
+    return register()
 
 
 def run(model: str, requests: list[dict[str, Any]], log_file: Path) -> dict[str, Any]:

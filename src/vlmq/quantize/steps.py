@@ -69,7 +69,8 @@ def register_step(name: str) -> Callable[[Step], Step]:
 def check_steps(steps: Sequence[str]) -> None:
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
-        raise ConfigError(f"quant.steps: unknown step {unknown[0]!r} (known: {', '.join(STEPS)})")
+        known = [*DEFAULT_STEPS, *(s for s in STEPS if s not in DEFAULT_STEPS)]   # in recipe order
+        raise ConfigError(f"quant.steps: unknown step {unknown[0]!r} (known: {', '.join(known)})")
     for required in ("calibrate", "round"):
         if required not in steps:
             raise ConfigError(f"quant.steps must include {required!r}: {list(steps)}")
