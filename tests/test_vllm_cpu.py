@@ -161,13 +161,10 @@ def add_declared_input_hadamards(model: torch.nn.Module, ckpt: Path) -> list[str
     """transformers (5.x) loads a compressed-tensors checkpoint but ignores its `transform_config`: the online
     Hadamard that vlmq's default export declares on down_proj's input would be skipped. Apply it as declared
     (vLLM does, with its hadacore kernel or vlmq's plugin) so that ``hf_ct`` stays a reference for such exports."""
-    from vlmq.numerics import block_hadamard
-    from vlmq.runtime.loader import inspect_checkpoint
+    from vlmq.runtime.loader import add_input_hadamards, inspect_checkpoint
 
     blocks = inspect_checkpoint(ckpt).input_hadamards
-    for name, block in blocks.items():
-        model.get_submodule(name).register_forward_pre_hook(
-            lambda _m, args, block=block: (block_hadamard(args[0], block), *args[1:]))
+    add_input_hadamards(model, blocks)
     return sorted(blocks)
 
 

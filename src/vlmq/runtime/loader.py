@@ -234,11 +234,17 @@ def build_w8a8_model(
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise CheckpointError(f"{info.path}: tensors do not match the model ({what})")
     _materialize_buffers(model, config)
-    for name, block in info.input_hadamards.items():   # the float (bf16 fallback) linears that read one
-        module = model.get_submodule(name)
-        if not isinstance(module, W8A8Linear):
-            module.register_forward_pre_hook(functools.partial(_hadamard_input, block))
+    # the float (bf16 fallback) linears that read one; a W8A8Linear applies its own
+    add_input_hadamards(model, {n: b for n, b in info.input_hadamards.items()
+                                if not isinstance(model.get_submodule(n), W8A8Linear)})
     return model.to(device).eval()
+
+
+def add_input_hadamards(model: nn.Module, blocks: dict[str, int]) -> None:
+    """A forward pre-hook x -> block_hadamard(x, block) on each named module (a checkpoint's declared online
+    transform, `CheckpointInfo.input_hadamards`, for modules that do not apply it themselves)."""
+    for name, block in blocks.items():
+        model.get_submodule(name).register_forward_pre_hook(functools.partial(_hadamard_input, block))
 
 
 def _hadamard_input(block: int, module: nn.Module, args: tuple) -> tuple:
