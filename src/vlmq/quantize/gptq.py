@@ -30,7 +30,7 @@ class HessianCollector:
     `modules` maps a name to its module; `aliases` maps further names to one of those (linears that read the
     same input, e.g. k/v to q) and `hessian(name)` resolves them, so a shared input is accumulated once.
     `device`: where the sums live (default: each input's device); each batch's x^T x is formed on the input's
-    device and added there, so "cpu" keeps GPU memory to one product at a time."""
+    device, then added to the sum where it lives, so "cpu" holds one product at a time in GPU memory."""
 
     def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], aliases: Mapping[str, str] | None = None,
                  device: str | torch.device | None = None):
