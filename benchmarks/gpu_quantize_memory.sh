@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# On the lent GPU: `vlmq quantize` of the random 3B-shape snapshot (512 synthetic COCO samples) in three
+# On the lent GPU: `vlmq quantize` of the random 3B-shape snapshot (512 synthetic COCO samples) in several
 # variants, each with /usr/bin/time -v (peak host RSS) and its manifest (stage timings, peak GPU memory,
-# per-format fidelity): the default (compressed_tensors, scored), the same without scoring, and with
-# ModelOpt's format too. Results under $OUT (default ./tmp/gpu_out). Needs .whl/ (../shared/tools/gpu-wheels.sh).
+# per-format fidelity). VARIANTS picks them (default: default noscore sq_only):
+#   default       the default recipe (rotate, calibrate, smooth, gptq, round), compressed_tensors, scored
+#   noscore       the same, export.score=false
+#   sq_only       the SmoothQuant-only recipe of earlier versions, quant.steps=[calibrate,smooth,round]
+#   hessian_cpu   the default with GPTQ Hessians summed in host RAM (quant.gptq.hessian_device=cpu)
+#   both_formats  the SmoothQuant-only recipe with ModelOpt's format too (modelopt_hf refuses rotate/gptq)
+# Each variant is cut at T_RUN seconds (default 240). Results under $OUT (default ./tmp/gpu_out).
+# Needs .whl/ (../shared/tools/gpu-wheels.sh).
 set -uo pipefail
 OUT=${OUT:-tmp/gpu_out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -21,8 +27,8 @@ $PY benchmarks/make_synthetic_coco.py --out $W/coco --num ${NUM:-512} > /dev/nul
 run() {  # name, overrides...
   local name=$1; shift
   echo "== $name $(date +%T)"
-  /usr/bin/time -v $PY -m vlmq quantize arch.snapshot=$W/snap3b calib.root=$W/coco calib.num_samples=${NUM:-512} \
-    export.dir=$W/export_$name log_root=$OUT/logs run_name=$name --force "$@" > "$OUT/quantize_$name.txt" 2>&1
+  timeout ${T_RUN:-240} /usr/bin/time -v $PY -m vlmq quantize arch.snapshot=$W/snap3b calib.root=$W/coco calib.num_samples=${NUM:-512} \
+    export.dir=$W/export_$name log_root=$W/logs run_name=$name --force "$@" > "$OUT/quantize_$name.txt" 2>&1
   echo "rc=$?" >> "$OUT/quantize_$name.txt"
   cp $W/export_$name/manifest.json "$OUT/manifest_$name.json" 2>/dev/null
   grep -E "Maximum resident|Elapsed \(wall|^rc=" "$OUT/quantize_$name.txt"
@@ -31,11 +37,15 @@ run() {  # name, overrides...
   $PY -m vlmq verify $W/export_$name | tail -1
   rm -rf $W/export_$name
 }
-for variant in ${VARIANTS:-default noscore both_formats}; do
+SQ_ONLY='quant.steps=[calibrate,smooth,round]'
+for variant in ${VARIANTS:-default noscore sq_only}; do
   case $variant in
     default) run default ;;
     noscore) run noscore export.score=false ;;
-    both_formats) run both_formats 'export.formats=[compressed_tensors,modelopt_hf]' ;;
+    sq_only) run sq_only "$SQ_ONLY" ;;
+    hessian_cpu) run hessian_cpu quant.gptq.hessian_device=cpu export.score=false ;;
+    both_formats) run both_formats "$SQ_ONLY" 'export.formats=[compressed_tensors,modelopt_hf]' ;;
+    *) echo "unknown variant $variant"; exit 2 ;;
   esac
 done
 echo "== done $(date +%T)"
