@@ -7,7 +7,10 @@ model on the real held-out text. This is a probe for choosing the recipe, not th
 that count come from the real exports (benchmarks/real_fidelity.py).
 
     python benchmarks/probe_recipes.py sq rot+sq rot+sq+r4 rot+sq+r4+gptq --calib 64 --samples 24
-A recipe name is '+'-joined pieces: rot (R1), r2, r4 (block 'r4:256'), sq (alpha 'sq:0.6'), gptq.
+A recipe name is '+'-joined pieces: rot (R1), r2, r4 (block 'r4:256'), sq (alpha 'sq:0.6'), gptq, seq (GPTQ
+layer by layer, each layer's Hessians from the model whose earlier layers are already quantized), wonly / aonly
+(quantize only the weights / only the activations: where the error sits). `--val N` scores on N records of
+calib.jsonl that no calibration here reads (records 400.., seeded order) instead of the held-out test file.
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ def parse(name: str) -> dict:
     pieces = dict(p.split(":", 1) if ":" in p else (p, "") for p in name.split("+"))
     return {"rot": "rot" in pieces, "r2": "r2" in pieces, "r4": int(pieces["r4"] or 128) if "r4" in pieces else 0,
             "alpha": float(pieces["sq"] or 0.5) if "sq" in pieces else None, "gptq": "gptq" in pieces,
-            "down_sq": "dsq" in pieces, "seed": int(pieces.get("seed") or 0)}
+            "down_sq": "dsq" in pieces, "seed": int(pieces.get("seed") or 0), "seq": "seq" in pieces,
+            "weights": "aonly" not in pieces, "acts": "wonly" not in pieces}
+
+
+class _Stop(Exception):
+    pass
 
 
 @torch.no_grad()
@@ -40,7 +48,7 @@ def build(base: torch.nn.Module, family, recipe: dict, calib: list[dict]) -> tor
     from vlmq.numerics import fake_quant_activations, quantize_weight_per_channel
     from vlmq.quantize import rotate
     from vlmq.quantize.fold import fold_smoothquant
-    from vlmq.quantize.gptq import HessianCollector, gptq_round, smoothed_hessian
+    from vlmq.quantize.gptq import HessianCollector, gptq_round
 
     model = copy.deepcopy(base)
     if recipe["rot"]:
@@ -63,27 +71,43 @@ def build(base: torch.nn.Module, family, recipe: dict, calib: list[dict]) -> tor
         return hook
 
     handles = [modules[n].register_forward_pre_hook(track(n)) for n in names]
-    collector = HessianCollector({n: modules[n] for n in names}) if recipe["gptq"] else None
     for batch in calib:
         model(**batch)
     for h in handles:
         h.remove()
-    if collector:
-        collector.remove()
-    factors = {}
     if recipe["alpha"] is not None:
         stats = {n: a for n, a in amax.items()
                  if not (recipe["r4"] and n.endswith("down_proj") and not recipe["down_sq"])}
-        factors = fold_smoothquant(model, family, stats, recipe["alpha"]).factors
-    for name in names:
-        linear = modules[name]
-        if collector:
-            q, scale = gptq_round(linear.weight, smoothed_hessian(collector.hessians[name], factors.get(name)))
-        else:
-            q, scale = quantize_weight_per_channel(linear.weight)
-        linear.weight.data = q.float() * scale[:, None]
-        linear.register_forward_pre_hook(lambda _m, args: (fake_quant_activations(args[0], "dynamic").to(
-            args[0].dtype), *args[1:]))
+        fold_smoothquant(model, family, stats, recipe["alpha"])
+    layers = model.get_submodule(family.layers)
+    # one pass for every layer's Hessians, or (seq) one pass per layer, stopped after it, over the model whose
+    # earlier layers are already quantized
+    groups = ([[n for n in names if n.startswith(f"{family.layers}.{i}.")] for i in range(len(layers))]
+              if recipe["seq"] else [names])
+    for i, group in enumerate(groups):
+        hessians = None
+        if recipe["gptq"] and recipe["weights"]:
+            hessians = HessianCollector(model, {n: modules[n] for n in group})
+            stop = layers[i].register_forward_hook(lambda *_: (_ for _ in ()).throw(_Stop())) if recipe["seq"] else None
+            for batch in calib:
+                try:
+                    model(**batch)
+                except _Stop:
+                    pass
+            hessians.remove()
+            if stop is not None:
+                stop.remove()
+        for name in group:
+            linear = modules[name]
+            if recipe["weights"]:
+                if hessians:
+                    q, scale = gptq_round(linear.weight, hessians.hessians[name])
+                else:
+                    q, scale = quantize_weight_per_channel(linear.weight)
+                linear.weight.data = q.float() * scale[:, None]
+            if recipe["acts"]:
+                linear.register_forward_pre_hook(lambda _m, args: (fake_quant_activations(args[0], "dynamic").to(
+                    args[0].dtype), *args[1:]))
     return model
 
 
@@ -92,6 +116,7 @@ def main() -> None:
     parser.add_argument("recipes", nargs="+")
     parser.add_argument("--calib", type=int, default=64)
     parser.add_argument("--samples", type=int, default=24)
+    parser.add_argument("--val", type=int, default=0, help="score on N validation records of calib.jsonl")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -110,7 +135,11 @@ def main() -> None:
     ref = load_model(snap, "float32", "cpu")
     records, _ = load_jsonl(CALIB, None, args.calib, 0)
     calib = make_batches(processor, records, 8, 1024)
-    held = heldout_batches(processor, samples=args.samples)
+    if args.val:
+        records, _ = load_jsonl(CALIB, None, 400 + args.val, 0)
+        held = make_batches(processor, records[400:], 8, 1024)
+    else:
+        held = heldout_batches(processor, samples=args.samples)
     results = {}
     for name in args.recipes:
         started = time.perf_counter()

@@ -189,3 +189,25 @@ def test_fused_groups_fall_back_whole():
     assert fused_siblings(f"{layer}.self_attn.k_proj", FAMILY) == qkv
     assert fused_siblings(f"{layer}.mlp.up_proj", FAMILY) == [f"{layer}.mlp.gate_proj", f"{layer}.mlp.up_proj"]
     assert fused_siblings(f"{layer}.mlp.down_proj", FAMILY) == [f"{layer}.mlp.down_proj"]
+
+
+def test_probe_scores_row_by_row_as_a_whole_batch_comparison():
+    """KLProbe.score compares one sequence at a time (GPU memory); its KL, top-1 and NLL equal one
+    comparison of whole batches' fp32 logits, including the padded rows of image+text batches."""
+    from vlmq.models.demo import build_demo_model, build_demo_processor
+
+    processor = build_demo_processor()
+    samples, _ = load_coco_captions(demo_coco_root(), num_samples=8, seed=0)
+    batches = make_batches(processor, samples, 4, 512)
+    model = build_demo_model(torch.bfloat16)
+    probe = KLProbe.capture(model, batches[1:])
+    assert all(r.dtype == torch.bfloat16 for r in probe.ref)   # the model's own logits, not an fp32 copy
+    fake, _ = quantize_lm(copy.deepcopy(model), FAMILY, QuantConfig(steps=SMOOTHQUANT),
+                          lambda m: batch_logits(m, batches[:1]))
+    rows = probe.score(fake)
+    whole = compare_logits(batch_logits(model, batches[1:]), batch_logits(fake, batches[1:]), batches[1:])
+    assert rows.tokens == whole.tokens and rows.nll_tokens == whole.nll_tokens > 0
+    assert rows.kl_mean == pytest.approx(whole.kl_mean, rel=1e-5) and rows.kl_mean > 0
+    assert rows.kl_max == pytest.approx(whole.kl_max, rel=1e-5)
+    assert rows.top1 == pytest.approx(whole.top1, abs=1e-6)   # an fp32 mean per row
+    assert rows.nll_test == pytest.approx(whole.nll_test, rel=1e-6)
