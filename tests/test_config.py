@@ -80,6 +80,7 @@ BAD_OVERRIDES = {
     "unknown kv cache": (["quant.kv_cache=int4"], "quant.kv_cache"),
     "unknown device": (["device=tpu"], "device"),
     "unknown dtype": (["arch.dtype=int4"], "arch.dtype"),
+    "unknown export dtype": (["export.dtype=int8"], "export.dtype"),
     "gptq damping of 1": (["quant.gptq.damp=1.0"], "quant.gptq.damp"),
     "hessians on a gpu name": (["quant.gptq.hessian_device=gpu"], "quant.gptq.hessian_device"),
     "R4 block not a power of 2": (["quant.rotate.mlp_input_block=96"], "quant.rotate.mlp_input_block"),

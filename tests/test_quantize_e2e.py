@@ -339,3 +339,32 @@ def test_rebuilt_linears_match_fake_quant(quantized_and_exported):
         ):
             wrong_err = float((((y_fq - wrong).abs() - allowance).clamp_min(0) / bound.clamp_min(1e-12)).max())
             assert wrong_err > 10 * REL_TOL, f"{name}: rebuild {label} is indistinguishable ({wrong_err:.3g})"
+
+
+def test_fp32_quantization_writes_the_snapshots_bf16(tmp_path):
+    """arch.dtype=float32 (rotation, calibration and rounding in fp32) with export.dtype=auto: the checkpoint's
+    float tensors and config are the bf16 snapshot's dtype, the vision tower's bytes are the snapshot's, and
+    vlmq's runtime loads it; export.dtype=float32 keeps fp32."""
+    from conftest import describe, run_cli
+    from vlmq.runtime.loader import load_w8a8
+
+    dirs = {}
+    for name, extra in (("auto", []), ("fp32", ["export.dtype=float32"])):
+        dirs[name] = tmp_path / name
+        result = run_cli(["quantize", f"log_root={tmp_path / 'logs'}", f"export.dir={dirs[name]}", f"run_name={name}",
+                          "arch.dtype=float32", "export.score=false", *extra], cwd=tmp_path)
+        assert result.rc == 0, describe(result)
+    auto, fp32 = (read_tensors(dirs[n] / "compressed_tensors") for n in ("auto", "fp32"))
+    snapshot = read_tensors(tmp_path / "logs" / "auto" / "demo_snapshot")
+    floats = [k for k, t in auto.items() if t.is_floating_point() and not k.endswith(("_scale",))]
+    assert floats and all(auto[k].dtype == torch.bfloat16 for k in floats)
+    assert all(fp32[k].dtype == torch.float32 for k in floats)
+    assert all(auto[k].dtype == torch.float32 for k in auto if k.endswith("weight_scale"))
+    # the merger's last linear is rotated into the residual stream (R1); the rest of the tower is untouched
+    vision = [k for k in snapshot if k.startswith(f"{FAMILY.ckpt_vision}.") and ".merger.mlp.2." not in k]
+    changed = [k for k in vision if not torch.equal(snapshot[k], auto[k])]
+    assert vision and not changed, changed[:5]
+    config = json.loads((dirs["auto"] / "compressed_tensors" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["text_config"]["dtype"] == "bfloat16"
+    model, _, loaded = load_w8a8(dirs["auto"] / "compressed_tensors", "cpu")
+    assert len(loaded.quantized) == len(ckpt_linear_prefixes(2))

@@ -123,6 +123,7 @@ class ExportConfig:
     formats: list[str] = field(default_factory=lambda: ["compressed_tensors"])  # as conf/export
     activations: str = "dynamic"
     smooth_o_proj: bool = True
+    dtype: str = "auto"  # the checkpoint's float tensors: auto (the snapshot's dtype), bfloat16, float16, float32
     score: bool = True   # load each written format with vlmq's runtime and score it against bf16 (quant.kl_samples)
 
 
@@ -274,6 +275,8 @@ def check_values(cfg: Config) -> None:
          f"got {cfg.quant.gptq.hessian_device!r}"),
         (cfg.arch.dtype in ("bfloat16", "float16", "float32"),
          f"arch.dtype must be bfloat16, float16 or float32, got {cfg.arch.dtype!r}"),
+        (cfg.export.dtype in ("auto", "bfloat16", "float16", "float32"),
+         f"export.dtype must be auto, bfloat16, float16 or float32, got {cfg.export.dtype!r}"),
     ]
     for ok, message in checks:
         if not ok:

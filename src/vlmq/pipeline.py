@@ -249,13 +249,15 @@ def export_config(cfg: Config, out_dir: str | Path | None, formats: str | list[s
 def write_exports(q: Quantized, cfg: Config, target: Path, release: bool = False) -> dict[str, Any]:
     """Every format of `cfg.export.formats` from the one quantized state into `target` (staged, swapped in
     atomically), scored, with the manifest; returns the manifest."""
-    from vlmq.export import get_exporter
+    from vlmq.export import export_dtype, get_exporter
     from vlmq.export.atomic import ExportError, atomic_directory
     from vlmq.export.manifest import write_manifest
 
     if q.model is None:
         raise ExportError("this quantized model was released by an earlier export(release=True); quantize again")
     ctx, formats = q.ctx, export_formats(cfg)
+    if q.state is not None:
+        q.state.dtype = export_dtype(cfg.export.dtype, q.inputs.snapshot.config)
     exports: dict[str, dict] = {}
     estimate = len(formats) * (estimate_export_bytes(q.model, q.audit.quantized) + q.inputs.other_bytes)
     with ctx.stage("export"), library_chatter_to_log(), atomic_directory(target, cfg.force, estimate) as staging:

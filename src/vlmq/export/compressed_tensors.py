@@ -211,6 +211,11 @@ def write_compressed_tensors(state: QuantizedModel, processor, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     files = write_shards(checkpoint_tensors(state), out_dir, max_shard_bytes)
     config = copy.deepcopy(state.model.config)
+    if state.dtype is not None:
+        config.dtype = state.dtype
+        for sub in ("text_config", "vision_config"):
+            if getattr(config, sub, None) is not None:
+                getattr(config, sub).dtype = state.dtype
     config.architectures = list(config.architectures or [type(state.model).__name__])
     config.save_pretrained(out_dir)
     ModelCompressor(quantization_config=quantization_config(state),

@@ -57,6 +57,7 @@ class QuantizedModel:
     kv_scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # attention -> k_scale, v_scale
     rotations: dict[str, Any] = field(default_factory=dict)   # what the rotate step folded (residual, values)
     rounding: str = "rtn"                                     # rtn | gptq
+    dtype: torch.dtype | None = None   # the checkpoint's float tensors (export.dtype); None: as the model holds
 
     def input_hadamards(self) -> dict[str, int]:
         """{linear: block size} of the linears that read an online block Hadamard of their input."""
@@ -73,7 +74,7 @@ class QuantizedModel:
             if "_quantizer" in module_name:
                 continue
             if module_name in self.linears:
-                yield module_name, linear_tensors(self.linears[module_name])
+                yield module_name, linear_tensors(self.linears[module_name], self.dtype)
                 continue
             own = {}
             for leaf, tensor in list(module.named_parameters(recurse=False)) + list(
@@ -83,19 +84,24 @@ class QuantizedModel:
                     continue
                 seen.add(tensor.data_ptr())
                 full = f"{module_name}.{leaf}" if module_name else leaf
-                own[leaf] = self.edits.get(full, tensor).detach()
+                own[leaf] = _as(self.edits.get(full, tensor).detach(), self.dtype)
             own.update(self.kv_scales.get(module_name, {}))
             if own:
                 yield module_name, own
 
 
-def linear_tensors(state: LinearState) -> dict[str, torch.Tensor]:
+def linear_tensors(state: LinearState, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """int8 weight, fp32 scales (always), the bias in `dtype` (None: as held)."""
     out = {"weight": state.weight, "weight_scale": state.weight_scale.float().unsqueeze(1)}
     if state.input_scale is not None:
         out["input_scale"] = torch.tensor([state.input_scale], dtype=torch.float32)
     if state.bias is not None:
-        out["bias"] = state.bias
+        out["bias"] = _as(state.bias, dtype)
     return out
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def kv_cache_scales(model: nn.Module, family: Family) -> dict[str, dict[str, torch.Tensor]]:
