@@ -42,6 +42,10 @@ class _Stop(Exception):
     pass
 
 
+def _stop_forward(*_) -> None:
+    raise _Stop
+
+
 @torch.no_grad()
 def build(base: torch.nn.Module, family, recipe: dict, calib: list[dict]) -> torch.nn.Module:
     from vlmq.models.families import quantized_linear_names
@@ -88,7 +92,7 @@ def build(base: torch.nn.Module, family, recipe: dict, calib: list[dict]) -> tor
         hessians = None
         if recipe["gptq"] and recipe["weights"]:
             hessians = HessianCollector(model, {n: modules[n] for n in group})
-            stop = layers[i].register_forward_hook(lambda *_: (_ for _ in ()).throw(_Stop())) if recipe["seq"] else None
+            stop = layers[i].register_forward_hook(_stop_forward) if recipe["seq"] else None
             for batch in calib:
                 try:
                     model(**batch)

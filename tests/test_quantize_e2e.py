@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import SMOOTHQUANT_RECIPE
+from conftest import SMOOTHQUANT_RECIPE, describe, run_cli
 from vlmq.export.manifest import MANIFEST_NAME, verify_hashes
 from vlmq.models.families import QWEN_LINEARS, family_for
 
@@ -345,7 +345,6 @@ def test_fp32_quantization_writes_the_snapshots_bf16(tmp_path):
     """arch.dtype=float32 (rotation, calibration and rounding in fp32) with export.dtype=auto: the checkpoint's
     float tensors and config are the bf16 snapshot's dtype, the vision tower's bytes are the snapshot's, and
     vlmq's runtime loads it; export.dtype=float32 keeps fp32."""
-    from conftest import describe, run_cli
     from vlmq.runtime.loader import load_w8a8
 
     dirs = {}
@@ -366,5 +365,5 @@ def test_fp32_quantization_writes_the_snapshots_bf16(tmp_path):
     assert vision and not changed, changed[:5]
     config = json.loads((dirs["auto"] / "compressed_tensors" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["text_config"]["dtype"] == "bfloat16"
-    model, _, loaded = load_w8a8(dirs["auto"] / "compressed_tensors", "cpu")
+    _, _, loaded = load_w8a8(dirs["auto"] / "compressed_tensors", "cpu")
     assert len(loaded.quantized) == len(ckpt_linear_prefixes(2))

@@ -81,14 +81,20 @@ def test_exclude_rules_match_exactly_one_linear():
     assert not fnmatch.fnmatch(f"{FAMILY.layers}.1.mlp.up_proj.weight_quantizer", pattern)
 
 
+def demo_batches() -> list[dict]:
+    """8 demo COCO samples in image+text batches of 4."""
+    from vlmq.models.demo import build_demo_processor
+
+    samples, _ = load_coco_captions(demo_coco_root(), num_samples=8, seed=0)
+    return make_batches(build_demo_processor(), samples, 4, 512)
+
+
 def test_toggling_keeps_smoothing_and_exclusion_is_audited():
     """Quantizers switched off with disable_quant() still apply pre_quant_scale (the weights hold W/s),
     so the all-off model is the bf16 model up to rounding; without the scale it would not be."""
-    from vlmq.models.demo import build_demo_model, build_demo_processor, inject_outliers
+    from vlmq.models.demo import build_demo_model, inject_outliers
 
-    processor = build_demo_processor()
-    samples, _ = load_coco_captions(demo_coco_root(), num_samples=8, seed=0)
-    batches = make_batches(processor, samples, 4, 512)
+    batches = demo_batches()
     model = inject_outliers(build_demo_model(torch.bfloat16))
     probe = KLProbe.capture(model, batches[1:])
     fake, _ = quantize_lm(copy.deepcopy(model), FAMILY, QuantConfig(steps=SMOOTHQUANT),
@@ -194,11 +200,9 @@ def test_fused_groups_fall_back_whole():
 def test_probe_scores_row_by_row_as_a_whole_batch_comparison():
     """KLProbe.score compares one sequence at a time (GPU memory); its KL, top-1 and NLL equal one
     comparison of whole batches' fp32 logits, including the padded rows of image+text batches."""
-    from vlmq.models.demo import build_demo_model, build_demo_processor
+    from vlmq.models.demo import build_demo_model
 
-    processor = build_demo_processor()
-    samples, _ = load_coco_captions(demo_coco_root(), num_samples=8, seed=0)
-    batches = make_batches(processor, samples, 4, 512)
+    batches = demo_batches()
     model = build_demo_model(torch.bfloat16)
     probe = KLProbe.capture(model, batches[1:])
     assert all(r.dtype == torch.bfloat16 for r in probe.ref)   # the model's own logits, not an fp32 copy

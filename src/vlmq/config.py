@@ -29,6 +29,9 @@ class ConfigError(ValueError):
     """A user-facing configuration problem (one line)."""
 
 
+# The float dtypes a model is computed in (arch.dtype) or a checkpoint written in (export.dtype).
+DTYPES = ("bfloat16", "float16", "float32")
+
 @dataclass
 class ArchConfig:
     name: str = "qwen2_5_vl_3b_instruct"
@@ -273,9 +276,9 @@ def check_values(cfg: Config) -> None:
         (cfg.quant.gptq.hessian_device in (None, "cpu"),
          "quant.gptq.hessian_device must be null (each linear's device) or cpu, "
          f"got {cfg.quant.gptq.hessian_device!r}"),
-        (cfg.arch.dtype in ("bfloat16", "float16", "float32"),
+        (cfg.arch.dtype in DTYPES,
          f"arch.dtype must be bfloat16, float16 or float32, got {cfg.arch.dtype!r}"),
-        (cfg.export.dtype in ("auto", "bfloat16", "float16", "float32"),
+        (cfg.export.dtype in ("auto", *DTYPES),
          f"export.dtype must be auto, bfloat16, float16 or float32, got {cfg.export.dtype!r}"),
     ]
     for ok, message in checks:

@@ -27,14 +27,13 @@ def get_exporter(name: str) -> Callable[..., dict]:
     return EXPORTERS[name]
 
 
-DTYPES = ("bfloat16", "float16", "float32")
-
-
 def export_dtype(name: str, snapshot_config: dict):
     """The torch dtype of a checkpoint's float tensors for `export.dtype` = `name`; auto: the snapshot's declared
     dtype (bf16 when it declares none), whatever arch.dtype quantization computed in (an fp32 run still writes a
     bf16 snapshot's float tensors in bf16)."""
     import torch
+
+    from vlmq.config import DTYPES
 
     if name == "auto":
         text = snapshot_config.get("text_config") or {}
