@@ -7,10 +7,11 @@ model on the real held-out text. This is a probe for choosing the recipe, not th
 that count come from the real exports (benchmarks/real_fidelity.py).
 
     python benchmarks/probe_recipes.py sq rot+sq rot+sq+r4 rot+sq+r4+gptq --calib 64 --samples 24
-A recipe name is '+'-joined pieces: rot (R1), r2, r4 (block 'r4:256'), sq (alpha 'sq:0.6'), gptq, seq (GPTQ
-layer by layer, each layer's Hessians from the model whose earlier layers are already quantized), wonly / aonly
-(quantize only the weights / only the activations: where the error sits). `--val N` scores on N records of
-calib.jsonl that no calibration here reads (records 400.., seeded order) instead of the held-out test file.
+A recipe name is '+'-joined pieces: rot (R1; with 'orth' a random orthogonal R1 instead of the Hadamard), r2, r4
+(block 'r4:256'), sq (alpha 'sq:0.6'), gptq, seq (GPTQ layer by layer, each layer's Hessians from the model whose
+earlier layers are already quantized), wonly / aonly (quantize only the weights / only the activations: where the
+error sits). `--val N` scores on N records of calib.jsonl that no calibration here reads (records 400.., seeded
+order) instead of the held-out test file.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def parse(name: str) -> dict:
     pieces = dict(p.split(":", 1) if ":" in p else (p, "") for p in name.split("+"))
     return {"rot": "rot" in pieces, "r2": "r2" in pieces, "r4": int(pieces["r4"] or 128) if "r4" in pieces else 0,
             "alpha": float(pieces["sq"] or 0.5) if "sq" in pieces else None, "gptq": "gptq" in pieces,
-            "down_sq": "dsq" in pieces, "seed": int(pieces.get("seed") or 0), "seq": "seq" in pieces,
+            "down_sq": "dsq" in pieces, "orth": "orth" in pieces, "seed": int(pieces.get("seed") or 0),
+            "seq": "seq" in pieces,
             "weights": "aonly" not in pieces, "acts": "wonly" not in pieces}
 
 
@@ -58,7 +60,8 @@ def build(base: torch.nn.Module, family, recipe: dict, calib: list[dict]) -> tor
     if recipe["rot"]:
         rotate.fold_norm_gains(model, family)
         hidden = model.config.hidden_size
-        rotate.rotate_residual(model, family, rotate.randomized_hadamard(hidden, recipe["seed"]))
+        make = rotate.random_orthogonal if recipe["orth"] else rotate.randomized_hadamard
+        rotate.rotate_residual(model, family, make(hidden, recipe["seed"]))
     if recipe["r2"]:
         _, _, head_dim = rotate.text_geometry(model)
         rotate.rotate_values(model, family, rotate.randomized_hadamard(head_dim, recipe["seed"] + 1))

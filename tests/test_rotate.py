@@ -12,7 +12,7 @@ from vlmq.calib import demo_coco_root, load_coco_captions
 from vlmq.calib.batches import make_batches
 from vlmq.models.demo import build_demo_model, build_demo_processor, inject_outliers, random_model
 from vlmq.models.families import family_for, quantized_linear_names
-from vlmq.numerics import block_hadamard, sylvester_hadamard
+from vlmq.numerics import block_hadamard, hadamard, paley_hadamard, sylvester_hadamard
 from vlmq.quantize import rotate
 from vlmq.quantize.fold import fold_smoothquant
 
@@ -43,6 +43,28 @@ def test_hadamard_matrices():
     q = rotate.random_orthogonal(48, 0)
     assert torch.allclose(q @ q.T, torch.eye(48, dtype=q.dtype), atol=1e-12)
     assert torch.equal(rotate.random_orthogonal(48, 0), q) and not torch.equal(rotate.random_orthogonal(48, 1), q)
+
+
+@pytest.mark.parametrize("n", [12, 48, 576, 896, 1536, 3584])
+def test_hadamard_beyond_powers_of_two(n):
+    """Sylvester x Paley reaches the hidden sizes of SmolLM2 (576), Qwen2.5 0.5B/7B (896, 3584): an orthogonal
+    matrix whose entries all have magnitude 1/sqrt(n), the flattest rotation there is."""
+    h = hadamard(n)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=h.dtype), atol=1e-12)
+    assert torch.allclose(h.abs(), torch.full_like(h, n ** -0.5), atol=1e-15)
+    q = rotate.randomized_hadamard(n, 3)
+    assert torch.allclose(q.abs(), h.abs()) and torch.allclose(q @ q.T, torch.eye(n, dtype=q.dtype), atol=1e-12)
+
+
+def test_hadamard_sizes_out_of_reach():
+    p = paley_hadamard(11)
+    assert torch.equal(p @ p.T, 12 * torch.eye(12, dtype=p.dtype))
+    with pytest.raises(ValueError, match="prime q = 3 mod 4"):
+        paley_hadamard(13)
+    with pytest.raises(ValueError, match="no Hadamard construction here for size 18944"):
+        hadamard(18944)
+    q = rotate.randomized_hadamard(18944 // 64, 0)   # 296: neither construction; a random orthogonal Q
+    assert torch.allclose(q @ q.T, torch.eye(296, dtype=q.dtype), atol=1e-12) and q.abs().max() > 296 ** -0.5 * 1.5
 
 
 def text_model(tied: bool):

@@ -126,6 +126,41 @@ def sylvester_hadamard(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
     return (h / math.sqrt(n)).to(dtype)
 
 
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % d for d in range(2, math.isqrt(q) + 1))
+
+
+def paley_hadamard(q: int) -> Tensor:
+    """The (q+1) x (q+1) Hadamard matrix of Paley's first construction (q prime, q = 3 mod 4), entries +-1,
+    float64: H = I + [[0, 1^T], [-1, Q]] with Q the Jacobsthal matrix Q_ij = legendre(j - i, q)."""
+    if not (_is_prime(q) and q % 4 == 3):
+        raise HadamardSizeError(f"Paley's construction needs a prime q = 3 mod 4, not {q}")
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if d in squares else -1.0 for d in range(1, q)], dtype=torch.float64)
+    idx = torch.arange(q)
+    h = torch.eye(q + 1, dtype=torch.float64)
+    h[0, 1:] += 1.0
+    h[1:, 0] -= 1.0
+    h[1:, 1:] += chi[(idx[None, :] - idx[:, None]) % q]
+    return h
+
+
+def hadamard(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """An n x n Hadamard matrix scaled by 1/sqrt(n) (orthogonal): Sylvester for a power of two, else
+    Sylvester(2^k) kron Paley(m) for n = m 2^k with m - 1 a prime = 3 mod 4 (576 = 72 * 8, 3584 = 224 * 16).
+    Raises HadamardSizeError for sizes neither construction reaches."""
+    two = n & -n if n > 0 else 0
+    if n > 0 and n == two:
+        return sylvester_hadamard(n, dtype)
+    while two >= 1:
+        m = n // two
+        if m % 4 == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3:
+            h = torch.kron(sylvester_hadamard(two), paley_hadamard(m - 1) / math.sqrt(m))
+            return h.to(dtype)
+        two //= 2
+    raise HadamardSizeError(f"no Hadamard construction here for size {n}")
+
+
 def block_hadamard(x: Tensor, block: int) -> Tensor:
     """x @ H along the last dim, H block-diagonal with `block` x `block` normalized Sylvester blocks; computed
     in fp32 (or x's dtype if wider) and returned in x's dtype."""

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmq.models.families import Family
-from vlmq.numerics import block_hadamard, sylvester_hadamard
+from vlmq.numerics import HadamardSizeError, block_hadamard, hadamard, sylvester_hadamard
 
 INPUT_HADAMARD_ATTR = "_vlmq_input_hadamard"   # on a module: the block size of its online input Hadamard
 
@@ -46,12 +46,15 @@ def random_orthogonal(n: int, seed: int) -> Tensor:
 
 
 def randomized_hadamard(n: int, seed: int) -> Tensor:
-    """Q = H diag(signs) for power-of-two n (QuaRot's randomized Hadamard), else a random orthogonal Q."""
-    if n & (n - 1):
+    """Q = H diag(signs) (QuaRot's randomized Hadamard; H from vlmq.numerics.hadamard, which also reaches
+    sizes like 576 and 3584), else, for a size no construction reaches, a random orthogonal Q."""
+    try:
+        h = hadamard(n)
+    except HadamardSizeError:
         return random_orthogonal(n, seed)
     gen = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
-    return sylvester_hadamard(n) * signs.unsqueeze(0)
+    return h * signs.unsqueeze(0)
 
 
 def largest_block(n: int, cap: int) -> int:
