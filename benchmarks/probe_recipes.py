@@ -128,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from make_real_snapshot import build as build_snapshot
-    from real_fidelity import heldout_batches
+    from real_fidelity import heldout_batches, validation_batches
 
     from vlmq.calib.batches import make_batches
     from vlmq.calib.jsonl import load_jsonl
@@ -142,11 +142,7 @@ def main() -> None:
     ref = load_model(snap, "float32", "cpu")
     records, _ = load_jsonl(CALIB, None, args.calib, 0)
     calib = make_batches(processor, records, 8, 1024)
-    if args.val:
-        records, _ = load_jsonl(CALIB, None, 400 + args.val, 0)
-        held = make_batches(processor, records[400:], 8, 1024)
-    else:
-        held = heldout_batches(processor, samples=args.samples)
+    held = validation_batches(processor, args.val) if args.val else heldout_batches(processor, samples=args.samples)
     results = {}
     for name in args.recipes:
         started = time.perf_counter()

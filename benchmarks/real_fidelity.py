@@ -4,6 +4,10 @@ Every checkpoint is loaded by vlmq's runtime (real int8 GEMMs, `--backend`) and 
 reference on the same batches: the held-out records rendered exactly as calibration renders them
 (the model's chat template), KL(ref || test) and top-1 over every real position, NLL/perplexity of
 the actual next tokens. The reference is the fp32 model (so the bf16 row is the floor), or bf16.
+`--val N` scores on N validation records instead (calib.jsonl records 400.., seeded order, which no
+calibration of 400 texts or fewer reads): for choosing a recipe without touching the test records.
+`--runtime-dtype float32` runs the exports' float arithmetic in fp32 (the int8 GEMMs are exact either way):
+the checkpoint's own error without the bf16 runtime's (vLLM and vlmq's deployed runtime compute in bf16).
 
     python benchmarks/real_fidelity.py default=tmp/realrun/default/compressed_tensors \
         modelopt=tmp/realrun/default/modelopt_hf --samples 112 --json tmp/real_fidelity.json
@@ -21,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 HELDOUT = REPO_ROOT / "benchmarks" / "data" / "real_text" / "heldout.jsonl"
+CALIB = REPO_ROOT / "benchmarks" / "data" / "real_text" / "calib.jsonl"
+VAL_OFFSET = 400
 
 
 def heldout_batches(processor, path: Path = HELDOUT, samples: int = 112, max_length: int = 1024,
@@ -33,23 +39,34 @@ def heldout_batches(processor, path: Path = HELDOUT, samples: int = 112, max_len
     return make_batches(processor, records, batch_size, max_length)
 
 
+def validation_batches(processor, samples: int) -> list[dict]:
+    """calib.jsonl records VAL_OFFSET.. of the seeded order (seed 0), batched as calibration batches them."""
+    from vlmq.calib.batches import make_batches
+    from vlmq.calib.jsonl import load_jsonl
+
+    records, _ = load_jsonl(CALIB, None, VAL_OFFSET + samples, 0)
+    return make_batches(processor, records[VAL_OFFSET:], 8, 1024)
+
+
 def score_exports(snapshot: Path, exports: dict[str, Path], samples: int, reference: str = "fp32",
-                  backend: str = "auto") -> dict[str, dict]:
+                  backend: str = "auto", val: int = 0, runtime_dtype: str = "bfloat16") -> dict[str, dict]:
     """{name: Fidelity dict} for bf16 (with an fp32 reference) and each export, against the `reference`
     dtype of the snapshot. All models are loaded at once and scored batch by batch."""
+    import torch
+
     from vlmq.evaluate.fidelity import score_models
     from vlmq.models.load import inspect_snapshot, load_model, load_processor
     from vlmq.runtime.loader import load_w8a8
 
     snap = inspect_snapshot(snapshot)
     processor = load_processor(snapshot)
-    batches = heldout_batches(processor, samples=samples)
+    batches = validation_batches(processor, val) if val else heldout_batches(processor, samples=samples)
     ref = load_model(snap, {"fp32": "float32", "bf16": "bfloat16"}[reference], "cpu")
     models, info = {}, {}
     if reference == "fp32":
         models["bf16"] = load_model(snap, "bfloat16", "cpu")
     for name, path in exports.items():
-        models[name], _, loaded = load_w8a8(path, "cpu", backend=backend)
+        models[name], _, loaded = load_w8a8(path, "cpu", getattr(torch, runtime_dtype), backend=backend)
         info[name] = {"format": loaded.format, "activations": loaded.activations, "quantized": len(loaded.quantized)}
     started = time.perf_counter()
     scores = score_models(ref, models, batches)
@@ -75,6 +92,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=112)
     parser.add_argument("--reference", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--val", type=int, default=0, help="score N validation records of calib.jsonl instead")
+    parser.add_argument("--runtime-dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.snapshot is None:
@@ -83,11 +102,12 @@ def main() -> None:
         args.snapshot = build()
     exports = dict(item.rsplit("=", 1) for item in args.exports)
     rows = score_exports(args.snapshot, {k: Path(v) for k, v in exports.items()}, args.samples, args.reference,
-                         args.backend)
+                         args.backend, args.val, args.runtime_dtype)
     print(table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"reference": args.reference, "samples": args.samples,
+        args.json.write_text(json.dumps({"reference": args.reference, "samples": args.samples, "val": args.val,
+                                         "runtime_dtype": args.runtime_dtype,
                                          "snapshot": str(args.snapshot), "rows": rows}, indent=2))
 
 

@@ -84,6 +84,7 @@ BAD_OVERRIDES = {
     "gptq damping of 1": (["quant.gptq.damp=1.0"], "quant.gptq.damp"),
     "hessians on a gpu name": (["quant.gptq.hessian_device=gpu"], "quant.gptq.hessian_device"),
     "R4 block not a power of 2": (["quant.rotate.mlp_input_block=96"], "quant.rotate.mlp_input_block"),
+    "unknown rotation matrix": (["quant.rotate.matrix=givens"], "quant.rotate.matrix"),
     # unknown selections
     "unknown arch": (["arch=nonexistent"], "nonexistent"),
     "unknown infer": (["infer=nonexistent"], "nonexistent"),

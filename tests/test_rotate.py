@@ -64,6 +64,15 @@ def test_hadamard_sizes_out_of_reach():
     with pytest.raises(ValueError, match="no Hadamard construction here for size 18944"):
         hadamard(18944)
     q = rotate.randomized_hadamard(18944 // 64, 0)   # 296: neither construction; a random orthogonal Q
+    kinds = {(n, m): rotate.rotation_kind(n, m) for n in (296, 576, 2048) for m in ("auto", "hadamard", "orthogonal")}
+    assert kinds == {(296, "auto"): "random_orthogonal", (296, "hadamard"): "random_orthogonal",
+                     (296, "orthogonal"): "random_orthogonal", (576, "auto"): "random_orthogonal",
+                     (576, "hadamard"): "randomized_hadamard", (576, "orthogonal"): "random_orthogonal",
+                     (2048, "auto"): "randomized_hadamard", (2048, "hadamard"): "randomized_hadamard",
+                     (2048, "orthogonal"): "random_orthogonal"}
+    assert torch.equal(rotate.rotation_matrix(576, 5, "orthogonal"), rotate.random_orthogonal(576, 5))
+    assert torch.equal(rotate.rotation_matrix(576, 5, "hadamard"), rotate.randomized_hadamard(576, 5))
+    assert torch.equal(rotate.rotation_matrix(576, 5), rotate.random_orthogonal(576, 5))   # auto: unchanged
     assert torch.allclose(q @ q.T, torch.eye(296, dtype=q.dtype), atol=1e-12) and q.abs().max() > 296 ** -0.5 * 1.5
 
 

@@ -54,6 +54,9 @@ class InferConfig:
     heldout_samples: int = 8
 
 
+ROTATION_MATRICES = ("auto", "hadamard", "orthogonal")
+
+
 @dataclass
 class RotateConfig:
     """The `rotate` step (vlmq.quantize.rotate): orthogonal rotations that leave the bf16 model unchanged."""
@@ -61,6 +64,10 @@ class RotateConfig:
     residual: bool = True      # R1: the residual stream, folded into the weights (unties a tied lm_head)
     values: bool = False       # R2: per-head rotation of the attention values, folded
     mlp_input_block: int = 128  # R4: online block Hadamard on down_proj's input (power of 2; 0 = off)
+    # R1/R2's matrix: "auto" (Sylvester Hadamard for a power-of-two size, else Haar-random orthogonal),
+    # "hadamard" (randomized Hadamard wherever vlmq.numerics.hadamard reaches the size: also 576, 3584) or
+    # "orthogonal" (Haar-random); docs/QUANTIZATION.md has what each measured
+    matrix: str = "auto"
     seed: int = 0
 
 
@@ -267,6 +274,8 @@ def check_values(cfg: Config) -> None:
         (cfg.quant.rotate.mlp_input_block >= 0 and not cfg.quant.rotate.mlp_input_block & (
             cfg.quant.rotate.mlp_input_block - 1), "quant.rotate.mlp_input_block must be 0 (off) or a power of two, "
          f"got {cfg.quant.rotate.mlp_input_block}"),
+        (cfg.quant.rotate.matrix in ROTATION_MATRICES,
+         f"quant.rotate.matrix must be one of {list(ROTATION_MATRICES)}, got {cfg.quant.rotate.matrix!r}"),
         (not ("modelopt_hf" in cfg.export.formats and set(cfg.quant.steps) & {"rotate", "gptq"}),
          "export.formats: modelopt_hf is ModelOpt's own export of the live model, which carries neither the rotate "
          "step (an untied lm_head, the online Hadamard) nor GPTQ's rounding: with it, use the SmoothQuant-only "

@@ -145,20 +145,30 @@ def paley_hadamard(q: int) -> Tensor:
     return h
 
 
+def hadamard_split(n: int) -> tuple[int, int] | None:
+    """(2^k, m) with n = 2^k m that hadamard(n) builds from (m = 1, or m - 1 a prime = 3 mod 4), else None."""
+    two = n & -n if n > 0 else 0
+    if n > 0 and n == two:
+        return n, 1
+    while two >= 1:
+        m = n // two
+        if m % 4 == 0 and (m - 1) % 4 == 3 and _is_prime(m - 1):
+            return two, m
+        two //= 2
+    return None
+
+
 def hadamard(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """An n x n Hadamard matrix scaled by 1/sqrt(n) (orthogonal): Sylvester for a power of two, else
     Sylvester(2^k) kron Paley(m) for n = m 2^k with m - 1 a prime = 3 mod 4 (576 = 72 * 8, 3584 = 224 * 16).
     Raises HadamardSizeError for sizes neither construction reaches."""
-    two = n & -n if n > 0 else 0
-    if n > 0 and n == two:
+    split = hadamard_split(n)
+    if split is None:
+        raise HadamardSizeError(f"no Hadamard construction here for size {n}")
+    two, m = split
+    if m == 1:
         return sylvester_hadamard(n, dtype)
-    while two >= 1:
-        m = n // two
-        if m % 4 == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3:
-            h = torch.kron(sylvester_hadamard(two), paley_hadamard(m - 1) / math.sqrt(m))
-            return h.to(dtype)
-        two //= 2
-    raise HadamardSizeError(f"no Hadamard construction here for size {n}")
+    return torch.kron(sylvester_hadamard(two), paley_hadamard(m - 1) / math.sqrt(m)).to(dtype)
 
 
 def block_hadamard(x: Tensor, block: int) -> Tensor:

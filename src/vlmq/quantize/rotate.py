@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmq.models.families import Family
-from vlmq.numerics import HadamardSizeError, block_hadamard, hadamard, sylvester_hadamard
+from vlmq.numerics import block_hadamard, hadamard, hadamard_split, sylvester_hadamard
 
 INPUT_HADAMARD_ATTR = "_vlmq_input_hadamard"   # on a module: the block size of its online input Hadamard
 
@@ -45,13 +45,27 @@ def random_orthogonal(n: int, seed: int) -> Tensor:
     return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
 
 
+def rotation_kind(n: int, matrix: str = "auto") -> str:
+    """What rotation_matrix(n, seed, matrix) builds: 'randomized_hadamard' or 'random_orthogonal'.
+    auto: a Hadamard only for a power of two; hadamard: wherever one is constructed (576 = 8 * 72, ...)."""
+    split = hadamard_split(n)
+    reach = {"auto": split is not None and split[1] == 1, "hadamard": split is not None}.get(matrix, False)
+    return "randomized_hadamard" if reach else "random_orthogonal"
+
+
+def rotation_matrix(n: int, seed: int, matrix: str = "auto") -> Tensor:
+    """The n x n rotation `quant.rotate.matrix` names (float64)."""
+    if rotation_kind(n, matrix) == "randomized_hadamard":
+        return randomized_hadamard(n, seed)
+    return random_orthogonal(n, seed)
+
+
 def randomized_hadamard(n: int, seed: int) -> Tensor:
     """Q = H diag(signs) (QuaRot's randomized Hadamard; H from vlmq.numerics.hadamard, which also reaches
     sizes like 576 and 3584), else, for a size no construction reaches, a random orthogonal Q."""
-    try:
-        h = hadamard(n)
-    except HadamardSizeError:
+    if hadamard_split(n) is None:
         return random_orthogonal(n, seed)
+    h = hadamard(n)
     gen = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
     return h * signs.unsqueeze(0)

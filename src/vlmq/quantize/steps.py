@@ -100,11 +100,11 @@ def rotate(work: Work) -> Work:
     if cfg.residual:
         rot.fold_norm_gains(work.model, work.family)
         hidden = work.model.config.get_text_config().hidden_size
-        rot.rotate_residual(work.model, work.family, rot.randomized_hadamard(hidden, cfg.seed))
-        work.rotations["residual"] = {"kind": "randomized_hadamard", "seed": cfg.seed}
+        rot.rotate_residual(work.model, work.family, rot.rotation_matrix(hidden, cfg.seed, cfg.matrix))
+        work.rotations["residual"] = {"kind": rot.rotation_kind(hidden, cfg.matrix), "seed": cfg.seed}
     if cfg.values:
-        rot.rotate_values(work.model, work.family, rot.randomized_hadamard(head_dim, cfg.seed + 1))
-        work.rotations["values"] = {"kind": "randomized_hadamard", "seed": cfg.seed + 1}
+        rot.rotate_values(work.model, work.family, rot.rotation_matrix(head_dim, cfg.seed + 1, cfg.matrix))
+        work.rotations["values"] = {"kind": rot.rotation_kind(head_dim, cfg.matrix), "seed": cfg.seed + 1}
     if cfg.mlp_input_block:
         names = rot.rotate_mlp_input(work.model, work.family, cfg.mlp_input_block)
         work.rotations["input_hadamards"] = dict.fromkeys(names, cfg.mlp_input_block)   # bf16 fallbacks too
