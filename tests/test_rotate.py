@@ -76,10 +76,10 @@ def test_hadamard_sizes_out_of_reach():
     assert torch.allclose(q @ q.T, torch.eye(296, dtype=q.dtype), atol=1e-12) and q.abs().max() > 296 ** -0.5 * 1.5
 
 
-def text_model(tied: bool):
+def text_model(tied: bool, hidden: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=192, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     model = random_model(LlamaForCausalLM, config, seed=5, dtype=torch.float32)
@@ -121,6 +121,21 @@ def test_rotated_text_model_is_unchanged(tied):
         layer.mlp.down_proj._forward_pre_hooks.clear()
     with torch.no_grad():
         assert rel_diff(rotated(input_ids=ids).logits, ref) > 1e-2
+
+
+def test_paley_hadamard_rotations_leave_the_model_unchanged():
+    """matrix=hadamard at widths that are not powers of two: R1 at 48 = 4 * 12, R2 at head_dim 12 (Paley 12)."""
+    family = family_for("llama")
+    model = text_model(tied=True, hidden=48)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    assert rotate.rotation_kind(48, "hadamard") == rotate.rotation_kind(12, "hadamard") == "randomized_hadamard"
+    rotate.fold_norm_gains(model, family)
+    rotate.rotate_residual(model, family, rotate.rotation_matrix(48, 0, "hadamard"))
+    rotate.rotate_values(model, family, rotate.rotation_matrix(12, 1, "hadamard"))
+    with torch.no_grad():
+        assert rel_diff(model(input_ids=ids).logits, ref) < 1e-5
 
 
 def test_rotated_qwen2_5_vl_with_image_is_unchanged():
