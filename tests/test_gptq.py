@@ -73,13 +73,16 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     k = 96
     x = correlated_inputs(2048, k)
     hessian = x.T @ x
-    w = torch.randn(48, k) * torch.linspace(0.5, 2, k)
-    q_rtn, s_rtn = quantize_weight_per_channel(w)
-    rtn = output_error(w, q_rtn, s_rtn, hessian)
-    for act_order in (True, False):
-        q, s = gptq_round(w, hessian, block=32, act_order=act_order)
-        assert q.dtype == torch.int8 and torch.equal(s, s_rtn)
-        assert output_error(w, q, s, hessian) < 0.8 * rtn, act_order
+    ratios = []   # GPTQ's output error over RTN's, on 8 seeded weights (one weight's ratio ranges 0.39-0.84)
+    for seed in range(8):
+        w = torch.randn(48, k, generator=torch.Generator().manual_seed(seed)) * torch.linspace(0.5, 2, k)
+        q_rtn, s_rtn = quantize_weight_per_channel(w)
+        rtn = output_error(w, q_rtn, s_rtn, hessian)
+        for act_order in (True, False):
+            q, s = gptq_round(w, hessian, block=32, act_order=act_order)
+            assert q.dtype == torch.int8 and torch.equal(s, s_rtn)
+            ratios.append(float(output_error(w, q, s, hessian) / rtn))
+    assert max(ratios) < 0.95 and sum(ratios) / len(ratios) < 0.7, ratios
     # measured on held-out inputs of the same distribution too (not only the calibration ones)
     x_new = correlated_inputs(2048, k, seed=0)[1024:]
     q, s = gptq_round(w, correlated_inputs(1024, k, seed=0)[:1024].T @ correlated_inputs(1024, k, seed=0)[:1024])
