@@ -28,7 +28,6 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-CALIB = REPO_ROOT / "benchmarks" / "data" / "real_text" / "calib.jsonl"
 
 
 def parse(name: str) -> dict:
@@ -60,11 +59,11 @@ def build(base: torch.nn.Module, family, recipe: dict, calib: list[dict]) -> tor
     if recipe["rot"]:
         rotate.fold_norm_gains(model, family)
         hidden = model.config.hidden_size
-        make = rotate.random_orthogonal if recipe["orth"] else rotate.randomized_hadamard
-        rotate.rotate_residual(model, family, make(hidden, recipe["seed"]))
+        matrix = "orthogonal" if recipe["orth"] else "hadamard"
+        rotate.rotate_residual(model, family, rotate.rotation_matrix(hidden, recipe["seed"], matrix))
     if recipe["r2"]:
         _, _, head_dim = rotate.text_geometry(model)
-        rotate.rotate_values(model, family, rotate.randomized_hadamard(head_dim, recipe["seed"] + 1))
+        rotate.rotate_values(model, family, rotate.rotation_matrix(head_dim, recipe["seed"] + 1, "hadamard"))
     if recipe["r4"]:
         rotate.rotate_mlp_input(model, family, recipe["r4"])
     names = quantized_linear_names(family, len(model.get_submodule(family.layers)))
@@ -128,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from make_real_snapshot import build as build_snapshot
-    from real_fidelity import heldout_batches, validation_batches
+    from real_fidelity import CALIB, heldout_batches, validation_batches
 
     from vlmq.calib.batches import make_batches
     from vlmq.calib.jsonl import load_jsonl
