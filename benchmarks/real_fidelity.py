@@ -6,8 +6,10 @@ reference on the same batches: the held-out records rendered exactly as calibrat
 the actual next tokens. The reference is the fp32 model (so the bf16 row is the floor), or bf16.
 `--val N` scores on N validation records instead (calib.jsonl records 400.., seeded order, which no
 calibration of 400 texts or fewer reads): for choosing a recipe without touching the test records.
-`--runtime-dtype float32` runs the exports' float arithmetic in fp32 (the int8 GEMMs are exact either way):
-the checkpoint's own error without the bf16 runtime's (vLLM and vlmq's deployed runtime compute in bf16).
+Each export runs in the float dtype its config declares (`--runtime-dtype checkpoint`, as vLLM's dtype="auto"
+does: bf16, or fp16 where vlmq's `export.dtype=auto` chose it). `--runtime-dtype float32` runs every export's
+float arithmetic in fp32 (the int8 GEMMs are exact either way): the checkpoint's own error without the 16-bit
+runtime's; `float16` / `bfloat16` run every export in that dtype (e.g. a peer's bf16 checkpoint in fp16).
 
     python benchmarks/real_fidelity.py default=tmp/realrun/default/compressed_tensors \
         modelopt=tmp/realrun/default/modelopt_hf --samples 112 --json tmp/real_fidelity.json
@@ -49,7 +51,7 @@ def validation_batches(processor, samples: int) -> list[dict]:
 
 
 def score_exports(snapshot: Path, exports: dict[str, Path], samples: int, reference: str = "fp32",
-                  backend: str = "auto", val: int = 0, runtime_dtype: str = "bfloat16") -> dict[str, dict]:
+                  backend: str = "auto", val: int = 0, runtime_dtype: str = "checkpoint") -> dict[str, dict]:
     """{name: Fidelity dict} for bf16 (with an fp32 reference) and each export, against the `reference`
     dtype of the snapshot. All models are loaded at once and scored batch by batch."""
     import torch
@@ -66,8 +68,11 @@ def score_exports(snapshot: Path, exports: dict[str, Path], samples: int, refere
     if reference == "fp32":
         models["bf16"] = load_model(snap, "bfloat16", "cpu")
     for name, path in exports.items():
-        models[name], _, loaded = load_w8a8(path, "cpu", getattr(torch, runtime_dtype), backend=backend)
-        info[name] = {"format": loaded.format, "activations": loaded.activations, "quantized": len(loaded.quantized)}
+        dtype = None if runtime_dtype == "checkpoint" else getattr(torch, runtime_dtype)
+        models[name], _, loaded = load_w8a8(path, "cpu", dtype, backend=backend)
+        info[name] = {"format": loaded.format, "activations": loaded.activations, "quantized": len(loaded.quantized),
+                      "runtime_dtype": str(next(p.dtype for p in models[name].parameters()
+                                                 if p.is_floating_point())).removeprefix("torch.")}
     started = time.perf_counter()
     scores = score_models(ref, models, batches)
     seconds = round(time.perf_counter() - started, 2)
@@ -93,7 +98,8 @@ def main() -> None:
     parser.add_argument("--reference", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--val", type=int, default=0, help="score N validation records of calib.jsonl instead")
-    parser.add_argument("--runtime-dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--runtime-dtype", choices=("checkpoint", "bfloat16", "float16", "float32"),
+                        default="checkpoint")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.snapshot is None:

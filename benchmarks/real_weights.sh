@@ -56,3 +56,6 @@ for ref in fp32 bf16; do
   $PY benchmarks/real_fidelity.py --samples "$H" --reference $ref --json "$OUT/fidelity_$ref.json" "${PRESENT[@]}" \
     2>/dev/null | tee "$OUT/fidelity_$ref.txt"
 done
+# Like for like on the runtime: every export (the peers' bf16 checkpoints too) run in fp16.
+$PY benchmarks/real_fidelity.py --samples "$H" --reference fp32 --runtime-dtype float16 \
+  --json "$OUT/fidelity_fp32_all_fp16.json" "${PRESENT[@]}" 2>/dev/null | tee "$OUT/fidelity_fp32_all_fp16.txt"

@@ -197,6 +197,22 @@ def test_export_loads_and_runs_like_the_bf16_model(snapshot, export):
     assert_lean_matches_generate(model, inputs, tol=2e-2)
 
 
+def test_a_text_models_export_is_float16_where_its_peaks_allow(export):
+    """export.dtype=auto on a bf16 text model whose calibrated activations are small: float16 checkpoint and
+    config, the manifest says why, and vlmq's runtime runs it in float16 (as vLLM's dtype="auto" would)."""
+    checkpoint = export / "compressed_tensors"
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["dtype"] == "float16", config.get("dtype")
+    chosen = json.loads((export / "manifest.json").read_text())["checkpoint_dtype"]
+    assert chosen["dtype"] == "float16" and chosen["reason"].startswith("float16: peak"), chosen
+    assert 0 < chosen["peak"] * chosen["fp16_headroom"] <= 65504, chosen
+    with safe_open(str(next(checkpoint.glob("*.safetensors"))), "pt") as fh:
+        floats = {fh.get_slice(k).get_dtype() for k in fh.keys() if not k.endswith("_scale")} - {"I8"}
+    assert floats == {"F16"}, floats
+    model, _ = vlmq.load(checkpoint, device="cpu")
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float16}
+
+
 def test_bench_quantizes_the_family_linears_and_the_lean_loop_runs_them(snapshot):
     from transformers import AutoModelForCausalLM
 

@@ -171,6 +171,10 @@ def test_manifest_contents(demo_run):
     assert len(m["modules"]["quantized"]) == 7 * num_layers
     assert not any("visual" in n or "lm_head" in n or "embed" in n for n in m["modules"]["quantized"])
     assert m["exports"]["modelopt_hf"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+    # export.dtype=auto on a VLM: the vision tower keeps the snapshot's bf16, whatever the peaks allow
+    chosen = m["checkpoint_dtype"]
+    assert chosen["dtype"] == "bfloat16" and "vision tower" in chosen["reason"], chosen
+    assert chosen["peak"] > 0 and chosen["where"], chosen
 
 
 def test_manifest_calibration_counts_every_sample(demo_run):

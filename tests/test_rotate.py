@@ -123,6 +123,28 @@ def test_rotated_text_model_is_unchanged(tied):
         assert rel_diff(rotated(input_ids=ids).logits, ref) > 1e-2
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_bf16_model_keeps_its_rotated_float_tensors_in_fp32(tied):
+    """The tensors that stay floating point in the checkpoint (embedding, lm_head) are kept in fp32 beside a
+    bf16 model's rotated copy: equal to the same rotation of the fp32 model to fp32 rounding, while the bf16
+    model holds them rounded; quantized linears and an fp32 model get none."""
+    family = family_for("llama")
+    half = text_model(tied).to(torch.bfloat16)
+    exact = copy.deepcopy(half).to(torch.float32)   # the same bf16 values, rotated in fp32
+    for model in (exact, half):
+        rotate_all(model, family)
+    assert rotate.precise_tensors(exact) == {}
+    precise = rotate.precise_tensors(half)
+    assert set(precise) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert rotate.precise_tensors(half) == {}   # read once: the copies leave the model
+    params = dict(half.named_parameters())
+    want = dict(exact.named_parameters())
+    for name, value in precise.items():
+        assert value.dtype == torch.float32
+        assert torch.equal(params[name], value.to(torch.bfloat16)), name
+        assert rel_diff(value, want[name]) < 1e-6 < 1e-4 < rel_diff(params[name].float(), want[name]), name
+
+
 def test_paley_hadamard_rotations_leave_the_model_unchanged():
     """matrix=hadamard at widths that are not powers of two: R1 at 48 = 4 * 12, R2 at head_dim 12 (Paley 12)."""
     family = family_for("llama")

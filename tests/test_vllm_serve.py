@@ -88,7 +88,7 @@ def server(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     export = demo_export() / "compressed_tensors"
     port, log = free_port(), tmp_path_factory.mktemp("serve") / "vllm_serve.log"
     cmd = [str(vllm_python), "-m", "vllm.entrypoints.cli.main", "serve", str(export), "--host", "127.0.0.1",
-           "--port", str(port), "--served-model-name", SERVED_NAME, "--dtype", "bfloat16", "--max-model-len", "2048",
+           "--port", str(port), "--served-model-name", SERVED_NAME, "--dtype", "auto", "--max-model-len", "2048",
            "--enforce-eager", "--limit-mm-per-prompt", '{"image": 1}']
     env = {**harness.clean_env(), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
     with log.open("w") as fh:

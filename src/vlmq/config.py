@@ -64,10 +64,10 @@ class RotateConfig:
     residual: bool = True      # R1: the residual stream, folded into the weights (unties a tied lm_head)
     values: bool = False       # R2: per-head rotation of the attention values, folded
     mlp_input_block: int = 128  # R4: online block Hadamard on down_proj's input (power of 2; 0 = off)
-    # R1/R2's matrix: "auto" (Sylvester Hadamard for a power-of-two size, else Haar-random orthogonal),
-    # "hadamard" (randomized Hadamard wherever vlmq.numerics.hadamard reaches the size: also 576, 3584) or
-    # "orthogonal" (Haar-random); docs/QUANTIZATION.md has what each measured
-    matrix: str = "auto"
+    # R1/R2's matrix: "hadamard" (randomized Hadamard wherever vlmq.numerics.hadamard reaches the size: powers
+    # of two, also 576, 3584; Haar-random orthogonal elsewhere), "auto" (Hadamard for a power-of-two size only)
+    # or "orthogonal" (Haar-random); docs/QUANTIZATION.md has what each measured
+    matrix: str = "hadamard"
     seed: int = 0
 
 
@@ -133,7 +133,7 @@ class ExportConfig:
     formats: list[str] = field(default_factory=lambda: ["compressed_tensors"])  # as conf/export
     activations: str = "dynamic"
     smooth_o_proj: bool = True
-    dtype: str = "auto"  # the checkpoint's float tensors: auto (the snapshot's dtype), bfloat16, float16, float32
+    dtype: str = "auto"  # the checkpoint's float tensors: auto (fp16 where the peaks allow; quantize/peaks.py), ...
     score: bool = True   # load each written format with vlmq's runtime and score it against bf16 (quant.kl_samples)
 
 

@@ -212,6 +212,7 @@ class Quantized:
     command_line: str = field(default_factory=lambda: " ".join(sys.argv))
     log_dir: Path | None = None             # the run's log folder (the CLI's run_dir); the manifest's run_dir
     workdir: Any = None                     # vlmq.quantize's temporary folder (the demo snapshot): lives with this
+    dtype_choice: Any = None                # vlmq.quantize.peaks.DtypeChoice of the last export
 
     @property
     def cfg(self) -> Config:
@@ -249,15 +250,17 @@ def export_config(cfg: Config, out_dir: str | Path | None, formats: str | list[s
 def write_exports(q: Quantized, cfg: Config, target: Path, release: bool = False) -> dict[str, Any]:
     """Every format of `cfg.export.formats` from the one quantized state into `target` (staged, swapped in
     atomically), scored, with the manifest; returns the manifest."""
-    from vlmq.export import export_dtype, get_exporter
+    from vlmq.export import get_exporter
     from vlmq.export.atomic import ExportError, atomic_directory
     from vlmq.export.manifest import write_manifest
+    from vlmq.quantize.peaks import checkpoint_dtype
 
     if q.model is None:
         raise ExportError("this quantized model was released by an earlier export(release=True); quantize again")
     ctx, formats = q.ctx, export_formats(cfg)
     if q.state is not None:
-        q.state.dtype = export_dtype(cfg.export.dtype, q.inputs.snapshot.config)
+        q.dtype_choice = checkpoint_dtype(cfg.export.dtype, q.inputs.snapshot, q.model, q.state.peaks)
+        q.state.dtype = q.dtype_choice.dtype
     exports: dict[str, dict] = {}
     estimate = len(formats) * (estimate_export_bytes(q.model, q.audit.quantized) + q.inputs.other_bytes)
     with ctx.stage("export"), library_chatter_to_log(), atomic_directory(target, cfg.force, estimate) as staging:
@@ -304,6 +307,7 @@ def manifest_body(q: Quantized, cfg: Config, target: Path, exports: dict[str, di
                         "search": lmq.search.to_dict() if lmq.search is not None else None},
         "sensitivity_fallback": q.fallback_report,
         "exports": exports,
+        "checkpoint_dtype": q.dtype_choice.to_dict() if q.dtype_choice is not None else None,
         "sizes": {"bf16_safetensors_bytes": q.inputs.bf16_bytes, "export_estimate_bytes": estimate},
         "timings_s": {**ctx.timings, "export": round(sum(e["seconds"] for e in exports.values()), 3)},
         "fidelity_warning": fidelity_warning(exports),

@@ -142,7 +142,7 @@ def run(model: str, requests: list[dict[str, Any]], log_file: Path) -> dict[str,
     hadacore = provide_hadacore_on_cpu()
     t0 = time.perf_counter()
     llm = LLM(
-        model=model, dtype="bfloat16", max_model_len=1024, enforce_eager=True, limit_mm_per_prompt={"image": 1}, seed=0
+        model=model, dtype="auto", max_model_len=1024, enforce_eager=True, limit_mm_per_prompt={"image": 1}, seed=0
     )
     engine_start_s = time.perf_counter() - t0
     methods = llm.apply_model(linear_methods)[0]

@@ -58,6 +58,7 @@ class QuantizedModel:
     rotations: dict[str, Any] = field(default_factory=dict)   # what the rotate step folded (residual, values)
     rounding: str = "rtn"                                     # rtn | gptq
     dtype: torch.dtype | None = None   # the checkpoint's float tensors (export.dtype); None: as the model holds
+    peaks: dict[str, float] = field(default_factory=dict)   # largest |activation| per module / smoothed input
 
     def input_hadamards(self) -> dict[str, int]:
         """{linear: block size} of the linears that read an online block Hadamard of their input."""
@@ -84,7 +85,8 @@ class QuantizedModel:
                     continue
                 seen.add(tensor.data_ptr())
                 full = f"{module_name}.{leaf}" if module_name else leaf
-                own[leaf] = _as(self.edits.get(full, tensor).detach(), self.dtype)
+                # an edit may be held more precisely than the model (rotate.precise_tensors: fp32)
+                own[leaf] = _as(self.edits.get(full, tensor).detach(), self.dtype or tensor.dtype)
             own.update(self.kv_scales.get(module_name, {}))
             if own:
                 yield module_name, own
@@ -171,6 +173,7 @@ def build_state(model: nn.Module, family: Family, act_amax: Mapping[str, torch.T
                 bias=changed.get(f"{rel}.bias", params.get(f"{rel}.bias")),
                 smoothing=fold.factors.get(rel), folded_into=_folded_into(family, rel) if rel in fold.factors else None,
                 input_hadamard=hadamards.get(full))
+            state.peaks[f"{full} (smoothed input)"] = fold.input_amax[rel]
         for rel, tensor in changed.items():   # norm gains (and producer biases of bf16 linears)
             module = rel.rsplit(".", 1)[0]
             if module not in family.linears:

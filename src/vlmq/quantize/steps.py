@@ -48,6 +48,8 @@ class Work:
     rotations: dict = field(default_factory=dict)  # what `rotate` folded: residual / values / input_hadamards
     hessians: Any = None                         # gptq.HessianCollector, filled while calibrating
     rounding: Any = None                         # state.Rounding chosen by `gptq` (None: round to nearest)
+    peaks: dict[str, float] = field(default_factory=dict)  # module -> largest |output| while calibrating
+    precise: dict[str, Any] = field(default_factory=dict)   # parameter -> fp32 value of a rotated float tensor
     done: list[str] = field(default_factory=list)
 
 
@@ -108,6 +110,7 @@ def rotate(work: Work) -> Work:
     if cfg.mlp_input_block:
         names = rot.rotate_mlp_input(work.model, work.family, cfg.mlp_input_block)
         work.rotations["input_hadamards"] = dict.fromkeys(names, cfg.mlp_input_block)   # bf16 fallbacks too
+    work.precise = rot.precise_tensors(work.model)
     return work
 
 
@@ -115,6 +118,7 @@ def rotate(work: Work) -> Work:
 def calibrate(work: Work) -> Work:
     from vlmq.quantize import alpha_search as search
     from vlmq.quantize.calibrate import quantize
+    from vlmq.quantize.peaks import PeakRecorder
     from vlmq.quantize.recipe import build_modelopt_config
 
     work.recipe = build_modelopt_config(work.quant, work.family, excluded(work))
@@ -129,12 +133,14 @@ def calibrate(work: Work) -> Work:
         hooked, aliases = shared_inputs(work.names, [g.consumers for g in work.family.norm_groups])
         work.hessians = HessianCollector(work.model, {n: modules[n] for n in hooked}, aliases,
                                          device=work.quant.gptq.hessian_device)
+    recorder = PeakRecorder(work.model)   # what the checkpoint's float dtype must hold (export.dtype=auto)
     try:
         work.model = quantize(work.model, work.recipe, work.forward_loop)
     finally:
-        for hooks in (work.sampler, work.hessians):
+        for hooks in (work.sampler, work.hessians, recorder):
             if hooks is not None:
                 hooks.remove()
+    work.peaks = recorder.peaks()
     return work
 
 
@@ -182,6 +188,8 @@ def round_to_int8(work: Work) -> Work:
                              getattr(work.export, "smooth_o_proj", True),
                              input_hadamards=work.rotations.get("input_hadamards"), **kwargs)
     work.state.rotations = dict(work.rotations)
+    work.state.peaks = {**work.peaks, **work.state.peaks}
+    work.state.edits = {**work.precise, **work.state.edits}   # the export rounds them once, to its dtype
     work.state.rounding = "gptq" if work.rounding else "rtn"
     if work.hessians is not None:   # free them: 3B's are ~25 GB
         work.hessians.clear()

@@ -55,6 +55,14 @@ class CheckpointInfo:
     warnings: list[str] = field(default_factory=list)  # one line each: another format of the export is damaged
 
 
+def checkpoint_float_dtype(config: dict) -> torch.dtype:
+    """The float dtype a checkpoint's config declares (bf16 when none; an fp32 declaration runs in bf16,
+    as the runtime's int8 paths were built for 16-bit floats)."""
+    text = config.get("text_config") or {}
+    declared = [c.get(k) for c in (config, text) for k in ("dtype", "torch_dtype")]
+    return torch.float16 if "float16" in declared else torch.bfloat16
+
+
 def read_state_dict(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, read straight onto `device` (a GPU load never holds the model in host RAM)."""
     files = sorted(Path(path).glob("*.safetensors"))
@@ -264,9 +272,10 @@ def _materialize_buffers(model: nn.Module, config) -> None:
                 setattr(module, name, buf)
 
 
-def load_w8a8(path: Path, device: str = "auto", dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
+def load_w8a8(path: Path, device: str = "auto", dtype: torch.dtype | None = None, backend: str = "auto",
               verify: bool = True):
-    """(model, processor, info) for an exported checkpoint directory.
+    """(model, processor, info) for an exported checkpoint directory, its float arithmetic in `dtype`
+    (None: the checkpoint's own, e.g. float16 where `export.dtype=auto` chose it; as vLLM's dtype="auto").
 
     With `verify` (the default), a checkpoint that has a manifest.json beside or above it is first
     checked against it (sha256 of every file) and refused on any difference; damage to the export's other
@@ -293,6 +302,6 @@ def load_w8a8(path: Path, device: str = "auto", dtype: torch.dtype = torch.bfloa
     tensors = read_state_dict(Path(path), device)
     info = inspect_checkpoint(Path(path), tensors)
     info.warnings = warnings
-    model = build_w8a8_model(info, tensors, dtype, device, backend)
+    model = build_w8a8_model(info, tensors, dtype or checkpoint_float_dtype(info.config), device, backend)
     processor = AutoProcessor.from_pretrained(path)
     return model, processor, info
