@@ -81,3 +81,16 @@ def test_the_recorder_keeps_each_modules_largest_finite_output_over_calls():
     assert peaks["up"] == pytest.approx(want_up) and peaks["pair"] == pytest.approx(3 * want_up)
     model(100 * torch.randn(2, 4))   # removed: nothing more is recorded
     assert recorder.peaks() == peaks
+
+
+def test_fp32_copies_are_held_only_where_the_checkpoint_can_be_finer_than_bf16():
+    from vlmq.models.demo import build_demo_model
+    from vlmq.models.families import family_for
+    from vlmq.quantize.peaks import may_be_finer_than_bf16
+
+    vlm = build_demo_model()
+    family = family_for(vlm.config.model_type)
+    text = Tiny()   # no vision tower at the family's path
+    assert not may_be_finer_than_bf16("auto", vlm, family) and may_be_finer_than_bf16("auto", text, family)
+    assert may_be_finer_than_bf16("float16", vlm, family) and may_be_finer_than_bf16("float32", vlm, family)
+    assert not may_be_finer_than_bf16("bfloat16", text, family)

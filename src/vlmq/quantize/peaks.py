@@ -108,13 +108,22 @@ def fp16_overflow_risk(choice: DtypeChoice) -> str | None:
 
 def checkpoint_dtype(name: str, snapshot, model: nn.Module, peaks: Mapping[str, float]) -> DtypeChoice:
     """`export.dtype` resolved for this run (snapshot: vlmq.models.load.Snapshot), logged with its reason."""
-    has_vision = any(_has_module(model, path) for path in snapshot.family.vision)
-    choice = choose_dtype(name, snapshot.config, peaks, has_vision)
+    choice = choose_dtype(name, snapshot.config, peaks, has_vision_tower(model, snapshot.family))
     log.info("checkpoint dtype %s (%s)", str(choice.dtype).removeprefix("torch."), choice.reason)
     risk = fp16_overflow_risk(choice)
     if risk:
         log.warning("%s", risk)
     return choice
+
+
+def may_be_finer_than_bf16(name: str, model: nn.Module, family) -> bool:
+    """Whether `export.dtype` = `name` can write this model's float tensors finer than bf16 (fp16 or fp32),
+    i.e. whether fp32 copies of its rotated float tensors are worth holding until the export."""
+    return not has_vision_tower(model, family) if name == "auto" else name in ("float16", "float32")
+
+
+def has_vision_tower(model: nn.Module, family) -> bool:
+    return any(_has_module(model, path) for path in family.vision)
 
 
 def _has_module(model: nn.Module, path: str) -> bool:

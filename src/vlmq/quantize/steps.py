@@ -96,6 +96,7 @@ def run_steps(work: Work, steps: Sequence[str]) -> Work:
 @register_step("rotate")
 def rotate(work: Work) -> Work:
     from vlmq.quantize import rotate as rot
+    from vlmq.quantize.peaks import may_be_finer_than_bf16
 
     cfg = work.quant.rotate
     _, _, head_dim = rot.text_geometry(work.model)
@@ -110,7 +111,9 @@ def rotate(work: Work) -> Work:
     if cfg.mlp_input_block:
         names = rot.rotate_mlp_input(work.model, work.family, cfg.mlp_input_block)
         work.rotations["input_hadamards"] = dict.fromkeys(names, cfg.mlp_input_block)   # bf16 fallbacks too
-    work.precise = rot.precise_tensors(work.model)
+    precise = rot.precise_tensors(work.model)   # held only where the checkpoint may be finer than bf16
+    if may_be_finer_than_bf16(getattr(work.export, "dtype", "auto"), work.model, work.family):
+        work.precise = precise
     return work
 
 
