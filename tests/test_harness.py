@@ -103,7 +103,7 @@ def test_command_is_the_harness_own_cli(tmp_path: Path):
     h = harness.HARNESSES["lm_eval"]
     cmd = harness.build_command(h, "/py", ["vlmq_text_mc"], tmp_path, tmp_path / "out", "cpu", 8)
     assert cmd == ["/py", "-m", "lm_eval", "--model", "vllm", "--model_args",
-                   f"pretrained={tmp_path},dtype=bfloat16,max_model_len=4096,enforce_eager=True",
+                   f"pretrained={tmp_path},dtype=auto,max_model_len=4096,enforce_eager=True",
                    "--tasks", "vlmq_text_mc", "--include_path", str(h.tasks_dir), "--batch_size", "auto",
                    "--output_path", str(tmp_path / "out"), "--log_samples", "--limit", "8"]
     lmms = harness.build_command(harness.HARNESSES["lmms_eval"], "/py", ["a", "b"], tmp_path, tmp_path, "cuda")

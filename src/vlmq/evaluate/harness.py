@@ -134,8 +134,9 @@ def max_model_len(model_dir: Path) -> int:
 
 def build_command(h: Harness, python: str, tasks: list[str], model_dir: Path, out_dir: Path, device: str = "cpu",
                   limit: int | None = None) -> list[str]:
-    """The harness's own command line for one model (what a user would type)."""
-    args = [f"{h.model_key}={model_dir}", "dtype=bfloat16", f"max_model_len={max_model_len(model_dir)}",
+    """The harness's own command line for one model (what a user would type); dtype=auto runs each checkpoint in
+    its own dtype (fp16 where vlmq's export.dtype=auto chose it)."""
+    args = [f"{h.model_key}={model_dir}", "dtype=auto", f"max_model_len={max_model_len(model_dir)}",
             *h.extra_model_args, *(["enforce_eager=True"] if device == "cpu" else [])]
     cmd = [python, "-m", h.module, "--model", "vllm", "--model_args", ",".join(args), "--tasks", ",".join(tasks),
            "--include_path", str(h.tasks_dir), "--batch_size", "auto" if h.name == "lm_eval" else "1",
