@@ -17,6 +17,7 @@ factors; o_proj's factor is shared per (kv-head, head dim) so it can fold into v
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -178,5 +179,12 @@ def block_hadamard(x: Tensor, block: int) -> Tensor:
     if n % block:
         raise HadamardSizeError(f"Hadamard block {block} does not divide the size {n}")
     work = torch.promote_types(x.dtype, torch.float32)
-    h = sylvester_hadamard(block, work).to(x.device)
+    h = _sylvester_on(block, work, x.device)
     return (x.to(work).reshape(*x.shape[:-1], n // block, block) @ h).reshape(x.shape).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _sylvester_on(block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """sylvester_hadamard(block) already on `device`: built once, so a CUDA graph that captures block_hadamard
+    (after its warm-up runs) copies nothing from the host."""
+    return sylvester_hadamard(block, dtype).to(device)
