@@ -31,6 +31,14 @@ class Snapshot:
     is_demo: bool
 
 
+def declared_dtype(config: dict) -> str:
+    """The float dtype a model config declares (`dtype` or `torch_dtype`, top level or text_config), as a
+    DTYPES name; bfloat16 when it declares none."""
+    text = config.get("text_config") or {}
+    declared = [c.get(k) for c in (config, text) for k in ("dtype", "torch_dtype")]
+    return next((d for d in declared if d in DTYPES), "bfloat16")
+
+
 def require_snapshot_dir(path: Path) -> None:
     """The first check on a snapshot, cheap enough to run before anything else (before calibration data is read)."""
     if not Path(path).is_dir():

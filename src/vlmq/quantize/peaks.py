@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from vlmq.models.load import declared_dtype
+
 log = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
@@ -64,15 +66,6 @@ class DtypeChoice:
                 "where": self.where, "fp16_headroom": FP16_HEADROOM}
 
 
-def declared_dtype(snapshot_config: Mapping) -> str:
-    """The snapshot's declared dtype name (bfloat16 when it declares none)."""
-    from vlmq.config import DTYPES
-
-    text = snapshot_config.get("text_config") or {}
-    declared = [c.get(k) for c in (snapshot_config, text) for k in ("dtype", "torch_dtype")]
-    return next((d for d in declared if d in DTYPES), "bfloat16")
-
-
 def choose_dtype(name: str, snapshot_config: Mapping, peaks: Mapping[str, float] | None = None,
                  has_vision: bool = False) -> DtypeChoice:
     """The checkpoint's float dtype for `export.dtype` = `name`. auto: float16 for a bf16 text model whose
@@ -81,7 +74,7 @@ def choose_dtype(name: str, snapshot_config: Mapping, peaks: Mapping[str, float]
     where, peak = top
     if name != "auto":
         return DtypeChoice(getattr(torch, name), "export.dtype", peak, where)
-    declared = declared_dtype(snapshot_config)
+    declared = declared_dtype(dict(snapshot_config))
     keep = DtypeChoice(getattr(torch, declared), "", peak, where)
     if declared != "bfloat16":
         keep.reason = f"the snapshot's {declared}"

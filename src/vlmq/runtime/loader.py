@@ -56,11 +56,11 @@ class CheckpointInfo:
 
 
 def checkpoint_float_dtype(config: dict) -> torch.dtype:
-    """The float dtype a checkpoint's config declares (bf16 when none; an fp32 declaration runs in bf16,
-    as the runtime's int8 paths were built for 16-bit floats)."""
-    text = config.get("text_config") or {}
-    declared = [c.get(k) for c in (config, text) for k in ("dtype", "torch_dtype")]
-    return torch.float16 if "float16" in declared else torch.bfloat16
+    """The float dtype a checkpoint's config declares, for running it: float16 as declared, anything else bf16
+    (an fp32 declaration too: the runtime's int8 paths were built for 16-bit floats)."""
+    from vlmq.models.load import declared_dtype
+
+    return torch.float16 if declared_dtype(config) == "float16" else torch.bfloat16
 
 
 def read_state_dict(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
