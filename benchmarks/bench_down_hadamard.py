@@ -3,7 +3,10 @@ side in one process on the 3B shape (random weights; lean loop, CUDA graphs):
 
 - ``plain``: today's W8A8 (every LM linear dynamic per-token int8, no rotation);
 - ``hadamard fused``: the same model with each down_proj holding W H and ``input_hadamard = 128``, its input
-  from the fused SiLU·mul + block Hadamard + int8 kernel (``vlmq.runtime.fused.silu_mul_hadamard``);
+  from the fused SiLU·mul + block Hadamard + int8 kernel (``vlmq.runtime.fused.silu_mul_hadamard``) in the
+  split mode it picks (decode: a row's blocks over several programs, ``wait``);
+- ``hadamard fused row`` / ``hadamard fused last``: the same kernel forced to one program per row (session
+  12's kernel) / to the split mode where the last part quantizes the whole row;
 - ``hadamard unfused``: the same rotated model, SiLU·mul in bf16 then the linear's own eager
   ``block_hadamard`` + quantization (``FusedOps.fuse_hadamard = False``), to show what the fusion buys.
 
@@ -33,7 +36,10 @@ from vlmq.runtime.linear import W8A8Linear
 from vlmq.timing import decode_times
 
 BLOCK = 128
-VARIANTS = {"plain": (False, True), "hadamard fused": (True, True), "hadamard unfused": (True, False)}
+# name -> (rotated down_proj, fused Hadamard, split mode)
+VARIANTS = {"plain": (False, True, None), "hadamard fused": (True, True, None),
+            "hadamard fused row": (True, True, "row"), "hadamard fused last": (True, True, "last"),
+            "hadamard unfused": (True, False, None)}
 
 
 def rotated(lin: W8A8Linear, block: int) -> W8A8Linear:
@@ -53,33 +59,39 @@ def set_down(model: nn.Module, downs: list[nn.Module]) -> None:
 
 @torch.no_grad()
 def decode_run(model: nn.Module, inputs: dict, batch: int, new_tokens: int, fuse_hadamard: bool,
-               device: torch.device) -> tuple[float, list[int]]:
+               split: str | None, device: torch.device) -> tuple[float, list[int]]:
     """(decode tok/s of one timed generation after a warm one, the first greedy tokens of row 0)."""
     max_len = (inputs["input_ids"].shape[1] + new_tokens + 63) // 64 * 64
     dec = LeanDecoder(model, batch, max_len)
     if hasattr(dec.ops, "fuse_hadamard"):
         dec.ops.fuse_hadamard = fuse_hadamard
+        dec.ops.hadamard_split = split
     times = decode_times(dec, inputs, new_tokens, device, rounds=2)   # the first warms up
     return batch * (new_tokens - 1) / times[-1], dec.tokens[0, :8].tolist()
 
 
 def decode_table(model: nn.Module, downs: dict[str, list[nn.Module]], processor, batches: list[int],
                  args: argparse.Namespace, device: torch.device) -> dict:
+    variants = ["plain", *(v for v in args.variants.split(",") if v and v != "plain")]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     out: dict = {}
     for batch in batches:
         inputs = {k: v.to(device) for k, v in make_inputs(processor, "text", batch, args.prompt_tokens,
                                                             (448, 336)).items()}
-        runs: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        runs: dict[str, list[float]] = {name: [] for name in variants}
         tokens: dict[str, list[int]] = {}
         for _ in range(args.rounds):
-            for name, (rot, fuse) in VARIANTS.items():
+            for name in variants:
+                rot, fuse, split = VARIANTS[name]
                 set_down(model, downs["rotated" if rot else "plain"])
-                tok_s, tokens[name] = decode_run(model, inputs, batch, args.new_tokens, fuse, device)
+                tok_s, tokens[name] = decode_run(model, inputs, batch, args.new_tokens, fuse, split, device)
                 runs[name].append(round(tok_s, 1))
         med = {name: round(statistics.median(r), 1) for name, r in runs.items()}
         out[f"text_b{batch}"] = {"tok_s_runs": runs, "tok_s_median": med, "tokens": tokens,
-                                 **{f"{n} / plain": round(med[n] / med["plain"], 4) for n in VARIANTS if n != "plain"}}
-        print(f"batch {batch}: " + ", ".join(f"{n} {med[n]:.1f} tok/s" for n in VARIANTS)
+                                 **{f"{n} / plain": round(med[n] / med["plain"], 4) for n in variants if n != "plain"}}
+        print(f"batch {batch}: " + ", ".join(f"{n} {med[n]:.1f} tok/s" for n in variants)
               + f"  (fused / plain {med['hadamard fused'] / med['plain']:.4f})", flush=True)
     return out
 
@@ -88,19 +100,23 @@ def producer_table(ms: list[int], width: int) -> dict:
     """Microseconds per call of the three ways to produce down_proj's int8 input from gate_up [M, 2I]."""
     from bench_timing import time_graph
 
-    from vlmq.runtime.fused import silu_mul, silu_mul_hadamard
+    from vlmq.runtime.fused import SPLIT_MODES, hadamard_split_mode, silu_mul, silu_mul_hadamard
     from vlmq.runtime.kernels.triton_w8a8 import quantize_rows
 
     def unfused(gu: torch.Tensor) -> None:
         quantize_rows(block_hadamard(silu_mul(gu, False), BLOCK), None, None)
 
     fns = {"silu_mul+quant (plain)": lambda gu: silu_mul(gu, True),
-           "silu_mul_hadamard (fused)": lambda gu: silu_mul_hadamard(gu, BLOCK), "unfused": unfused}
+           "silu_mul_hadamard (fused)": lambda gu: silu_mul_hadamard(gu, BLOCK),
+           **{f"fused, split {mode}": lambda gu, mode=mode: silu_mul_hadamard(gu, BLOCK, mode) for mode in SPLIT_MODES},
+           "unfused": unfused}
     out = {}
     for m in ms:
         r = int(min(256, max(2, math.ceil(150e6 / (m * width * 4)))))  # inputs past the 50 MB L2
         sets = [torch.randn(m, 2 * width, device="cuda").bfloat16() for _ in range(r)]
-        out[f"M{m}"] = {name: round(time_graph(lambda i, f=fn, xs=sets: f(xs[i]), r), 2) for name, fn in fns.items()}
+        waits = hadamard_split_mode(m, width, BLOCK, sets[0].device) == "wait"  # else "wait" may not be launched
+        usable = {n: f for n, f in fns.items() if "wait" not in n or waits}
+        out[f"M{m}"] = {name: round(time_graph(lambda i, f=fn, xs=sets: f(xs[i]), r), 2) for name, fn in usable.items()}
         print(f"M {m}: " + ", ".join(f"{k} {v} us" for k, v in out[f"M{m}"].items()), flush=True)
     return out
 
@@ -113,6 +129,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--variants", default="hadamard fused,hadamard fused row,hadamard unfused",
+                   help=f"decode variants besides plain, comma-separated, from {list(VARIANTS)}")
     p.add_argument("--producer-ms", default="1,8,64", help="M values of the producer table (CUDA); '' = skip")
     p.add_argument("--out", type=Path)
     args = p.parse_args()

@@ -111,7 +111,7 @@ def test_fused_ops_rotate_before_quantizing_in_triton_interpreter() -> None:
 
 INTERPRETER_KERNEL = textwrap.dedent("""
     import torch
-    from test_hadamard_act import compare_kernel
+    from test_hadamard_act import compare_kernel, gate_up
     from vlmq.runtime.fused import silu_mul_hadamard_fits
     assert silu_mul_hadamard_fits(128, 11008) and silu_mul_hadamard_fits(128, 18944)  # 3B, 7B down_proj
     assert not any(silu_mul_hadamard_fits(b, w) for b, w in ((8, 64), (128, 1000), (256, 512), (128, 512 * 128)))
@@ -119,6 +119,20 @@ INTERPRETER_KERNEL = textwrap.dedent("""
         (4, 5, 32, torch.bfloat16), (3, 43, 32, torch.bfloat16), (64, 86, 128, torch.bfloat16),
         (2, 1, 16, torch.bfloat16), (3, 5, 128, torch.float32), (2, 43, 64, torch.float16))]
     print("mismatches", stats)
+    # the split kernel, bit for bit the row kernel's values: "last" over several parts per row; "wait"
+    # only with one part per row here (the interpreter runs programs one after another, so a part
+    # waiting for another would wait forever; tests/gpu runs it with several)
+    from vlmq.runtime.fused import _sync_slots, silu_mul_hadamard
+    for m, nb, block, dtype, split in ((3, 43, 32, torch.bfloat16, "last"), (2, 86, 128, torch.bfloat16, "last"),
+                                       (2, 40, 16, torch.float32, "last"), (2, 5, 128, torch.float16, "wait"),
+                                       (1, 16, 64, torch.bfloat16, "wait")):
+        gu = gate_up(m, nb * block, dtype).reshape(m, -1)
+        gu[0] = 0.0
+        q_row, s_row = silu_mul_hadamard(gu, block, "row")
+        q, s = silu_mul_hadamard(gu, block, split)
+        assert torch.equal(q, q_row) and torch.equal(s, s_row), (m, nb, block, split)
+        assert not _sync_slots(gu.device).any()  # the last part leaves the sync slots zeroed
+    print("split kernels: bit for bit")
     print("KERNEL-OK")
 """)
 
@@ -129,7 +143,8 @@ def bf16_tie_distance(x: torch.Tensor) -> torch.Tensor:
     return ((x / ulp) - torch.floor(x / ulp) - 0.5).abs()
 
 
-def compare_kernel(m: int, n_blocks: int, block: int, dtype: torch.dtype, device: str = "cpu") -> tuple[int, int]:
+def compare_kernel(m: int, n_blocks: int, block: int, dtype: torch.dtype, device: str = "cpu",
+                   split: str | None = None) -> tuple[int, int]:
     """silu_mul_hadamard vs the eager reference; returns (int8 mismatches, elements). The kernel sums ±x
     exactly and scales once, the reference accumulates x * (±1/sqrt(block)) in fp32: the two can land on
     either side of a model-dtype rounding tie, and only there may an int8 value differ (by one)."""
@@ -139,7 +154,7 @@ def compare_kernel(m: int, n_blocks: int, block: int, dtype: torch.dtype, device
     i = n_blocks * block
     gu = gate_up(m, i, dtype, device).reshape(m, 2 * i)
     gu[0] = 0.0  # an all-zero row: scale MIN_SCALE, q 0
-    q, s = silu_mul_hadamard(gu, block)
+    q, s = silu_mul_hadamard(gu, block, split)
     g, u = gu.chunk(2, dim=-1)
     # on CUDA the kernels' SiLU is within a bf16 ulp of torch's (tests/gpu/test_decode_gpu.py): start
     # the reference from the SiLU·mul kernel's own product there; the interpreter matches torch exactly
@@ -198,3 +213,15 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     assert mma in compiled.asm["ptx"]
     assert compiled.metadata.shared <= 64 * 1024, compiled.metadata.shared
+    for last in (False, True):  # the split kernel: 16 blocks per program, the row's max by single-thread atomics
+        const = {"HB": 128, "BPP": FU.HADAMARD_PART_BLOCKS, "DOT_FP32": False, "LAST": last,
+                 "USE_PDL": capability >= 90}
+        sig = {"gu_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "z_ptr": "*bf16", "signs_ptr": "*bf16",
+               "sync_ptr": "*i32", "n_cols": "i32", "n_blocks": "i32", "n_parts": "i32", "h_scale": "fp32",
+               **dict.fromkeys(const, "constexpr")}
+        split = triton.compile(ASTSource(FU._silu_mul_hadamard_split_kernel, sig, const),
+                               target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
+        ptx = split.asm["ptx"]
+        assert "mma.sync" in ptx and split.metadata.shared <= 64 * 1024  # 16-row tiles: below wgmma's 64
+        # one thread per program adds to the row's slot (tid 0's predicate), never every thread
+        assert "atom.global.gpu.acq_rel.add" in ptx and "setp.eq.b32" in ptx

@@ -12,15 +12,42 @@ pytest.importorskip("triton")
 
 from test_hadamard_act import compare_kernel, down_linear, gate_up, reference_down, rel_err  # noqa: E402
 from vlmq.runtime.decode import ReferenceOps  # noqa: E402
+from vlmq.runtime.fused import HADAMARD_PART_BLOCKS, _sync_slots, silu_mul_hadamard  # noqa: E402
 from vlmq.runtime.ops import FusedOps  # noqa: E402
 
 
+@pytest.mark.parametrize("split", ["row", "wait", "last", None])
 @pytest.mark.parametrize("m", [1, 8, 64])
 @pytest.mark.parametrize("n_blocks,block,dtype", [(86, 128, torch.bfloat16), (43, 32, torch.bfloat16),
                                                   (5, 128, torch.float16), (148, 128, torch.bfloat16)])
-def test_silu_mul_hadamard_kernel(m: int, n_blocks: int, block: int, dtype: torch.dtype) -> None:
-    bad, total = compare_kernel(m, n_blocks, block, dtype, "cuda")
+def test_silu_mul_hadamard_kernel(m: int, n_blocks: int, block: int, dtype: torch.dtype, split: str | None) -> None:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if split == "wait" and m * -(-n_blocks // HADAMARD_PART_BLOCKS) > sms:  # parts that might not all be resident
+        with pytest.raises(ValueError, match="one program per SM"):
+            silu_mul_hadamard(gate_up(m, n_blocks * block, dtype, "cuda").reshape(m, -1), block, split)
+        return
+    bad, total = compare_kernel(m, n_blocks, block, dtype, "cuda", split)
     print(f"int8 mismatches at rounding ties: {bad} / {total}")
+
+
+@pytest.mark.parametrize("split", ["wait", "last"])
+def test_split_kernel_is_the_row_kernel_bit_for_bit_and_repeatable(split: str) -> None:
+    """Same values as one program per row, call after call (the sync slots reset themselves), also
+    when replayed from a CUDA graph."""
+    gu = gate_up(8, 11008, device="cuda").reshape(8, -1)
+    want = silu_mul_hadamard(gu, 128, "row")
+    for _ in range(50):
+        got = silu_mul_hadamard(gu, 128, split)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not _sync_slots(gu.device).any()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = [silu_mul_hadamard(gu, 128, split) for _ in range(4)]
+    for _ in range(10):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(q, want[0]) and torch.equal(s, want[1]) for q, s in out)
+    assert not _sync_slots(gu.device).any()
 
 
 @pytest.mark.parametrize("fuse", [True, False])

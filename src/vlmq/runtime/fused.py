@@ -24,6 +24,7 @@ reads or writes any activation, so kernel launch latency overlaps the previous k
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,8 +32,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from vlmq.numerics import sylvester_hadamard
 from vlmq.runtime.kernels.tiles import interpreting, next_pow2, pdl_enter, pdl_kwargs
-from vlmq.runtime.kernels.triton_w8a8 import quant_store
+from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE, quant_store, quantize_int8
 
 
 @triton.jit
@@ -119,6 +121,67 @@ def _silu_mul_hadamard_kernel(gu_ptr, q_ptr, s_ptr, n_cols, n_blocks, h_scale, H
 
 
 @triton.jit
+def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, z_ptr, signs_ptr, sync_ptr, n_cols, n_blocks, n_parts,
+                                    h_scale, HB: tl.constexpr, BPP: tl.constexpr, DOT_FP32: tl.constexpr,
+                                    LAST: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
+    """``_silu_mul_hadamard_kernel`` with a row's blocks spread over ``n_parts`` programs (BPP blocks each),
+    so a decode token's row runs on several SMs. The row's int8 scale needs every part's max: each part
+    adds its max to the row's slot in ``sync_ptr`` [peak bits, arrived, left] by atomics, then either
+    waits there for the others and quantizes its own tile (``LAST`` off: every part must be resident at
+    once, which the launcher guarantees), or writes its tile to ``z_ptr`` and the last part to arrive
+    quantizes the whole row (``LAST`` on). The last part to leave zeroes the slot for the next call."""
+    pdl_enter(USE_PDL)
+    part = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    j = tl.arange(0, HB)
+    blk = part * BPP + tl.arange(0, BPP)[:, None]
+    cols = blk * HB + j[None, :]
+    mask = (blk < n_blocks) & (cols >= 0)
+    dt = gu_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    y = round_to(round_to(g / (1.0 + tl.exp(-g)), dt) * u, dt)
+    signs = tl.load(signs_ptr + j[:, None] * HB + j[None, :])
+    if DOT_FP32:
+        z = tl.dot(y, signs.to(tl.float32), input_precision="ieee")
+    else:
+        z = tl.dot(y.to(dt), signs, out_dtype=tl.float32)
+    z = round_to(z * h_scale, dt)
+    slot = sync_ptr + row * 3
+    # peaks are >= 0, where fp32 bits order like int32
+    tl.atomic_max(slot, tl.max(tl.where(mask, tl.abs(z), 0.0)).to(tl.int32, bitcast=True), sem="acq_rel")
+    if LAST:
+        tl.store(z_ptr + row * n_cols + cols, z.to(dt), mask=mask)
+        tl.debug_barrier()  # every thread's z stores before the release below
+        if tl.atomic_add(slot + 1, 1, sem="acq_rel") == n_parts - 1:
+            peak = tl.atomic_xchg(slot, 0, sem="acq_rel").to(tl.float32, bitcast=True)
+            tl.atomic_xchg(slot + 1, 0, sem="relaxed")
+            scale = tl.maximum(tl.div_rn(peak, 127.0), MIN_SCALE)
+            tl.store(s_ptr + row, scale)
+            inv = tl.div_rn(1.0, scale)
+            for p in range(0, n_parts):
+                pblk = p * BPP + tl.arange(0, BPP)[:, None]
+                pcols = pblk * HB + j[None, :]
+                pmask = (pblk < n_blocks) & (pcols >= 0)
+                zp = tl.load(z_ptr + row * n_cols + pcols, mask=pmask, other=0.0, cache_modifier=".cg")
+                tl.store(q_ptr + row * n_cols + pcols, quantize_int8(zp.to(tl.float32), inv), mask=pmask)
+    else:
+        tl.atomic_add(slot + 1, 1, sem="acq_rel")
+        seen = tl.atomic_add(slot + 1, 0, sem="acq_rel")
+        while seen < n_parts:
+            seen = tl.atomic_add(slot + 1, 0, sem="acq_rel")
+        peak = tl.atomic_add(slot, 0, sem="acq_rel").to(tl.float32, bitcast=True)
+        scale = tl.maximum(tl.div_rn(peak, 127.0), MIN_SCALE)
+        if part == 0:
+            tl.store(s_ptr + row, scale)
+        tl.store(q_ptr + row * n_cols + cols, quantize_int8(z, tl.div_rn(1.0, scale)), mask=mask)
+        if tl.atomic_add(slot + 2, 1, sem="acq_rel") == n_parts - 1:
+            tl.atomic_xchg(slot, 0, sem="relaxed")
+            tl.atomic_xchg(slot + 1, 0, sem="relaxed")
+            tl.atomic_xchg(slot + 2, 0, sem="relaxed")
+
+
+@triton.jit
 def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, kc_ptr, vc_ptr,
                        T, stride_row, n_heads, n_kv, kc_sb, kc_sh, kc_ss, HALF: tl.constexpr,
                        USE_PDL: tl.constexpr):  # fmt: skip
@@ -196,21 +259,74 @@ def silu_mul_hadamard_fits(block: int, width: int) -> bool:
     return max(HADAMARD_MIN_BLOCK, next_pow2(width // block)) * block <= HADAMARD_MAX_TILE
 
 
-def silu_mul_hadamard(gu: Tensor, block: int) -> tuple[Tensor, Tensor]:
+HADAMARD_PART_BLOCKS = 16  # blocks per program of the split kernel (tl.dot's smallest M)
+SPLIT_MODES = ("row", "wait", "last")
+_SYNC_ROWS = 1024  # rows of the split kernel's sync slots; "wait" launches at most one program per SM
+
+
+@functools.lru_cache(maxsize=16)
+def _signs_on(block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The unnormalized ±1 Sylvester block on `device` (exact in any float dtype), built once before any
+    CUDA graph captures the kernel."""
+    return (sylvester_hadamard(block) * math.sqrt(block)).round().to(dtype).to(device).contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _sync_slots(device: torch.device) -> Tensor:
+    """[peak bits, arrived, left] per row, zero between calls (each call's last part zeroes its rows).
+    One set per device: calls on one device must not overlap in time (one decode stream)."""
+    return torch.zeros(_SYNC_ROWS * 3, dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def hadamard_split_mode(m: int, width: int, block: int, device: torch.device) -> str:
+    """How ``silu_mul_hadamard`` spreads M rows: one program per row where the rows alone fill the GPU
+    (prefill) or off CUDA; else each row over several programs that wait for each other's max, which
+    needs them all resident at once: at most one program per SM."""
+    parts = math.ceil(width // block / HADAMARD_PART_BLOCKS)
+    if device.type != "cuda" or parts < 2 or m * parts > min(_sm_count(device), _SYNC_ROWS):
+        return "row"
+    return "wait"
+
+
+def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None) -> tuple[Tensor, Tensor]:
     """silu(gate) * up from gate_up [M, 2I], times the block-diagonal normalized Sylvester Hadamard
-    (``vlmq.numerics.block_hadamard``), as (int8 [M, I], fp32 scale [M]) for down_proj."""
+    (``vlmq.numerics.block_hadamard``), as (int8 [M, I], fp32 scale [M]) for down_proj. ``split``: one of
+    SPLIT_MODES, None = ``hadamard_split_mode``'s choice; every mode gives the same values."""
     m, two_i = gu.shape
     i = two_i // 2
     if not silu_mul_hadamard_fits(block, i):
         raise ValueError(f"no fused Hadamard for block {block} over {i} columns")
+    split = split or hadamard_split_mode(m, i, block, gu.device)
+    if split not in SPLIT_MODES:
+        raise ValueError(f"unknown split mode {split!r}; choose from {SPLIT_MODES}")
     q = torch.empty((m, i), dtype=torch.int8, device=gu.device)
     s = torch.empty(m, dtype=torch.float32, device=gu.device)
-    nb = max(HADAMARD_MIN_BLOCK, next_pow2(i // block))
     dot_fp32 = interpreting() or gu.dtype == torch.float32
     # h_scale: sylvester_hadamard's fp64 1/sqrt(block), rounded to fp32 at the launch like its .to(fp32)
-    _silu_mul_hadamard_kernel[(m,)](gu, q, s, i, i // block, 1.0 / math.sqrt(block), HB=block,
-                                    LOG2_HB=block.bit_length() - 1, NB=nb, DOT_FP32=dot_fp32,
-                                    num_warps=_warps(nb * block), **pdl_kwargs())  # fmt: skip
+    h_scale = 1.0 / math.sqrt(block)
+    if split == "row":
+        nb = max(HADAMARD_MIN_BLOCK, next_pow2(i // block))
+        _silu_mul_hadamard_kernel[(m,)](gu, q, s, i, i // block, h_scale, HB=block,
+                                        LOG2_HB=block.bit_length() - 1, NB=nb, DOT_FP32=dot_fp32,
+                                        num_warps=_warps(nb * block), **pdl_kwargs())  # fmt: skip
+        return q, s
+    parts = math.ceil(i // block / HADAMARD_PART_BLOCKS)
+    if m > _SYNC_ROWS:
+        raise ValueError(f"split mode {split!r} takes at most {_SYNC_ROWS} rows, not {m}")
+    if split == "wait" and gu.is_cuda and m * parts > _sm_count(gu.device):
+        raise ValueError(f"split mode 'wait' needs at most one program per SM: {m} rows x {parts} parts "
+                         f"> {_sm_count(gu.device)} SMs")
+    z = torch.empty((m, i), dtype=gu.dtype, device=gu.device) if split == "last" else q
+    _silu_mul_hadamard_split_kernel[(parts, m)](
+        gu, q, s, z, _signs_on(block, gu.dtype, gu.device), _sync_slots(gu.device), i, i // block, parts,
+        h_scale, HB=block, BPP=HADAMARD_PART_BLOCKS, DOT_FP32=dot_fp32, LAST=split == "last",
+        num_warps=4, **pdl_kwargs(),
+    )  # fmt: skip
     return q, s
 
 

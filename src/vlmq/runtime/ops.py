@@ -62,6 +62,7 @@ class FusedOps:
     does not apply (CPU tensors, static/smoothed W8A8, other linear types)."""
 
     fuse_hadamard = True  # down_proj's input Hadamard inside the SiLU·mul kernel (off: its own forward rotates)
+    hadamard_split: str | None = None  # that kernel's split mode (vlmq.runtime.fused.SPLIT_MODES); None: its choice
 
     def __init__(self, ref) -> None:  # type: ignore[no-untyped-def]
         self.ref = ref
@@ -83,7 +84,7 @@ class FusedOps:
         shape = gu.shape
         rows = gu.reshape(-1, shape[-1])
         if self.fuse_hadamard and _hadamard_prequant_ok(linear, shape[-1] // 2):
-            y = silu_mul_hadamard(rows, linear.input_hadamard)
+            y = silu_mul_hadamard(rows, linear.input_hadamard, self.hadamard_split)
         else:
             y = silu_mul(rows, quant=_prequant_ok(linear))
         return _apply(linear, y, gu.dtype).view(*shape[:-1], -1)
