@@ -18,8 +18,9 @@ from vlmq.calib import demo_coco_root, load_coco_captions
 from vlmq.calib.batches import make_batches
 from vlmq.config import QuantConfig
 from vlmq.evaluate.fidelity import batch_logits, fake_quant_copy
+from vlmq.export.checkpoint import copy_processor_files
 from vlmq.export.compressed_tensors import fold_and_quantize, load_clean_copy, save_compressed
-from vlmq.export.modelopt_hf import copy_processor_files, export_modelopt_hf
+from vlmq.export.modelopt_hf import modelopt_reference_export
 from vlmq.models.demo import build_demo_model, build_demo_processor, inject_outliers
 from vlmq.models.families import Family, family_for, quantized_linear_names
 from vlmq.quantize.fold import collect_act_amax
@@ -88,7 +89,7 @@ def demo_quant() -> DemoQuant:
     for activations in ("static", "dynamic"):
         exports[f"ct_{activations}"] = write_ct(None, snapshot, family, act_amax, names, work / f"ct_{activations}",
                                                 activations, processor, model.generation_config)
-    export_modelopt_hf(fake, processor, work / "modelopt_hf")
+    modelopt_reference_export(fake, processor, work / "modelopt_hf")
     exports["modelopt_hf"] = work / "modelopt_hf"
     return DemoQuant(family, processor, model, snapshot, calib, held_out, names, act_amax, fake_logits,
                      resmoothed_logits, resmoothed_fp32_logits, plain_logits, batch_logits(model, held_out), exports)

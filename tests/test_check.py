@@ -200,16 +200,17 @@ def test_schema_validator_rejects_broken_results(check_pass: CheckRun):
     assert load_schema()["properties"]["verdict"]["enum"] == ["pass", "fail", "ungated"]
 
 
-def test_modelopt_smoothing_factors_are_recoverable_from_weights(check_export: Path):
-    """The recovery used for compressed-tensors (factors folded away) agrees with the ModelOpt format's
-    explicit pre_quant_scale, to within int8 weight rounding."""
+def test_smoothing_factors_are_recoverable_from_weights():
+    """The recovery `check` uses where the factors are folded away agrees with the explicit pre_quant_scale
+    of ModelOpt's own exporter (tests/quant_fixtures.py; vlmq's modelopt_hf folds them too), to within int8
+    weight rounding."""
+    from quant_fixtures import demo_quant
     from vlmq.runtime.loader import load_w8a8
 
-    manifest = json.loads((check_export / "manifest.json").read_text())
-    ref = build_demo_model(torch.bfloat16)
-    assert Path(manifest["snapshot"]).is_dir()
-    test, _, info = load_w8a8(check_export / "modelopt_hf", "cpu")
-    mods_r, mods_t = dict(ref.named_modules()), dict(test.named_modules())
+    demo = demo_quant()
+    test, _, info = load_w8a8(demo.exports["modelopt_hf"], "cpu")
+    mods_r, mods_t = dict(demo.model.named_modules()), dict(test.named_modules())
+    assert info.format == "modelopt_hf" and info.quantized
     for name in info.quantized:
         t = mods_t[name]
         est = column_factors(mods_r[name].weight, t.weight.float() * t.weight_scale[:, None])

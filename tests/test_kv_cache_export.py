@@ -1,6 +1,7 @@
 """`quant.kv_cache=fp8` reaches the deployable export: compressed-tensors' `kv_cache_scheme` and a calibrated
-per-layer `self_attn.k_scale` / `v_scale`, the values ModelOpt's own exporter writes to modelopt_hf; vlmq's runtime
-loads the checkpoint (and ignores the scales), and real vLLM (CPU build) runs an FP8 KV cache with them."""
+per-layer `self_attn.k_scale` / `v_scale` (equal to ModelOpt's own exporter's: tests/test_modelopt_layout.py);
+vlmq's runtime loads the checkpoint (and ignores the scales), and real vLLM (CPU build) runs an FP8 KV cache
+with them."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def test_fp8_kv_cache_reaches_compressed_tensors(fp8_export: Path):
             scale = tensors[f"model.layers.{i}.self_attn.{kv}_scale"]
             assert scale.dtype == torch.float32 and scale.shape == (1,)
             assert float(scale) > 0
-            # ModelOpt's unified exporter: the same quantizer's amax / 448, under its own name
+            # modelopt_hf (the same state in ModelOpt's layout): the same value under ModelOpt's name
             modelopt = reference[f"model.layers.{i}.self_attn.{kv}_proj.{kv}_scale"]
             assert float(scale) == float(modelopt), (i, kv, scale, modelopt)
     manifest = json.loads((fp8_export / "manifest.json").read_text())

@@ -249,7 +249,7 @@ def quantized_and_exported(tmp_path_factory):
     from vlmq.calib import demo_coco_root, load_coco_captions
     from vlmq.calib.batches import make_batches
     from vlmq.config import load_config
-    from vlmq.export.modelopt_hf import export_modelopt_hf
+    from vlmq.export.modelopt_hf import modelopt_reference_export
     from vlmq.models.demo import build_demo_model, build_demo_processor
     from vlmq.models.families import quantized_linear_names
     from vlmq.quantize.steps import quantize_lm
@@ -285,7 +285,7 @@ def quantized_and_exported(tmp_path_factory):
     reference = copy.deepcopy(model)
     requantize_resmooth_fused_llm_layers(reference)
     out_dir = tmp_path_factory.mktemp("inproc_export") / "modelopt_hf"
-    export_modelopt_hf(model, processor, out_dir)
+    modelopt_reference_export(model, processor, out_dir)
     return {"names": names, "inputs": inputs, "reference": reference, "tensors": read_tensors(out_dir)}
 
 

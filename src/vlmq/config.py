@@ -276,10 +276,10 @@ def check_values(cfg: Config) -> None:
          f"got {cfg.quant.rotate.mlp_input_block}"),
         (cfg.quant.rotate.matrix in ROTATION_MATRICES,
          f"quant.rotate.matrix must be one of {list(ROTATION_MATRICES)}, got {cfg.quant.rotate.matrix!r}"),
-        (not ("modelopt_hf" in cfg.export.formats and set(cfg.quant.steps) & {"rotate", "gptq"}),
-         "export.formats: modelopt_hf is ModelOpt's own export of the live model, which carries neither the rotate "
-         "step (an untied lm_head, the online Hadamard) nor GPTQ's rounding: with it, use the SmoothQuant-only "
-         "recipe quant.steps=[calibrate,smooth,round]"),
+        (not ("modelopt_hf" in cfg.export.formats and "rotate" in cfg.quant.steps
+              and cfg.quant.rotate.mlp_input_block),
+         "export.formats: ModelOpt's layout (modelopt_hf) has no online Hadamard for down_proj's input (R4): "
+         "with it, set quant.rotate.mlp_input_block=0"),
         (0.0 <= cfg.quant.gptq.damp < 1.0, f"quant.gptq.damp must be in [0, 1), got {cfg.quant.gptq.damp}"),
         (cfg.quant.gptq.block >= 1, f"quant.gptq.block must be >= 1, got {cfg.quant.gptq.block}"),
         (cfg.quant.gptq.hessian_device in (None, "cpu"),

@@ -9,7 +9,7 @@ from vlmq.export.registry import EXPORTERS, register_exporter
 
 __all__ = ["EXPORTERS", "EXPORT_ORDER", "FORMAT_MODULES", "get_exporter", "register_exporter"]
 
-# Exporters run in this order: ModelOpt's export re-smooths the live model, so it goes last.
+# Exporters run in this order (both write from the quantized state; the deployable format first).
 EXPORT_ORDER = ("compressed_tensors", "modelopt_hf")
 
 # format name -> the module that registers its exporter, imported on first use

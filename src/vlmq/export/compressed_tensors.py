@@ -11,16 +11,21 @@ a folded float model compressed by compressed-tensors' ModelCompressor.
 
 from __future__ import annotations
 
-import copy
-import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vlmq.export.modelopt_hf import copy_processor_files
+from vlmq.export.checkpoint import (
+    MAX_SHARD_BYTES,
+    checkpoint_tensors,
+    copy_processor_files,
+    ignore_list,
+    save_config,
+    write_shards,
+)
 from vlmq.export.registry import register_exporter
 from vlmq.models.families import Family
 from vlmq.numerics import quantize_weight_per_channel
@@ -37,17 +42,6 @@ def w8a8_scheme(activations: str, targets: list[str]):
     else:
         acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="tensor", dynamic=False)
     return QuantizationScheme(targets=targets, weights=weights, input_activations=acts)
-
-
-def ignore_list(model: nn.Module, family: Family, quantized: list[str]) -> list[str]:
-    """Every Linear not quantized (vision tower, merger, lm_head), by name.
-
-    Loaders match `ignore` against different names: transformers 5 against its in-memory modules
-    (`model.visual.blocks.0.attn.qkv`), vLLM against the checkpoint's (`visual.blocks.0.attn.qkv`,
-    mapped by its own prefix table). Each module is listed under both, so every loader finds it."""
-    keep = set(quantized)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in keep]
-    return list(dict.fromkeys([family.checkpoint_name(n) for n in names] + names))
 
 
 @torch.no_grad()
@@ -105,10 +99,6 @@ def load_clean_copy(snapshot: Path, dtype: torch.dtype = torch.bfloat16, family:
     return model.to("cpu").eval()
 
 
-# Shards of at most this many bytes: the writer holds one shard on the CPU at a time.
-MAX_SHARD_BYTES = 2 * 2**30
-
-
 def kv_cache_scheme(kv_cache: str):
     """compressed-tensors' `kv_cache_scheme` for `quant.kv_cache` (None: the KV cache stays in the model dtype).
     fp8: static per-tensor symmetric FP8 (E4M3), one k_scale / v_scale per attention layer; what vLLM's
@@ -155,53 +145,6 @@ def transform_config(state: QuantizedModel):
     return TransformConfig(config_groups={"R4": scheme})
 
 
-def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, max_bytes: int = MAX_SHARD_BYTES
-                 ) -> list[str]:
-    """Safetensors shards (transformers' names and index), one shard in CPU memory at a time."""
-    from safetensors.torch import save_file
-
-    files: list[tuple[str, list[str]]] = []
-    shard: dict[str, torch.Tensor] = {}
-    size = 0
-
-    def flush() -> None:
-        nonlocal shard, size
-        name = f"shard-{len(files):05d}.tmp"
-        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
-        files.append((name, list(shard)))
-        shard, size = {}, 0
-
-    for key, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > max_bytes:
-            flush()
-        shard[key] = tensor.detach().to("cpu").contiguous()
-        size += nbytes
-    if shard or not files:
-        flush()
-    if len(files) == 1:
-        (out_dir / files[0][0]).rename(out_dir / "model.safetensors")
-        return ["model.safetensors"]
-    names, weight_map, total = [], {}, 0
-    for i, (tmp, keys) in enumerate(files):
-        name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-        (out_dir / tmp).rename(out_dir / name)
-        names.append(name)
-        weight_map.update(dict.fromkeys(keys, name))
-        total += (out_dir / name).stat().st_size
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return names
-
-
-def checkpoint_tensors(state: QuantizedModel) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint key, tensor) for the whole model, under the names `save_pretrained` writes."""
-    for module_name, tensors in state.tensors():
-        prefix = state.family.checkpoint_name(module_name)
-        for leaf, tensor in tensors.items():
-            yield f"{prefix}.{leaf}" if prefix else leaf, tensor
-
-
 def write_compressed_tensors(state: QuantizedModel, processor, out_dir: Path,
                              max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """The compressed-tensors `int-quantized` checkpoint of `state`: weights, config with its
@@ -210,14 +153,7 @@ def write_compressed_tensors(state: QuantizedModel, processor, out_dir: Path,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = write_shards(checkpoint_tensors(state), out_dir, max_shard_bytes)
-    config = copy.deepcopy(state.model.config)
-    if state.dtype is not None:
-        config.dtype = state.dtype
-        for sub in ("text_config", "vision_config"):
-            if getattr(config, sub, None) is not None:
-                getattr(config, sub).dtype = state.dtype
-    config.architectures = list(config.architectures or [type(state.model).__name__])
-    config.save_pretrained(out_dir)
+    save_config(state, out_dir)
     ModelCompressor(quantization_config=quantization_config(state),
                     transform_config=transform_config(state)).update_config(str(out_dir))
     copy_processor_files(processor, getattr(state.model, "generation_config", None), out_dir)

@@ -40,6 +40,7 @@ class LinearState:
     smoothing: torch.Tensor | None = None  # s per input channel (None: unsmoothed)
     folded_into: str | None = None       # the module whose output absorbed s (norm gain, producer rows)
     input_hadamard: int | None = None    # block size of the online Hadamard on its input (R4), else None
+    input_amax: float | None = None      # max |smoothed input| from calibration, whatever the activation mode
 
 
 @dataclass
@@ -172,7 +173,7 @@ def build_state(model: nn.Module, family: Family, act_amax: Mapping[str, torch.T
                 input_scale=fold.input_amax[rel] / QMAX if activations == "static" else None,
                 bias=changed.get(f"{rel}.bias", params.get(f"{rel}.bias")),
                 smoothing=fold.factors.get(rel), folded_into=_folded_into(family, rel) if rel in fold.factors else None,
-                input_hadamard=hadamards.get(full))
+                input_hadamard=hadamards.get(full), input_amax=fold.input_amax[rel])
             state.peaks[f"{full} (smoothed input)"] = fold.input_amax[rel]
         for rel, tensor in changed.items():   # norm gains (and producer biases of bf16 linears)
             module = rel.rsplit(".", 1)[0]

@@ -12,7 +12,7 @@ Built-in steps:
 - gptq: int8 weights rounded by GPTQ against the calibration Hessians (collected while calibrating) instead
   of to nearest (vlmq.quantize.gptq, `quant.gptq`).
 - round: the quantized state (SmoothQuant folded, int8 round-to-nearest weights), then ModelOpt's own
-  smoothing applied in place so the live model is ModelOpt's fake-quant W8A8 (modelopt_hf, sensitivity).
+  smoothing applied in place so the live model is ModelOpt's fake-quant W8A8 (the sensitivity fallback's probe).
 """
 
 from __future__ import annotations
