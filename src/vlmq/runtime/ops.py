@@ -13,7 +13,14 @@ from vlmq.runtime.attention import (
     heads_to_rows,
     rows_layout_ok,
 )
-from vlmq.runtime.fused import add_rms_norm, rope_cache, silu_mul, silu_mul_hadamard, silu_mul_hadamard_fits
+from vlmq.runtime.fused import (
+    add_rms_norm,
+    hadamard_split_mode,
+    rope_cache,
+    silu_mul,
+    silu_mul_hadamard,
+    silu_mul_hadamard_fits,
+)
 from vlmq.runtime.kernels.tiles import interpreting
 from vlmq.runtime.kernels.triton_w8a8 import w8a8_gemm_prequant
 from vlmq.runtime.linear import W8A8Linear, resolve_backend
@@ -62,7 +69,7 @@ class FusedOps:
     does not apply (CPU tensors, static/smoothed W8A8, other linear types)."""
 
     fuse_hadamard = True  # down_proj's input Hadamard inside the SiLU·mul kernel (off: its own forward rotates)
-    hadamard_split: str | None = None  # that kernel's split mode (vlmq.runtime.fused.SPLIT_MODES); None: its choice
+    hadamard_split: str | None = None  # its split mode at decode sizes (fused.SPLIT_MODES); None: its choice
 
     def __init__(self, ref) -> None:  # type: ignore[no-untyped-def]
         self.ref = ref
@@ -84,7 +91,10 @@ class FusedOps:
         shape = gu.shape
         rows = gu.reshape(-1, shape[-1])
         if self.fuse_hadamard and _hadamard_prequant_ok(linear, shape[-1] // 2):
-            y = silu_mul_hadamard(rows, linear.input_hadamard, self.hadamard_split)
+            block, split = linear.input_hadamard, self.hadamard_split
+            if split and hadamard_split_mode(rows.shape[0], rows.shape[1] // 2, block, rows.device) == "row":
+                split = None   # prefill-sized: one program per row whatever was asked for decode
+            y = silu_mul_hadamard(rows, block, split)
         else:
             y = silu_mul(rows, quant=_prequant_ok(linear))
         return _apply(linear, y, gu.dtype).view(*shape[:-1], -1)
