@@ -5,8 +5,7 @@ side in one process on the 3B shape (random weights; lean loop, CUDA graphs):
 - ``hadamard fused``: the same model with each down_proj holding W H and ``input_hadamard = 128``, its input
   from the fused SiLU·mul + block Hadamard + int8 kernel (``vlmq.runtime.fused.silu_mul_hadamard``) in the
   split mode it picks (decode: a row's blocks over several programs, ``wait``);
-- ``hadamard fused row`` / ``hadamard fused last``: the same kernel forced to one program per row (session
-  12's kernel) / to the split mode where the last part quantizes the whole row;
+- ``hadamard fused row``: the same kernel forced to one program per row (session 12's kernel);
 - ``hadamard unfused``: the same rotated model, SiLU·mul in bf16 then the linear's own eager
   ``block_hadamard`` + quantization (``FusedOps.fuse_hadamard = False``), to show what the fusion buys.
 
@@ -38,7 +37,7 @@ from vlmq.timing import decode_times
 BLOCK = 128
 # name -> (rotated down_proj, fused Hadamard, split mode)
 VARIANTS = {"plain": (False, True, None), "hadamard fused": (True, True, None),
-            "hadamard fused row": (True, True, "row"), "hadamard fused last": (True, True, "last"),
+            "hadamard fused row": (True, True, "row"),
             "hadamard unfused": (True, False, None)}
 
 
@@ -100,7 +99,7 @@ def producer_table(ms: list[int], width: int) -> dict:
     """Microseconds per call of the three ways to produce down_proj's int8 input from gate_up [M, 2I]."""
     from bench_timing import time_graph
 
-    from vlmq.runtime.fused import SPLIT_MODES, hadamard_split_mode, silu_mul, silu_mul_hadamard
+    from vlmq.runtime.fused import hadamard_split_mode, silu_mul, silu_mul_hadamard
     from vlmq.runtime.kernels.triton_w8a8 import quantize_rows
 
     def unfused(gu: torch.Tensor) -> None:
@@ -108,7 +107,9 @@ def producer_table(ms: list[int], width: int) -> dict:
 
     fns = {"silu_mul+quant (plain)": lambda gu: silu_mul(gu, True),
            "silu_mul_hadamard (fused)": lambda gu: silu_mul_hadamard(gu, BLOCK),
-           **{f"fused, split {mode}": lambda gu, mode=mode: silu_mul_hadamard(gu, BLOCK, mode) for mode in SPLIT_MODES},
+           "fused, row": lambda gu: silu_mul_hadamard(gu, BLOCK, "row"),
+           "fused, wait, signs in registers": lambda gu: silu_mul_hadamard(gu, BLOCK, "wait", signs_in_kernel=True),
+           "fused, wait, 32 blocks per part": lambda gu: silu_mul_hadamard(gu, BLOCK, "wait", part_blocks=32),
            "unfused": unfused}
     out = {}
     for m in ms:

@@ -119,19 +119,21 @@ INTERPRETER_KERNEL = textwrap.dedent("""
         (4, 5, 32, torch.bfloat16), (3, 43, 32, torch.bfloat16), (64, 86, 128, torch.bfloat16),
         (2, 1, 16, torch.bfloat16), (3, 5, 128, torch.float32), (2, 43, 64, torch.float16))]
     print("mismatches", stats)
-    # the split kernel, bit for bit the row kernel's values: "last" over several parts per row; "wait"
-    # only with one part per row here (the interpreter runs programs one after another, so a part
-    # waiting for another would wait forever; tests/gpu runs it with several)
-    from vlmq.runtime.fused import _sync_slots, silu_mul_hadamard
-    for m, nb, block, dtype, split in ((3, 43, 32, torch.bfloat16, "last"), (2, 86, 128, torch.bfloat16, "last"),
-                                       (2, 40, 16, torch.float32, "last"), (2, 5, 128, torch.float16, "wait"),
-                                       (1, 16, 64, torch.bfloat16, "wait")):
+    # the split kernel, bit for bit the row kernel's values; here with one part per row only (the interpreter
+    # runs programs one after another, so a part waiting for another would wait forever; tests/gpu runs it
+    # with several): its barrier still runs, and leaves every row's arrival count zero
+    from vlmq.runtime.fused import HADAMARD_MAX_PARTS, _sync_slots, silu_mul_hadamard
+    for m, nb, block, dtype, part_blocks in ((2, 5, 128, torch.float16, 16), (1, 16, 64, torch.bfloat16, 16),
+                                             (3, 43, 32, torch.bfloat16, 64), (2, 40, 16, torch.float32, 64)):
         gu = gate_up(m, nb * block, dtype).reshape(m, -1)
         gu[0] = 0.0
         q_row, s_row = silu_mul_hadamard(gu, block, "row")
-        q, s = silu_mul_hadamard(gu, block, split)
-        assert torch.equal(q, q_row) and torch.equal(s, s_row), (m, nb, block, split)
-        assert not _sync_slots(gu.device).any()  # the last part leaves the sync slots zeroed
+        slots = _sync_slots(gu.device).view(-1, HADAMARD_MAX_PARTS + 2)
+        before = slots[:m, 1].clone()
+        for signs_in_kernel in (False, True):
+            q, s = silu_mul_hadamard(gu, block, "wait", part_blocks=part_blocks, signs_in_kernel=signs_in_kernel)
+            assert torch.equal(q, q_row) and torch.equal(s, s_row), (m, nb, block, part_blocks)
+        assert not slots[:, 0].any() and torch.equal(slots[:m, 1], before + 2)  # two calls, two generations
     print("split kernels: bit for bit")
     print("KERNEL-OK")
 """)
@@ -213,15 +215,15 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     assert mma in compiled.asm["ptx"]
     assert compiled.metadata.shared <= 64 * 1024, compiled.metadata.shared
-    for last in (False, True):  # the split kernel: 16 blocks per program, the row's max by single-thread atomics
-        const = {"HB": 128, "BPP": FU.HADAMARD_PART_BLOCKS, "DOT_FP32": False, "LAST": last,
-                 "USE_PDL": capability >= 90}
-        sig = {"gu_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "z_ptr": "*bf16", "signs_ptr": "*bf16",
-               "sync_ptr": "*i32", "n_cols": "i32", "n_blocks": "i32", "n_parts": "i32", "h_scale": "fp32",
+    for in_kernel in (False, True):  # the split kernel: 16 blocks per program, a barrier through global atomics
+        const = {"HB": 128, "LOG2_HB": 7, "BPP": FU.HADAMARD_PART_BLOCKS, "MAX_PARTS": FU.HADAMARD_MAX_PARTS,
+                 "DOT_FP32": False, "SIGNS_IN_KERNEL": in_kernel, "USE_PDL": capability >= 90}
+        sig = {"gu_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "signs_ptr": "*bf16", "sync_ptr": "*i32",
+               "n_cols": "i32", "n_blocks": "i32", "n_parts": "i32", "h_scale": "fp32",
                **dict.fromkeys(const, "constexpr")}
         split = triton.compile(ASTSource(FU._silu_mul_hadamard_split_kernel, sig, const),
                                target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
         ptx = split.asm["ptx"]
         assert "mma.sync" in ptx and split.metadata.shared <= 64 * 1024  # 16-row tiles: below wgmma's 64
-        # one thread per program adds to the row's slot (tid 0's predicate), never every thread
-        assert "atom.global.gpu.acq_rel.add" in ptx and "setp.eq.b32" in ptx
+        # one thread per program arrives (tid 0's predicate), never every thread; the wait reads volatile
+        assert "atom.global.gpu.acq_rel.add" in ptx and "setp.eq.b32" in ptx and "ld.volatile.global" in ptx

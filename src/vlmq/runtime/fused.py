@@ -121,18 +121,20 @@ def _silu_mul_hadamard_kernel(gu_ptr, q_ptr, s_ptr, n_cols, n_blocks, h_scale, H
 
 
 @triton.jit
-def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, z_ptr, signs_ptr, sync_ptr, n_cols, n_blocks, n_parts,
-                                    h_scale, HB: tl.constexpr, BPP: tl.constexpr, DOT_FP32: tl.constexpr,
-                                    LAST: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
+def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, n_cols, n_blocks, n_parts,
+                                    h_scale, HB: tl.constexpr, LOG2_HB: tl.constexpr, BPP: tl.constexpr,
+                                    MAX_PARTS: tl.constexpr, DOT_FP32: tl.constexpr, SIGNS_IN_KERNEL: tl.constexpr,
+                                    USE_PDL: tl.constexpr):  # fmt: skip
     """``_silu_mul_hadamard_kernel`` with a row's blocks spread over ``n_parts`` programs (BPP blocks each),
-    so a decode token's row runs on several SMs. The row's int8 scale needs every part's max: each part
-    adds its max to the row's slot in ``sync_ptr`` [peak bits, arrived, left] by atomics, then either
-    waits there for the others and quantizes its own tile (``LAST`` off: every part must be resident at
-    once, which the launcher guarantees), or writes its tile to ``z_ptr`` and the last part to arrive
-    quantizes the whole row (``LAST`` on). The last part to leave zeroes the slot for the next call."""
+    so a decode token's row runs on several SMs. The row's int8 scale needs every part's max, exchanged
+    through the row's slot in ``sync_ptr`` ([arrived, generation, peak of each part]) by a sense-reversing
+    barrier: each part stores its peak and arrives; the last to arrive zeroes the count and advances the
+    generation; the others wait for that, then read every peak and quantize their own tile. Every part
+    must be resident at once, which the launcher guarantees (at most one program per SM)."""
     pdl_enter(USE_PDL)
     part = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
+    slot = sync_ptr + row * (MAX_PARTS + 2)
     j = tl.arange(0, HB)
     blk = part * BPP + tl.arange(0, BPP)[:, None]
     cols = blk * HB + j[None, :]
@@ -140,45 +142,33 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, z_ptr, signs_ptr, sync
     dt = gu_ptr.dtype.element_ty
     g = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    if SIGNS_IN_KERNEL:
+        signs = _sylvester_signs(HB, LOG2_HB).to(signs_ptr.dtype.element_ty)
+    else:
+        signs = tl.load(signs_ptr + j[:, None] * HB + j[None, :])
+    generation = tl.load(slot + 1, volatile=True)  # this call's; it advances only once every part arrived
     y = round_to(round_to(g / (1.0 + tl.exp(-g)), dt) * u, dt)
-    signs = tl.load(signs_ptr + j[:, None] * HB + j[None, :])
     if DOT_FP32:
         z = tl.dot(y, signs.to(tl.float32), input_precision="ieee")
     else:
         z = tl.dot(y.to(dt), signs, out_dtype=tl.float32)
     z = round_to(z * h_scale, dt)
-    slot = sync_ptr + row * 3
     # peaks are >= 0, where fp32 bits order like int32
-    tl.atomic_max(slot, tl.max(tl.where(mask, tl.abs(z), 0.0)).to(tl.int32, bitcast=True), sem="acq_rel")
-    if LAST:
-        tl.store(z_ptr + row * n_cols + cols, z.to(dt), mask=mask)
-        tl.debug_barrier()  # every thread's z stores before the release below
-        if tl.atomic_add(slot + 1, 1, sem="acq_rel") == n_parts - 1:
-            peak = tl.atomic_xchg(slot, 0, sem="acq_rel").to(tl.float32, bitcast=True)
-            tl.atomic_xchg(slot + 1, 0, sem="relaxed")
-            scale = tl.maximum(tl.div_rn(peak, 127.0), MIN_SCALE)
-            tl.store(s_ptr + row, scale)
-            inv = tl.div_rn(1.0, scale)
-            for p in range(0, n_parts):
-                pblk = p * BPP + tl.arange(0, BPP)[:, None]
-                pcols = pblk * HB + j[None, :]
-                pmask = (pblk < n_blocks) & (pcols >= 0)
-                zp = tl.load(z_ptr + row * n_cols + pcols, mask=pmask, other=0.0, cache_modifier=".cg")
-                tl.store(q_ptr + row * n_cols + pcols, quantize_int8(zp.to(tl.float32), inv), mask=pmask)
-    else:
-        tl.atomic_add(slot + 1, 1, sem="acq_rel")
-        seen = tl.atomic_add(slot + 1, 0, sem="acq_rel")
-        while seen < n_parts:
-            seen = tl.atomic_add(slot + 1, 0, sem="acq_rel")
-        peak = tl.atomic_add(slot, 0, sem="acq_rel").to(tl.float32, bitcast=True)
-        scale = tl.maximum(tl.div_rn(peak, 127.0), MIN_SCALE)
-        if part == 0:
-            tl.store(s_ptr + row, scale)
-        tl.store(q_ptr + row * n_cols + cols, quantize_int8(z, tl.div_rn(1.0, scale)), mask=mask)
-        if tl.atomic_add(slot + 2, 1, sem="acq_rel") == n_parts - 1:
-            tl.atomic_xchg(slot, 0, sem="relaxed")
-            tl.atomic_xchg(slot + 1, 0, sem="relaxed")
-            tl.atomic_xchg(slot + 2, 0, sem="relaxed")
+    tl.store(slot + 2 + part, tl.max(tl.where(mask, tl.abs(z), 0.0)).to(tl.int32, bitcast=True))
+    tl.debug_barrier()  # the peak's store before the arrival (released by it)
+    if tl.atomic_add(slot, 1, sem="acq_rel") == n_parts - 1:
+        tl.atomic_xchg(slot, 0, sem="relaxed")
+        tl.atomic_xchg(slot + 1, generation + 1, sem="release")
+    now = tl.load(slot + 1, volatile=True)
+    while now == generation:
+        now = tl.load(slot + 1, volatile=True)
+    tl.atomic_add(slot + 1, 0, sem="acquire")  # every part's peak visible from here on
+    p = tl.arange(0, MAX_PARTS)
+    peaks = tl.load(slot + 2 + p, mask=p < n_parts, other=0, volatile=True).to(tl.float32, bitcast=True)
+    scale = tl.maximum(tl.div_rn(tl.max(peaks), 127.0), MIN_SCALE)
+    if part == 0:
+        tl.store(s_ptr + row, scale)
+    tl.store(q_ptr + row * n_cols + cols, quantize_int8(z, tl.div_rn(1.0, scale)), mask=mask)
 
 
 @triton.jit
@@ -260,8 +250,9 @@ def silu_mul_hadamard_fits(block: int, width: int) -> bool:
 
 
 HADAMARD_PART_BLOCKS = 16  # blocks per program of the split kernel (tl.dot's smallest M)
-SPLIT_MODES = ("row", "wait", "last")
-_SYNC_ROWS = 1024  # rows of the split kernel's sync slots; "wait" launches at most one program per SM
+HADAMARD_MAX_PARTS = 32  # programs per row of the split kernel (72B's 29568-wide down_proj input: 15)
+SPLIT_MODES = ("row", "wait")
+_SYNC_ROWS = 1024  # rows of the split kernel's sync slots ("wait" launches at most one program per SM)
 
 
 @functools.lru_cache(maxsize=16)
@@ -273,9 +264,9 @@ def _signs_on(block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 @functools.lru_cache(maxsize=16)
 def _sync_slots(device: torch.device) -> Tensor:
-    """[peak bits, arrived, left] per row, zero between calls (each call's last part zeroes its rows).
-    One set per device: calls on one device must not overlap in time (one decode stream)."""
-    return torch.zeros(_SYNC_ROWS * 3, dtype=torch.int32, device=device)
+    """Per row [arrived, generation, peak of each part]; `arrived` is zero between calls. One set per device:
+    calls on one device must not overlap in time (one decode stream)."""
+    return torch.zeros(_SYNC_ROWS * (HADAMARD_MAX_PARTS + 2), dtype=torch.int32, device=device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -283,20 +274,26 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _parts(width: int, block: int, part_blocks: int) -> int:
+    return math.ceil(width // block / part_blocks)
+
+
 def hadamard_split_mode(m: int, width: int, block: int, device: torch.device) -> str:
     """How ``silu_mul_hadamard`` spreads M rows: one program per row where the rows alone fill the GPU
     (prefill) or off CUDA; else each row over several programs that wait for each other's max, which
     needs them all resident at once: at most one program per SM."""
-    parts = math.ceil(width // block / HADAMARD_PART_BLOCKS)
-    if device.type != "cuda" or parts < 2 or m * parts > min(_sm_count(device), _SYNC_ROWS):
+    parts = _parts(width, block, HADAMARD_PART_BLOCKS)
+    if device.type != "cuda" or not 2 <= parts <= HADAMARD_MAX_PARTS or m * parts > min(_sm_count(device), _SYNC_ROWS):
         return "row"
     return "wait"
 
 
-def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None) -> tuple[Tensor, Tensor]:
+def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None, *, part_blocks: int = HADAMARD_PART_BLOCKS,
+                      signs_in_kernel: bool = False) -> tuple[Tensor, Tensor]:
     """silu(gate) * up from gate_up [M, 2I], times the block-diagonal normalized Sylvester Hadamard
     (``vlmq.numerics.block_hadamard``), as (int8 [M, I], fp32 scale [M]) for down_proj. ``split``: one of
-    SPLIT_MODES, None = ``hadamard_split_mode``'s choice; every mode gives the same values."""
+    SPLIT_MODES, None = ``hadamard_split_mode``'s choice; every mode gives the same values. ``part_blocks``
+    and ``signs_in_kernel`` (the ±1 block built in registers rather than read) tune "wait" (benchmarks)."""
     m, two_i = gu.shape
     i = two_i // 2
     if not silu_mul_hadamard_fits(block, i):
@@ -315,17 +312,17 @@ def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None) -> tuple
                                         LOG2_HB=block.bit_length() - 1, NB=nb, DOT_FP32=dot_fp32,
                                         num_warps=_warps(nb * block), **pdl_kwargs())  # fmt: skip
         return q, s
-    parts = math.ceil(i // block / HADAMARD_PART_BLOCKS)
-    if m > _SYNC_ROWS:
-        raise ValueError(f"split mode {split!r} takes at most {_SYNC_ROWS} rows, not {m}")
-    if split == "wait" and gu.is_cuda and m * parts > _sm_count(gu.device):
+    parts = _parts(i, block, part_blocks)
+    if m > _SYNC_ROWS or parts > HADAMARD_MAX_PARTS:
+        raise ValueError(f"split mode 'wait' takes at most {_SYNC_ROWS} rows of {HADAMARD_MAX_PARTS} parts, "
+                         f"not {m} of {parts}")
+    if gu.is_cuda and m * parts > _sm_count(gu.device):
         raise ValueError(f"split mode 'wait' needs at most one program per SM: {m} rows x {parts} parts "
                          f"> {_sm_count(gu.device)} SMs")
-    z = torch.empty((m, i), dtype=gu.dtype, device=gu.device) if split == "last" else q
     _silu_mul_hadamard_split_kernel[(parts, m)](
-        gu, q, s, z, _signs_on(block, gu.dtype, gu.device), _sync_slots(gu.device), i, i // block, parts,
-        h_scale, HB=block, BPP=HADAMARD_PART_BLOCKS, DOT_FP32=dot_fp32, LAST=split == "last",
-        num_warps=4, **pdl_kwargs(),
+        gu, q, s, _signs_on(block, gu.dtype, gu.device), _sync_slots(gu.device), i, i // block, parts, h_scale,
+        HB=block, LOG2_HB=block.bit_length() - 1, BPP=part_blocks, MAX_PARTS=HADAMARD_MAX_PARTS,
+        DOT_FP32=dot_fp32, SIGNS_IN_KERNEL=signs_in_kernel, num_warps=4, **pdl_kwargs(),
     )  # fmt: skip
     return q, s
 
