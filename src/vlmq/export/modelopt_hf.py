@@ -67,9 +67,13 @@ def modelopt_tensors(state: QuantizedModel) -> Iterator[tuple[str, torch.Tensor]
 
 def quant_config(state: QuantizedModel) -> dict:
     """hf_quant_config.json's body."""
-    from vlmq import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"producer": {"name": "vlmq", "version": __version__},
+    try:
+        ours = version("vlmq")
+    except PackageNotFoundError:   # run from a source tree (PYTHONPATH=src)
+        ours = "unknown"
+    return {"producer": {"name": "vlmq", "version": ours},
             "quantization": {"quant_algo": QUANT_ALGO,
                              "kv_cache_quant_algo": "FP8" if state.kv_cache == "fp8" else None,
                              "exclude_modules": ignore_list(state.model, state.family, list(state.linears))}}
