@@ -9,7 +9,9 @@
   tensor-core dot, exact: ±1 times model-dtype values, fp32 sums), then 1/sqrt(block). The eager
   reference sums x * (±1/sqrt(block)) in fp32 in another order, so where the exact value sits on a
   model-dtype rounding tie the two may round apart: an int8 value then differs by one (2 of 704,512 in
-  tests/test_hadamard_act.py); everywhere else it is bit for bit.
+  tests/test_hadamard_act.py); everywhere else it is bit for bit. At decode sizes a token's row is split
+  over several programs that exchange their maxima through a barrier in global memory (split mode "wait");
+  at prefill sizes one program takes a row ("row"). Both give the same values.
 * ``rope_cache``: rotary embedding of q and k from the fused q/k/v output, k and v written
   straight into the static KV cache slots.
 
