@@ -122,13 +122,13 @@ INTERPRETER_KERNEL = textwrap.dedent("""
     # the split kernel, bit for bit the row kernel's values; here with one part per row only (the interpreter
     # runs programs one after another, so a part waiting for another would wait forever; tests/gpu runs it
     # with several): its barrier still runs, and leaves every row's arrival count zero
-    from vlmq.runtime.fused import SYNC_ROW_INTS, _sync_slots, silu_mul_hadamard
+    from vlmq.runtime.fused import HADAMARD_MAX_PARTS, _sync_slots, silu_mul_hadamard
     for m, nb, block, dtype, part_blocks in ((2, 5, 128, torch.float16, 16), (1, 16, 64, torch.bfloat16, 16),
                                              (3, 43, 32, torch.bfloat16, 64), (2, 40, 16, torch.float32, 64)):
         gu = gate_up(m, nb * block, dtype).reshape(m, -1)
         gu[0] = 0.0
         q_row, s_row = silu_mul_hadamard(gu, block, "row")
-        slots = _sync_slots(gu.device).view(-1, SYNC_ROW_INTS)
+        slots = _sync_slots(gu.device).view(-1, HADAMARD_MAX_PARTS + 2)
         before = slots[:m, 1].clone()
         for signs_in_kernel in (False, True):
             q, s = silu_mul_hadamard(gu, block, "wait", part_blocks=part_blocks, signs_in_kernel=signs_in_kernel)
@@ -217,7 +217,7 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
     assert compiled.metadata.shared <= 64 * 1024, compiled.metadata.shared
     for in_kernel in (False, True):  # the split kernel: 16 blocks per program, a barrier through global atomics
         const = {"HB": 128, "LOG2_HB": 7, "BPP": FU.HADAMARD_PART_BLOCKS, "MAX_PARTS": FU.HADAMARD_MAX_PARTS,
-                 "DOT_FP32": False, "SIGNS_IN_KERNEL": in_kernel, "ASM_ACQUIRE": True, "USE_PDL": capability >= 90}
+                 "DOT_FP32": False, "SIGNS_IN_KERNEL": in_kernel, "USE_PDL": capability >= 90}
         sig = {"gu_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "signs_ptr": "*bf16", "sync_ptr": "*i32",
                "n_cols": "i32", "n_blocks": "i32", "n_parts": "i32", "h_scale": "fp32",
                **dict.fromkeys(const, "constexpr")}
@@ -225,5 +225,5 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
                                target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
         ptx = split.asm["ptx"]
         assert "mma.sync" in ptx and split.metadata.shared <= 64 * 1024  # 16-row tiles: below wgmma's 64
-        # one thread per program arrives (tid 0's predicate), never every thread; the wait is an acquire load
-        assert "atom.global.gpu.acq_rel.add" in ptx and "setp.eq.b32" in ptx and "ld.acquire.gpu.global" in ptx
+        # one thread per program arrives (tid 0's predicate), never every thread; the wait reads volatile
+        assert "atom.global.gpu.acq_rel.add" in ptx and "setp.eq.b32" in ptx and "ld.volatile.global" in ptx

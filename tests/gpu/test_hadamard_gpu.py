@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 from test_hadamard_act import compare_kernel, down_linear, gate_up, reference_down, rel_err  # noqa: E402
 from vlmq.runtime.decode import ReferenceOps  # noqa: E402
-from vlmq.runtime.fused import HADAMARD_PART_BLOCKS, SYNC_ROW_INTS, _sync_slots, silu_mul_hadamard  # noqa: E402
+from vlmq.runtime.fused import HADAMARD_MAX_PARTS, HADAMARD_PART_BLOCKS, _sync_slots, silu_mul_hadamard  # noqa: E402
 from vlmq.runtime.ops import FusedOps  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def test_split_kernel_is_the_row_kernel_bit_for_bit_and_repeatable(part_blocks: 
     for _ in range(50):
         got = silu_mul_hadamard(gu, 128, "wait", **kw)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    arrived = _sync_slots(gu.device).view(-1, SYNC_ROW_INTS)[:, 0]
+    arrived = _sync_slots(gu.device).view(-1, HADAMARD_MAX_PARTS + 2)[:, 0]
     assert not arrived.any()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

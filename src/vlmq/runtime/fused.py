@@ -122,26 +122,11 @@ def _silu_mul_hadamard_kernel(gu_ptr, q_ptr, s_ptr, n_cols, n_blocks, h_scale, H
     quant_store(round_to(z * h_scale, dt), q_ptr + row * n_cols + cols, s_ptr + row, mask)
 
 
-SYNC_ROW_INTS = 64  # int32 per row of the sync slots: 256 bytes, no cache line shared between rows
-SYNC_STRIDE = tl.constexpr(SYNC_ROW_INTS)
-
-
-@triton.jit
-def _load_acquire(ptr, ASM: tl.constexpr):
-    """The int32 at `ptr`, read with acquire semantics at GPU scope: one ``ld.acquire.gpu`` per thread on CUDA
-    (no atomic round trip and no block barrier); an acquiring atomic in Triton's interpreter."""
-    if ASM:
-        return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
-                                         is_pure=False, pack=1)
-    else:
-        return tl.atomic_add(ptr, 0, sem="acquire")
-
-
 @triton.jit
 def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, n_cols, n_blocks, n_parts,
                                     h_scale, HB: tl.constexpr, LOG2_HB: tl.constexpr, BPP: tl.constexpr,
                                     MAX_PARTS: tl.constexpr, DOT_FP32: tl.constexpr, SIGNS_IN_KERNEL: tl.constexpr,
-                                    ASM_ACQUIRE: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
+                                    USE_PDL: tl.constexpr):  # fmt: skip
     """``_silu_mul_hadamard_kernel`` with a row's blocks spread over ``n_parts`` programs (BPP blocks each),
     so a decode token's row runs on several SMs. The row's int8 scale needs every part's max, exchanged
     through the row's slot in ``sync_ptr`` ([arrived, generation, peak of each part]) by a sense-reversing
@@ -151,7 +136,7 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, n
     pdl_enter(USE_PDL)
     part = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
-    slot = sync_ptr + row * SYNC_STRIDE
+    slot = sync_ptr + row * (MAX_PARTS + 2)
     j = tl.arange(0, HB)
     blk = part * BPP + tl.arange(0, BPP)[:, None]
     cols = blk * HB + j[None, :]
@@ -176,9 +161,10 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, n
     if tl.atomic_add(slot, 1, sem="acq_rel") == n_parts - 1:
         tl.atomic_xchg(slot, 0, sem="relaxed")
         tl.atomic_xchg(slot + 1, generation + 1, sem="release")
-    now = _load_acquire(slot + 1, ASM_ACQUIRE)
-    while now == generation:  # once it moves, every part's peak is visible (acquire)
-        now = _load_acquire(slot + 1, ASM_ACQUIRE)
+    now = tl.load(slot + 1, volatile=True)
+    while now == generation:
+        now = tl.load(slot + 1, volatile=True)
+    tl.atomic_add(slot + 1, 0, sem="acquire")  # every part's peak visible from here on
     p = tl.arange(0, MAX_PARTS)
     peaks = tl.load(slot + 2 + p, mask=p < n_parts, other=0, volatile=True).to(tl.float32, bitcast=True)
     scale = tl.maximum(tl.div_rn(tl.max(peaks), 127.0), MIN_SCALE)
@@ -267,7 +253,6 @@ def silu_mul_hadamard_fits(block: int, width: int) -> bool:
 
 HADAMARD_PART_BLOCKS = 16  # blocks per program of the split kernel (tl.dot's smallest M)
 HADAMARD_MAX_PARTS = 32  # programs per row of the split kernel (72B's 29568-wide down_proj input: 15)
-assert HADAMARD_MAX_PARTS + 2 <= SYNC_ROW_INTS
 SPLIT_MODES = ("row", "wait")
 _SYNC_ROWS = 1024  # rows of the split kernel's sync slots ("wait" launches at most one program per SM)
 
@@ -283,7 +268,7 @@ def _signs_on(block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 def _sync_slots(device: torch.device) -> Tensor:
     """Per row [arrived, generation, peak of each part]; `arrived` is zero between calls. One set per device:
     calls on one device must not overlap in time (one decode stream)."""
-    return torch.zeros(_SYNC_ROWS * SYNC_ROW_INTS, dtype=torch.int32, device=device)
+    return torch.zeros(_SYNC_ROWS * (HADAMARD_MAX_PARTS + 2), dtype=torch.int32, device=device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -339,8 +324,7 @@ def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None, *, part_
     _silu_mul_hadamard_split_kernel[(parts, m)](
         gu, q, s, _signs_on(block, gu.dtype, gu.device), _sync_slots(gu.device), i, i // block, parts, h_scale,
         HB=block, LOG2_HB=block.bit_length() - 1, BPP=part_blocks, MAX_PARTS=HADAMARD_MAX_PARTS,
-        DOT_FP32=dot_fp32, SIGNS_IN_KERNEL=signs_in_kernel, ASM_ACQUIRE=not interpreting(), num_warps=4,
-        **pdl_kwargs(),
+        DOT_FP32=dot_fp32, SIGNS_IN_KERNEL=signs_in_kernel, num_warps=4, **pdl_kwargs(),
     )  # fmt: skip
     return q, s
 
