@@ -227,3 +227,18 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
         assert "mma.sync" in ptx and split.metadata.shared <= 64 * 1024  # 16-row tiles: below wgmma's 64
         # one thread per program arrives (tid 0's predicate), never every thread; the wait reads volatile
         assert "atom.global.gpu.acq_rel.add" in ptx and "setp.eq.b32" in ptx and "ld.volatile.global" in ptx
+
+
+def test_split_mode_waits_only_while_every_part_can_be_resident(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher's rule: split a row over programs that wait for each other only where rows x parts fits
+    one program per SM (an H100's 132 here; the query needs a GPU, so its answer is given), else one
+    program per row; never off CUDA, nor where a row is one part."""
+    from vlmq.runtime import fused as FU
+
+    monkeypatch.setattr(FU, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert FU._parts(11008, 128, FU.HADAMARD_PART_BLOCKS) == 6   # the 3B's down_proj input
+    assert [FU.hadamard_split_mode(m, 11008, 128, cuda) for m in (1, 8, 22, 23, 64)] == ["wait"] * 3 + ["row"] * 2
+    assert FU.hadamard_split_mode(1, 11008, 128, torch.device("cpu")) == "row"
+    assert FU.hadamard_split_mode(1, 16 * 128, 128, cuda) == "row"   # one part: nothing to wait for
+    assert FU.hadamard_split_mode(1, 18944, 128, cuda) == "wait"     # 7B: 10 parts
