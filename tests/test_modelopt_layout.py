@@ -119,6 +119,7 @@ def test_fp8_kv_cache_scales_are_modelopts_own(calibrated):  # noqa: F811
     got, want = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
     scales = sorted(k for k in got if k.endswith(("k_scale", "v_scale")))
     assert scales == sorted(k for k in want if k.endswith(("k_scale", "v_scale"))) and len(scales) == 4
-    assert all(float(got[k]) == float(want[k]) for k in scales), [(k, got[k], want[k]) for k in scales]
+    assert all(float(got[k]) == float(want[k]) and got[k].shape == want[k].shape and got[k].dtype == want[k].dtype
+               for k in scales), [(k, got[k], want[k]) for k in scales]
     assert json.loads((ours / "hf_quant_config.json").read_text())["quantization"]["kv_cache_quant_algo"] == "FP8"
     assert inspect_checkpoint(ours).kv_cache == "fp8"

@@ -51,7 +51,7 @@ def modelopt_linear_tensors(state: QuantizedModel, name: str) -> dict[str, torch
 
 def modelopt_tensors(state: QuantizedModel) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint key, tensor) for the whole model in ModelOpt's layout."""
-    if state.input_hadamards():
+    if state.input_hadamards() or state.rotations.get("input_hadamards"):   # bf16 fallbacks read one too
         raise ModelOptLayoutError(
             "ModelOpt's layout has no online Hadamard for down_proj's input (R4): export modelopt_hf with "
             "quant.rotate.mlp_input_block=0, or export compressed_tensors")
@@ -60,8 +60,8 @@ def modelopt_tensors(state: QuantizedModel) -> Iterator[tuple[str, torch.Tensor]
         if module_name in state.linears:
             tensors = modelopt_linear_tensors(state, module_name)
         for leaf, tensor in tensors.items():
-            if leaf in ("k_scale", "v_scale"):   # ModelOpt keeps the KV-cache scales on k_proj / v_proj
-                leaf = f"{leaf[0]}_proj.{leaf}"
+            if leaf in ("k_scale", "v_scale"):   # ModelOpt keeps the KV-cache scales on k_proj / v_proj, as scalars
+                leaf, tensor = f"{leaf[0]}_proj.{leaf}", tensor.reshape(())
             yield f"{prefix}.{leaf}" if prefix else leaf, tensor
 
 

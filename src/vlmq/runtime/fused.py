@@ -164,7 +164,8 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, n
     now = tl.load(slot + 1, volatile=True)
     while now == generation:
         now = tl.load(slot + 1, volatile=True)
-    tl.atomic_add(slot + 1, 0, sem="acquire")  # every part's peak visible from here on
+    tl.atomic_add(slot + 1, 0, sem="acquire")  # thread 0's acquire; the block barrier extends it to every thread
+    tl.debug_barrier()
     p = tl.arange(0, MAX_PARTS)
     peaks = tl.load(slot + 2 + p, mask=p < n_parts, other=0, volatile=True).to(tl.float32, bitcast=True)
     scale = tl.maximum(tl.div_rn(tl.max(peaks), 127.0), MIN_SCALE)
@@ -257,17 +258,18 @@ SPLIT_MODES = ("row", "wait")
 _SYNC_ROWS = 1024  # rows of the split kernel's sync slots ("wait" launches at most one program per SM)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.cache   # never evicted: a captured CUDA graph keeps reading it
 def _signs_on(block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The unnormalized ±1 Sylvester block on `device` (exact in any float dtype), built once before any
     CUDA graph captures the kernel."""
     return (sylvester_hadamard(block) * math.sqrt(block)).round().to(dtype).to(device).contiguous()
 
 
-@functools.lru_cache(maxsize=16)
+@functools.cache
 def _sync_slots(device: torch.device) -> Tensor:
     """Per row [arrived, generation, peak of each part]; `arrived` is zero between calls. One set per device:
-    calls on one device must not overlap in time (one decode stream)."""
+    calls on one device must not overlap in time (one decode stream: two streams running the kernel at once
+    would count each other's arrivals)."""
     return torch.zeros(_SYNC_ROWS * (HADAMARD_MAX_PARTS + 2), dtype=torch.int32, device=device)
 
 
@@ -283,9 +285,13 @@ def _parts(width: int, block: int, part_blocks: int) -> int:
 def hadamard_split_mode(m: int, width: int, block: int, device: torch.device) -> str:
     """How ``silu_mul_hadamard`` spreads M rows: one program per row where the rows alone fill the GPU
     (prefill) or off CUDA; else each row over several programs that wait for each other's max, which
-    needs them all resident at once: at most one program per SM."""
+    needs them all resident at once: at most one program per SM (assuming no other kernel holds SMs for
+    good, e.g. a collective spinning on another stream). Triton's interpreter runs programs one after
+    another, so there a part waiting for another would wait forever: one program per row."""
     parts = _parts(width, block, HADAMARD_PART_BLOCKS)
-    if device.type != "cuda" or not 2 <= parts <= HADAMARD_MAX_PARTS or m * parts > min(_sm_count(device), _SYNC_ROWS):
+    if device.type != "cuda" or interpreting() or not 2 <= parts <= HADAMARD_MAX_PARTS:
+        return "row"
+    if m * parts > min(_sm_count(device), _SYNC_ROWS):
         return "row"
     return "wait"
 
@@ -314,7 +320,11 @@ def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None, *, part_
                                         LOG2_HB=block.bit_length() - 1, NB=nb, DOT_FP32=dot_fp32,
                                         num_warps=_warps(nb * block), **pdl_kwargs())  # fmt: skip
         return q, s
+    if part_blocks < HADAMARD_PART_BLOCKS or part_blocks & (part_blocks - 1):
+        raise ValueError(f"part_blocks must be a power of two >= {HADAMARD_PART_BLOCKS}, not {part_blocks}")
     parts = _parts(i, block, part_blocks)
+    if parts > 1 and (interpreting() or not gu.is_cuda):
+        raise ValueError("split mode 'wait' with several parts per row needs a GPU (programs that run at once)")
     if m > _SYNC_ROWS or parts > HADAMARD_MAX_PARTS:
         raise ValueError(f"split mode 'wait' takes at most {_SYNC_ROWS} rows of {HADAMARD_MAX_PARTS} parts, "
                          f"not {m} of {parts}")
