@@ -101,6 +101,18 @@ def _sylvester_signs(HB: tl.constexpr, LOG2_HB: tl.constexpr):
 
 
 @triton.jit
+def _silu_mul_rotated(g, u, signs, h_scale, dt: tl.constexpr, DOT_FP32: tl.constexpr):
+    """silu(g) * u rounded like torch, times the ±1 block `signs` ([blocks, HB] @ [HB, HB]), times h_scale:
+    block_hadamard's fp32 result back in the model dtype (held in fp32), as the linear quantizes it."""
+    y = round_to(round_to(g / (1.0 + tl.exp(-g)), dt) * u, dt)
+    if DOT_FP32:  # fp32 models, and the interpreter (its bf16 dot is broken)
+        z = tl.dot(y, signs.to(tl.float32), input_precision="ieee")
+    else:  # y holds model-dtype values: exact as dot operands, products exact, fp32 sums
+        z = tl.dot(y.to(dt), signs.to(dt), out_dtype=tl.float32)
+    return round_to(z * h_scale, dt)
+
+
+@triton.jit
 def _silu_mul_hadamard_kernel(gu_ptr, q_ptr, s_ptr, n_cols, n_blocks, h_scale, HB: tl.constexpr,
                               LOG2_HB: tl.constexpr, NB: tl.constexpr, DOT_FP32: tl.constexpr,
                               USE_PDL: tl.constexpr):  # fmt: skip
@@ -112,14 +124,8 @@ def _silu_mul_hadamard_kernel(gu_ptr, q_ptr, s_ptr, n_cols, n_blocks, h_scale, H
     dt = gu_ptr.dtype.element_ty
     g = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    y = round_to(round_to(g / (1.0 + tl.exp(-g)), dt) * u, dt)
-    signs = _sylvester_signs(HB, LOG2_HB)
-    if DOT_FP32:  # fp32 models, and the interpreter (its bf16 dot is broken)
-        z = tl.dot(y, signs, input_precision="ieee")
-    else:  # y holds model-dtype values: exact as dot operands, products exact, fp32 sums
-        z = tl.dot(y.to(dt), signs.to(dt), out_dtype=tl.float32)
-    # block_hadamard's fp32 result goes back to the model dtype before the linear quantizes it
-    quant_store(round_to(z * h_scale, dt), q_ptr + row * n_cols + cols, s_ptr + row, mask)
+    z = _silu_mul_rotated(g, u, _sylvester_signs(HB, LOG2_HB), h_scale, dt, DOT_FP32)
+    quant_store(z, q_ptr + row * n_cols + cols, s_ptr + row, mask)
 
 
 @triton.jit
@@ -149,12 +155,7 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, n
     else:
         signs = tl.load(signs_ptr + j[:, None] * HB + j[None, :])
     generation = tl.load(slot + 1, volatile=True)  # this call's; it advances only once every part arrived
-    y = round_to(round_to(g / (1.0 + tl.exp(-g)), dt) * u, dt)
-    if DOT_FP32:
-        z = tl.dot(y, signs.to(tl.float32), input_precision="ieee")
-    else:
-        z = tl.dot(y.to(dt), signs, out_dtype=tl.float32)
-    z = round_to(z * h_scale, dt)
+    z = _silu_mul_rotated(g, u, signs, h_scale, dt, DOT_FP32)
     # peaks are >= 0, where fp32 bits order like int32
     tl.store(slot + 2 + part, tl.max(tl.where(mask, tl.abs(z), 0.0)).to(tl.int32, bitcast=True))
     tl.debug_barrier()  # the peak's store before the arrival (released by it)
