@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -14,6 +14,9 @@ from torch import nn
 
 from vlmq.models.families import Family
 from vlmq.quantize.state import QuantizedModel
+
+# (module name, its tensors as the state stores them) -> the tensors a format stores for it
+ModuleLayout = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 def copy_processor_files(processor, generation_config, out_dir: Path) -> None:
@@ -77,9 +80,13 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, max
     return names
 
 
-def checkpoint_tensors(state: QuantizedModel) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint key, tensor) for the whole model, under the names `save_pretrained` writes."""
+def checkpoint_tensors(state: QuantizedModel, layout: ModuleLayout | None = None
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint key, tensor) for the whole model, under the names `save_pretrained` writes; `layout` maps
+    each module's tensors (as the state gives them) to a format's own (names relative to the module)."""
     for module_name, tensors in state.tensors():
+        if layout is not None:
+            tensors = layout(module_name, tensors)
         prefix = state.family.checkpoint_name(module_name)
         for leaf, tensor in tensors.items():
             yield f"{prefix}.{leaf}" if prefix else leaf, tensor

@@ -17,6 +17,7 @@ reference for this layout.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +25,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlmq.export.checkpoint import MAX_SHARD_BYTES, copy_processor_files, ignore_list, save_config, write_shards
+from vlmq.export.checkpoint import (
+    MAX_SHARD_BYTES,
+    checkpoint_tensors,
+    copy_processor_files,
+    ignore_list,
+    save_config,
+    write_shards,
+)
 from vlmq.export.registry import register_exporter
 from vlmq.numerics import QMAX
-from vlmq.quantize.state import QuantizedModel, linear_tensors
+from vlmq.quantize.state import QuantizedModel
 
 QUANT_ALGO = "W8A8_SQ_PER_CHANNEL"
 
@@ -36,17 +44,20 @@ class ModelOptLayoutError(ValueError):
     """The state holds something ModelOpt's layout cannot express."""
 
 
-def modelopt_linear_tensors(state: QuantizedModel, name: str) -> dict[str, torch.Tensor]:
-    """One quantized linear as ModelOpt's layout stores it."""
-    linear = state.linears[name]
-    if linear.input_amax is None:
-        raise ModelOptLayoutError(f"{name}: no calibrated input maximum for ModelOpt's static input_scale")
-    out = linear_tensors(linear, state.dtype)
-    out["weight_scale"] = out["weight_scale"].reshape(-1)
-    out["input_scale"] = torch.tensor(linear.input_amax / QMAX, dtype=torch.float32)
-    dtype = state.dtype or next(p.dtype for p in state.model.parameters() if p.is_floating_point())
-    out["pre_quant_scale"] = torch.ones(linear.weight.shape[1], dtype=dtype)
-    return out
+def modelopt_module_tensors(state: QuantizedModel, name: str, tensors: dict[str, torch.Tensor]
+                           ) -> dict[str, torch.Tensor]:
+    """One module's tensors as ModelOpt's layout stores them: a quantized linear's static input_scale and
+    pre_quant_scale added, its weight_scale [N]; the KV-cache scales on k_proj / v_proj as scalars."""
+    if name in state.linears:
+        linear = state.linears[name]
+        if linear.input_amax is None:
+            raise ModelOptLayoutError(f"{name}: no calibrated input maximum for ModelOpt's static input_scale")
+        dtype = state.dtype or next(p.dtype for p in state.model.parameters() if p.is_floating_point())
+        return {**tensors, "weight_scale": tensors["weight_scale"].reshape(-1),
+                "input_scale": torch.tensor(linear.input_amax / QMAX, dtype=torch.float32),
+                "pre_quant_scale": torch.ones(linear.weight.shape[1], dtype=dtype)}
+    return {f"{leaf[0]}_proj.{leaf}" if leaf in ("k_scale", "v_scale") else leaf:
+            tensor.reshape(()) if leaf in ("k_scale", "v_scale") else tensor for leaf, tensor in tensors.items()}
 
 
 def modelopt_tensors(state: QuantizedModel) -> Iterator[tuple[str, torch.Tensor]]:
@@ -55,14 +66,7 @@ def modelopt_tensors(state: QuantizedModel) -> Iterator[tuple[str, torch.Tensor]
         raise ModelOptLayoutError(
             "ModelOpt's layout has no online Hadamard for down_proj's input (R4): export modelopt_hf with "
             "quant.rotate.mlp_input_block=0, or export compressed_tensors")
-    for module_name, tensors in state.tensors():
-        prefix = state.family.checkpoint_name(module_name)
-        if module_name in state.linears:
-            tensors = modelopt_linear_tensors(state, module_name)
-        for leaf, tensor in tensors.items():
-            if leaf in ("k_scale", "v_scale"):   # ModelOpt keeps the KV-cache scales on k_proj / v_proj, as scalars
-                leaf, tensor = f"{leaf[0]}_proj.{leaf}", tensor.reshape(())
-            yield f"{prefix}.{leaf}" if prefix else leaf, tensor
+    return checkpoint_tensors(state, functools.partial(modelopt_module_tensors, state))
 
 
 def quant_config(state: QuantizedModel) -> dict:
