@@ -121,29 +121,19 @@ INTERPRETER_KERNEL = textwrap.dedent("""
     print("mismatches", stats)
     # the split kernel, bit for bit the row kernel's values; here with one part per row only (the interpreter
     # runs programs one after another, so a part waiting for another would wait forever; tests/gpu runs it
-    # with several): its barrier still runs, and each call advances the row's epoch by one, peak alongside
-    from vlmq.numerics import MIN_SCALE
-    from vlmq.runtime.fused import _sync_slots, silu_mul_hadamard
+    # with several): its barrier still runs, and leaves every row's arrival count zero
+    from vlmq.runtime.fused import HADAMARD_MAX_PARTS, _sync_slots, silu_mul_hadamard
     for m, nb, block, dtype, part_blocks in ((2, 5, 128, torch.float16, 16), (1, 16, 64, torch.bfloat16, 16),
                                              (3, 43, 32, torch.bfloat16, 64), (2, 40, 16, torch.float32, 64)):
         gu = gate_up(m, nb * block, dtype).reshape(m, -1)
         gu[0] = 0.0
         q_row, s_row = silu_mul_hadamard(gu, block, "row")
-        words = _sync_slots(gu.device)[0]  # one part: region 0, a word per row
-        before = words[:m] >> 32
+        slots = _sync_slots(gu.device).view(-1, HADAMARD_MAX_PARTS + 2)
+        before = slots[:m, 1].clone()
         for signs_in_kernel in (False, True):
             q, s = silu_mul_hadamard(gu, block, "wait", part_blocks=part_blocks, signs_in_kernel=signs_in_kernel)
             assert torch.equal(q, q_row) and torch.equal(s, s_row), (m, nb, block, part_blocks)
-        assert torch.equal(words[:m] >> 32, before + 2)  # two calls, two epochs
-        peaks = (words[:m] & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
-        assert torch.equal(torch.clamp(peaks / 127.0, min=MIN_SCALE), s_row)
-    words = _sync_slots(torch.device("cpu"))[0]  # the int32 epoch wraps: -1 -> 0 ... and 2^31 - 1 -> -2^31
-    gu = gate_up(2, 5 * 128, torch.float16).reshape(2, -1)
-    want = silu_mul_hadamard(gu, 128, "row")
-    words[:2] = torch.tensor([-1, 2**31 - 1], dtype=torch.int64) << 32
-    got = silu_mul_hadamard(gu, 128, "wait")
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert (words[:2] >> 32).tolist() == [0, -2**31]
+        assert not slots[:, 0].any() and torch.equal(slots[:m, 1], before + 2)  # two calls, two generations
     print("split kernels: bit for bit")
     print("KERNEL-OK")
 """)
@@ -225,21 +215,18 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     assert mma in compiled.asm["ptx"]
     assert compiled.metadata.shared <= 64 * 1024, compiled.metadata.shared
-    for in_kernel in (False, True):  # the split kernel: 16 blocks per program, a barrier through global memory
+    for in_kernel in (False, True):  # the split kernel: 16 blocks per program, a barrier through global atomics
         const = {"HB": 128, "LOG2_HB": 7, "BPP": FU.HADAMARD_PART_BLOCKS, "MAX_PARTS": FU.HADAMARD_MAX_PARTS,
-                 "REGION": FU._SYNC_REGION, "DOT_FP32": False, "SIGNS_IN_KERNEL": in_kernel,
-                 "USE_PDL": capability >= 90}
-        sig = {"gu_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "signs_ptr": "*bf16", "sync_ptr": "*i64",
+                 "DOT_FP32": False, "SIGNS_IN_KERNEL": in_kernel, "USE_PDL": capability >= 90}
+        sig = {"gu_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "signs_ptr": "*bf16", "sync_ptr": "*i32",
                "n_cols": "i32", "n_blocks": "i32", "n_parts": "i32", "h_scale": "fp32",
                **dict.fromkeys(const, "constexpr")}
         split = triton.compile(ASTSource(FU._silu_mul_hadamard_split_kernel, sig, const),
                                target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
         ptx = split.asm["ptx"]
         assert "mma.sync" in ptx and split.metadata.shared <= 64 * 1024  # 16-row tiles: below wgmma's 64
-        # the barrier: one 64-bit store of (epoch, peak) per part, volatile 64-bit reads while waiting, no atomics
-        assert "st.global.b64" in ptx and "ld.volatile.global.b64" in ptx and "atom." not in ptx
-        if capability >= 90 and not in_kernel:  # the static ±1 block is read before waiting on the producer
-            assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait") < ptx.index("ld.volatile.global")
+        # one thread per program arrives (tid 0's predicate), never every thread; the wait reads volatile
+        assert "atom.global.gpu.acq_rel.add" in ptx and "setp.eq.b32" in ptx and "ld.volatile.global" in ptx
 
 
 def test_split_mode_waits_only_while_every_part_can_be_resident(monkeypatch: pytest.MonkeyPatch) -> None:

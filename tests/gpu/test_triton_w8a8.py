@@ -22,6 +22,8 @@ DEV = "cuda"
 # (M, N, K): decode, odd M/N, prefill, LM shapes
 SHAPES = [
     (1, 2048, 2048),
+    (1, 2048, 11008),  # down_proj at one token: the GEMV's 4096-byte chunks (2752 words: a partial last chunk)
+    (2, 2048, 11008),
     (7, 256, 2048),
     (16, 2560, 2048),
     (12, 2048, 11008),

@@ -131,43 +131,45 @@ def _silu_mul_hadamard_kernel(gu_ptr, q_ptr, s_ptr, n_cols, n_blocks, h_scale, H
 @triton.jit
 def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, n_cols, n_blocks, n_parts,
                                     h_scale, HB: tl.constexpr, LOG2_HB: tl.constexpr, BPP: tl.constexpr,
-                                    MAX_PARTS: tl.constexpr, REGION: tl.constexpr, DOT_FP32: tl.constexpr,
-                                    SIGNS_IN_KERNEL: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
+                                    MAX_PARTS: tl.constexpr, DOT_FP32: tl.constexpr, SIGNS_IN_KERNEL: tl.constexpr,
+                                    USE_PDL: tl.constexpr):  # fmt: skip
     """``_silu_mul_hadamard_kernel`` with a row's blocks spread over ``n_parts`` programs (BPP blocks each),
-    so a decode token's row runs on several SMs. The row's int8 scale needs every part's max. Each part owns
-    one int64 word in ``sync_ptr`` (a region per part count, then [row, part]) holding (epoch << 32 | its
-    peak's fp32 bits): it reads its own epoch, publishes epoch + 1 with this call's peak in one 64-bit store,
-    and waits until every part's word shows epoch + 1. Flag and value travel in one single-copy-atomic word,
-    so no fence, atomic or block barrier is needed, and no word is ever reset. Every part must be resident
-    at once, which the launcher guarantees (at most one program per SM)."""
-    j = tl.arange(0, HB)
-    if SIGNS_IN_KERNEL:
-        signs = _sylvester_signs(HB, LOG2_HB).to(signs_ptr.dtype.element_ty)
-    else:  # a static operand: its load is in flight before the wait
-        signs = tl.load(signs_ptr + j[:, None] * HB + j[None, :])
+    so a decode token's row runs on several SMs. The row's int8 scale needs every part's max, exchanged
+    through the row's slot in ``sync_ptr`` ([arrived, generation, peak of each part]) by a sense-reversing
+    barrier: each part stores its peak and arrives; the last to arrive zeroes the count and advances the
+    generation; the others wait for that, then read every peak and quantize their own tile. Every part
+    must be resident at once, which the launcher guarantees (at most one program per SM)."""
     pdl_enter(USE_PDL)
     part = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
-    words = sync_ptr + (n_parts - 1) * REGION + row * n_parts  # this row's words for this part count
-    epoch = (tl.load(words + part, volatile=True) >> 32).to(tl.int32) + 1  # this call's epoch (int32: wraps)
+    slot = sync_ptr + row * (MAX_PARTS + 2)
+    j = tl.arange(0, HB)
     blk = part * BPP + tl.arange(0, BPP)[:, None]
     cols = blk * HB + j[None, :]
     mask = (blk < n_blocks) & (cols >= 0)
     dt = gu_ptr.dtype.element_ty
     g = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    if SIGNS_IN_KERNEL:
+        signs = _sylvester_signs(HB, LOG2_HB).to(signs_ptr.dtype.element_ty)
+    else:
+        signs = tl.load(signs_ptr + j[:, None] * HB + j[None, :])
+    generation = tl.load(slot + 1, volatile=True)  # this call's; it advances only once every part arrived
     z = _silu_mul_rotated(g, u, signs, h_scale, dt, DOT_FP32)
-    # peaks are >= 0, where fp32 bits order like integers
-    peak = tl.max(tl.where(mask, tl.abs(z), 0.0)).to(tl.int32, bitcast=True).to(tl.int64)  # >= 0: no sign bits
-    flag = epoch.to(tl.int64) << 32
-    tl.store(words + part, flag | peak)
+    # peaks are >= 0, where fp32 bits order like int32
+    tl.store(slot + 2 + part, tl.max(tl.where(mask, tl.abs(z), 0.0)).to(tl.int32, bitcast=True))
+    tl.debug_barrier()  # the peak's store before the arrival (released by it)
+    if tl.atomic_add(slot, 1, sem="acq_rel") == n_parts - 1:
+        tl.atomic_xchg(slot, 0, sem="relaxed")
+        tl.atomic_xchg(slot + 1, generation + 1, sem="release")
+    now = tl.load(slot + 1, volatile=True)
+    while now == generation:
+        now = tl.load(slot + 1, volatile=True)
+    tl.atomic_add(slot + 1, 0, sem="acquire")  # thread 0's acquire; the block barrier extends it to every thread
+    tl.debug_barrier()
     p = tl.arange(0, MAX_PARTS)
-    p_ok = p < n_parts
-    seen = tl.load(words + p, mask=p_ok, other=flag, volatile=True)
-    while tl.max(((seen >> 32).to(tl.int32) != epoch).to(tl.int32)) != 0:
-        seen = tl.load(words + p, mask=p_ok, other=flag, volatile=True)
-    row_peak = tl.max(seen.to(tl.int32)).to(tl.float32, bitcast=True)  # the low words: the peaks' bits
-    scale = tl.maximum(tl.div_rn(row_peak, 127.0), MIN_SCALE)
+    peaks = tl.load(slot + 2 + p, mask=p < n_parts, other=0, volatile=True).to(tl.float32, bitcast=True)
+    scale = tl.maximum(tl.div_rn(tl.max(peaks), 127.0), MIN_SCALE)
     if part == 0:
         tl.store(s_ptr + row, scale)
     tl.store(q_ptr + row * n_cols + cols, quantize_int8(z, tl.div_rn(1.0, scale)), mask=mask)
@@ -254,7 +256,7 @@ def silu_mul_hadamard_fits(block: int, width: int) -> bool:
 HADAMARD_PART_BLOCKS = 16  # blocks per program of the split kernel (tl.dot's smallest M)
 HADAMARD_MAX_PARTS = 32  # programs per row of the split kernel (72B's 29568-wide down_proj input: 15)
 SPLIT_MODES = ("row", "wait")
-_SYNC_REGION = 1024  # rows x parts of one part count's sync words ("wait" launches at most one program per SM)
+_SYNC_ROWS = 1024  # rows of the split kernel's sync slots ("wait" launches at most one program per SM)
 
 
 @functools.cache   # never evicted: a captured CUDA graph keeps reading it
@@ -266,10 +268,10 @@ def _signs_on(block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 @functools.cache
 def _sync_slots(device: torch.device) -> Tensor:
-    """The split kernel's words, (epoch << 32 | peak bits), as [part count, rows x parts]: a region per part
-    count keeps every word a call reads at the same epoch. One set per device: calls on one device must not
-    overlap in time (one decode stream: two streams running the kernel at once would mix their epochs)."""
-    return torch.zeros((HADAMARD_MAX_PARTS, _SYNC_REGION), dtype=torch.int64, device=device)
+    """Per row [arrived, generation, peak of each part]; `arrived` is zero between calls. One set per device:
+    calls on one device must not overlap in time (one decode stream: two streams running the kernel at once
+    would count each other's arrivals)."""
+    return torch.zeros(_SYNC_ROWS * (HADAMARD_MAX_PARTS + 2), dtype=torch.int32, device=device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -290,7 +292,7 @@ def hadamard_split_mode(m: int, width: int, block: int, device: torch.device) ->
     parts = _parts(width, block, HADAMARD_PART_BLOCKS)
     if device.type != "cuda" or interpreting() or not 2 <= parts <= HADAMARD_MAX_PARTS:
         return "row"
-    if m * parts > min(_sm_count(device), _SYNC_REGION):
+    if m * parts > min(_sm_count(device), _SYNC_ROWS):
         return "row"
     return "wait"
 
@@ -324,15 +326,15 @@ def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None, *, part_
     parts = _parts(i, block, part_blocks)
     if parts > 1 and (interpreting() or not gu.is_cuda):
         raise ValueError("split mode 'wait' with several parts per row needs a GPU (programs that run at once)")
-    if m * parts > _SYNC_REGION or parts > HADAMARD_MAX_PARTS:
-        raise ValueError(f"split mode 'wait' takes at most {_SYNC_REGION} rows x parts and {HADAMARD_MAX_PARTS} "
-                         f"parts, not {m} x {parts}")
+    if m > _SYNC_ROWS or parts > HADAMARD_MAX_PARTS:
+        raise ValueError(f"split mode 'wait' takes at most {_SYNC_ROWS} rows of {HADAMARD_MAX_PARTS} parts, "
+                         f"not {m} of {parts}")
     if gu.is_cuda and m * parts > _sm_count(gu.device):
         raise ValueError(f"split mode 'wait' needs at most one program per SM: {m} rows x {parts} parts "
                          f"> {_sm_count(gu.device)} SMs")
     _silu_mul_hadamard_split_kernel[(parts, m)](
         gu, q, s, _signs_on(block, gu.dtype, gu.device), _sync_slots(gu.device), i, i // block, parts, h_scale,
-        HB=block, LOG2_HB=block.bit_length() - 1, BPP=part_blocks, MAX_PARTS=HADAMARD_MAX_PARTS, REGION=_SYNC_REGION,
+        HB=block, LOG2_HB=block.bit_length() - 1, BPP=part_blocks, MAX_PARTS=HADAMARD_MAX_PARTS,
         DOT_FP32=dot_fp32, SIGNS_IN_KERNEL=signs_in_kernel, num_warps=4, **pdl_kwargs(),
     )  # fmt: skip
     return q, s
