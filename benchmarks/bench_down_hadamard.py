@@ -10,7 +10,10 @@ side in one process on the 3B shape (random weights; lean loop, CUDA graphs):
   ``block_hadamard`` + quantization (``FusedOps.fuse_hadamard = False``), to show what the fusion buys.
 
 Variants alternate round by round (median per variant), so clock drift hits them alike. Then the three
-activation producers alone (no GEMM) at M = 1/8/64 from CUDA graphs over input sets sized past L2.
+activation producers alone (no GEMM) at M = 1/8/64 from CUDA graphs over input sets sized past L2. With
+``--profile``, batch-1 decode steps of each variant under torch.profiler, each kernel charged with how far it
+pushed the stream's latest end (``kernel_path``): the producer alone ranked two barriers the other way round
+from the decode loop (BENCHMARKS.md, session 14), so R4's cost is read there.
 
     PYTHONPATH=src python benchmarks/bench_down_hadamard.py --out $OUT/down_hadamard.json
 
@@ -122,6 +125,63 @@ def producer_table(ms: list[int], width: int) -> dict:
     return out
 
 
+def kernel_path(kernels: list[tuple[str, float, float]]) -> dict[str, dict[str, float]]:
+    """Per kernel name, over a timeline of (name, start, end) in µs: calls, busy time, and the *end increment*:
+    how far each call's end pushed the latest end so far. Under programmatic dependent launch a kernel starts
+    early and waits for its predecessor, so its duration overstates what it costs; the increments instead sum
+    to the timeline's span, each kernel charged with the time the stream spent finishing it."""
+    out: dict[str, dict[str, float]] = {}
+    latest: float | None = None
+    for name, start, end in sorted(kernels, key=lambda k: k[1]):
+        increment = end - start if latest is None else max(0.0, end - latest)
+        latest = end if latest is None else max(latest, end)
+        row = out.setdefault(name, {"calls": 0, "busy_us": 0.0, "end_increment_us": 0.0})
+        row["calls"] += 1
+        row["busy_us"] += end - start
+        row["end_increment_us"] += increment
+    return out
+
+
+def profile_decode(model: nn.Module, downs: dict[str, list[nn.Module]], processor, variants: list[str],
+                   args: argparse.Namespace, steps: int = 8) -> dict:
+    """Batch-1 decode steps (CUDA graphs) of each variant under torch.profiler: each kernel's end increment per
+    step (``kernel_path``), so R4's cost splits into the producer's share and its neighbours'."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda")
+    inputs = {k: v.to(device) for k, v in make_inputs(processor, "text", 1, args.prompt_tokens, (448, 336)).items()}
+    out: dict = {}
+    for name in ["plain", *(v for v in variants if v != "plain")]:
+        rot, fuse, split = VARIANTS[name]
+        set_down(model, downs["rotated" if rot else "plain"])
+        dec = LeanDecoder(model, 1, (inputs["input_ids"].shape[1] + steps + 4 + 63) // 64 * 64)
+        if hasattr(dec.ops, "fuse_hadamard"):
+            dec.ops.fuse_hadamard, dec.ops.hadamard_split = fuse, split
+        with torch.no_grad():
+            dec.prefill(**inputs)
+            for _ in range(4):
+                dec.step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    dec.step()
+                torch.cuda.synchronize()
+        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA]
+        path = kernel_path(kernels)
+        span = sum(r["end_increment_us"] for r in path.values()) / steps
+        rows = {k: {"calls_per_step": r["calls"] / steps, "busy_us_per_step": round(r["busy_us"] / steps, 2),
+                    "end_increment_us_per_step": round(r["end_increment_us"] / steps, 2)}
+                for k, r in sorted(path.items(), key=lambda kv: -kv[1]["end_increment_us"])}
+        out[name] = {"step_us": round(span, 2), "kernels": rows}
+        print(f"profile {name}: {span:.1f} us per step; end increments per step:", flush=True)
+        for k, r in list(rows.items())[:10]:
+            print(f"  {r['end_increment_us_per_step']:8.2f} us  busy {r['busy_us_per_step']:8.2f} us  "
+                  f"{r['calls_per_step']:5.1f}x  {k[:80]}", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="3b", choices=("3b", "small", "demo"))
@@ -133,6 +193,8 @@ def main() -> None:
     p.add_argument("--variants", default="hadamard fused,hadamard fused row,hadamard unfused",
                    help=f"decode variants besides plain, comma-separated, from {list(VARIANTS)}")
     p.add_argument("--producer-ms", default="1,8,64", help="M values of the producer table (CUDA); '' = skip")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile batch-1 decode steps of plain and each variant (CUDA): per-kernel end increments")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -152,6 +214,8 @@ def main() -> None:
     ms = [int(m) for m in args.producer_ms.split(",") if m]
     if device.type == "cuda" and ms:
         result["producers_us"] = producer_table(ms, plain[0].in_features)
+    if device.type == "cuda" and args.profile:
+        result["profile_b1"] = profile_decode(model, downs, processor, args.variants.split(","), args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

@@ -194,6 +194,24 @@ def test_benchmark_rotated_down_proj_computes_the_same_linear() -> None:
     assert rot.input_hadamard == 128 and rel_err(rot(x), plain(x)) < 2e-2
 
 
+def test_benchmark_kernel_path_charges_each_kernel_with_its_push_of_the_latest_end() -> None:
+    """bench_down_hadamard's --profile arithmetic: under PDL a kernel starts early and waits, so its duration is
+    not its cost; the end increments are, and they sum to the span."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        from bench_down_hadamard import kernel_path
+    finally:
+        sys.path.pop(0)
+    timeline = [("gemv", 0.0, 10.0), ("silu", 2.0, 13.0),  # silu launched early: busy 11, but only 3 past gemv
+                ("gemv", 4.0, 20.0), ("tiny", 5.0, 6.0),   # tiny ends inside gemv's span: no increment
+                ("silu", 21.0, 22.0)]
+    path = kernel_path(list(reversed(timeline)))  # any input order
+    assert path["gemv"] == {"calls": 2, "busy_us": 26.0, "end_increment_us": 17.0}
+    assert path["silu"] == {"calls": 2, "busy_us": 12.0, "end_increment_us": 5.0}  # 3, then 2 (the idle 20-21 too)
+    assert path["tiny"]["end_increment_us"] == 0.0
+    assert sum(r["end_increment_us"] for r in path.values()) == 22.0  # the span
+
+
 @pytest.mark.parametrize("capability,mma", [(90, "wgmma.mma_async"), (80, "mma.sync")])
 def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -> None:
     """The bf16 branch (the GPU's; the interpreter runs the fp32 one) compiled ahead of time on the CPU for
