@@ -6,6 +6,8 @@ side in one process on the 3B shape (random weights; lean loop, CUDA graphs):
   from the fused SiLU·mul + block Hadamard + int8 kernel (``vlmq.runtime.fused.silu_mul_hadamard``) in the
   split mode it picks (decode: a row's blocks over several programs, ``wait``);
 - ``hadamard fused row``: the same kernel forced to one program per row (session 12's kernel);
+- ``hadamard fused signs in registers`` / ``hadamard fused 32 blocks per part``: the split kernel's two tuning
+  knobs (``silu_mul_hadamard``'s ``signs_in_kernel`` / ``part_blocks``), so far timed only as producers alone;
 - ``hadamard unfused``: the same rotated model, SiLU·mul in bf16 then the linear's own eager
   ``block_hadamard`` + quantization (``FusedOps.fuse_hadamard = False``), to show what the fusion buys.
 
@@ -23,6 +25,8 @@ from the decode loop (BENCHMARKS.md, session 14), so R4's cost is read there.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
 import statistics
@@ -38,10 +42,12 @@ from vlmq.runtime.linear import W8A8Linear
 from vlmq.timing import decode_times
 
 BLOCK = 128
-# name -> (rotated down_proj, fused Hadamard, split mode)
-VARIANTS = {"plain": (False, True, None), "hadamard fused": (True, True, None),
-            "hadamard fused row": (True, True, "row"),
-            "hadamard unfused": (True, False, None)}
+# name -> (rotated down_proj, fused Hadamard, split mode, silu_mul_hadamard's tuning keywords)
+VARIANTS = {"plain": (False, True, None, {}), "hadamard fused": (True, True, None, {}),
+            "hadamard fused row": (True, True, "row", {}),
+            "hadamard fused signs in registers": (True, True, None, {"signs_in_kernel": True}),
+            "hadamard fused 32 blocks per part": (True, True, None, {"part_blocks": 32}),
+            "hadamard unfused": (True, False, None, {})}
 
 
 def rotated(lin: W8A8Linear, block: int) -> W8A8Linear:
@@ -59,16 +65,32 @@ def set_down(model: nn.Module, downs: list[nn.Module]) -> None:
         layer.mlp.down_proj = down
 
 
+@contextlib.contextmanager
+def hadamard_keywords(kwargs: dict):
+    """The decode loop's ``silu_mul_hadamard`` with ``kwargs`` bound while the block runs (the CUDA graphs
+    captured inside keep them)."""
+    from vlmq.runtime import ops
+
+    original = ops.silu_mul_hadamard
+    ops.silu_mul_hadamard = functools.partial(original, **kwargs) if kwargs else original
+    try:
+        yield
+    finally:
+        ops.silu_mul_hadamard = original
+
+
 @torch.no_grad()
-def decode_run(model: nn.Module, inputs: dict, batch: int, new_tokens: int, fuse_hadamard: bool,
-               split: str | None, device: torch.device) -> tuple[float, list[int]]:
+def decode_run(model: nn.Module, inputs: dict, batch: int, new_tokens: int, variant: str,
+               device: torch.device) -> tuple[float, list[int]]:
     """(decode tok/s of one timed generation after a warm one, the first greedy tokens of row 0)."""
+    _, fuse_hadamard, split, kwargs = VARIANTS[variant]
     max_len = (inputs["input_ids"].shape[1] + new_tokens + 63) // 64 * 64
     dec = LeanDecoder(model, batch, max_len)
     if hasattr(dec.ops, "fuse_hadamard"):
         dec.ops.fuse_hadamard = fuse_hadamard
         dec.ops.hadamard_split = split
-    times = decode_times(dec, inputs, new_tokens, device, rounds=2)   # the first warms up
+    with hadamard_keywords(kwargs):
+        times = decode_times(dec, inputs, new_tokens, device, rounds=2)   # the first warms up
     return batch * (new_tokens - 1) / times[-1], dec.tokens[0, :8].tolist()
 
 
@@ -86,15 +108,15 @@ def decode_table(model: nn.Module, downs: dict[str, list[nn.Module]], processor,
         tokens: dict[str, list[int]] = {}
         for _ in range(args.rounds):
             for name in variants:
-                rot, fuse, split = VARIANTS[name]
-                set_down(model, downs["rotated" if rot else "plain"])
-                tok_s, tokens[name] = decode_run(model, inputs, batch, args.new_tokens, fuse, split, device)
+                set_down(model, downs["rotated" if VARIANTS[name][0] else "plain"])
+                tok_s, tokens[name] = decode_run(model, inputs, batch, args.new_tokens, name, device)
                 runs[name].append(round(tok_s, 1))
         med = {name: round(statistics.median(r), 1) for name, r in runs.items()}
         out[f"text_b{batch}"] = {"tok_s_runs": runs, "tok_s_median": med, "tokens": tokens,
                                  **{f"{n} / plain": round(med[n] / med["plain"], 4) for n in variants if n != "plain"}}
-        print(f"batch {batch}: " + ", ".join(f"{n} {med[n]:.1f} tok/s" for n in variants)
-              + f"  (fused / plain {med['hadamard fused'] / med['plain']:.4f})", flush=True)
+        ratios = ", ".join(f"{n} / plain {med[n] / med['plain']:.4f}" for n in variants if n != "plain")
+        print(f"batch {batch}: " + ", ".join(f"{n} {med[n]:.1f} tok/s" for n in variants) + f"  ({ratios})",
+              flush=True)
     return out
 
 
@@ -153,12 +175,12 @@ def profile_decode(model: nn.Module, downs: dict[str, list[nn.Module]], processo
     inputs = {k: v.to(device) for k, v in make_inputs(processor, "text", 1, args.prompt_tokens, (448, 336)).items()}
     out: dict = {}
     for name in ["plain", *(v for v in variants if v != "plain")]:
-        rot, fuse, split = VARIANTS[name]
+        rot, fuse, split, kwargs = VARIANTS[name]
         set_down(model, downs["rotated" if rot else "plain"])
         dec = LeanDecoder(model, 1, (inputs["input_ids"].shape[1] + steps + 4 + 63) // 64 * 64)
         if hasattr(dec.ops, "fuse_hadamard"):
             dec.ops.fuse_hadamard, dec.ops.hadamard_split = fuse, split
-        with torch.no_grad():
+        with torch.no_grad(), hadamard_keywords(kwargs):
             dec.prefill(**inputs)
             for _ in range(4):
                 dec.step()

@@ -212,6 +212,22 @@ def test_benchmark_kernel_path_charges_each_kernel_with_its_push_of_the_latest_e
     assert sum(r["end_increment_us"] for r in path.values()) == 22.0  # the span
 
 
+def test_benchmark_variants_bind_the_split_kernels_knobs_where_the_decode_loop_calls_it() -> None:
+    """The tuning variants reach the decode loop: FusedOps calls ``vlmq.runtime.ops.silu_mul_hadamard``, which
+    the benchmark rebinds for the variant's run, then restores."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        from bench_down_hadamard import VARIANTS, hadamard_keywords
+    finally:
+        sys.path.pop(0)
+    from vlmq.runtime import ops
+
+    original = ops.silu_mul_hadamard
+    with hadamard_keywords(VARIANTS["hadamard fused 32 blocks per part"][3]):
+        assert ops.silu_mul_hadamard.keywords == {"part_blocks": 32} and ops.silu_mul_hadamard.func is original
+    assert ops.silu_mul_hadamard is original
+
+
 @pytest.mark.parametrize("capability,mma", [(90, "wgmma.mma_async"), (80, "mma.sync")])
 def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -> None:
     """The bf16 branch (the GPU's; the interpreter runs the fp32 one) compiled ahead of time on the CPU for
