@@ -269,7 +269,7 @@ def test_split_mode_waits_only_while_every_part_can_be_resident(monkeypatch: pyt
     program per row; never off CUDA, nor where a row is one part."""
     from vlmq.runtime import fused as FU
 
-    monkeypatch.setattr(FU, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(FU, "sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     assert FU._parts(11008, 128, FU.HADAMARD_PART_BLOCKS) == 6   # the 3B's down_proj input
     assert [FU.hadamard_split_mode(m, 11008, 128, cuda) for m in (1, 8, 22, 23, 64)] == ["wait"] * 3 + ["row"] * 2

@@ -44,20 +44,25 @@ class ModelOptLayoutError(ValueError):
     """The state holds something ModelOpt's layout cannot express."""
 
 
-def modelopt_module_tensors(state: QuantizedModel, name: str, tensors: dict[str, torch.Tensor]
+def modelopt_module_tensors(state: QuantizedModel, dtype: torch.dtype, name: str, tensors: dict[str, torch.Tensor]
                            ) -> dict[str, torch.Tensor]:
     """One module's tensors as ModelOpt's layout stores them: a quantized linear's static input_scale and
-    pre_quant_scale added, its weight_scale [N]; the KV-cache scales on k_proj / v_proj as scalars."""
+    pre_quant_scale (in the checkpoint's `dtype`) added, its weight_scale [N]; the KV-cache scales on
+    k_proj / v_proj as scalars."""
     if name in state.linears:
         linear = state.linears[name]
         if linear.input_amax is None:
             raise ModelOptLayoutError(f"{name}: no calibrated input maximum for ModelOpt's static input_scale")
-        dtype = state.dtype or next(p.dtype for p in state.model.parameters() if p.is_floating_point())
         return {**tensors, "weight_scale": tensors["weight_scale"].reshape(-1),
                 "input_scale": torch.tensor(linear.input_amax / QMAX, dtype=torch.float32),
                 "pre_quant_scale": torch.ones(linear.weight.shape[1], dtype=dtype)}
-    return {f"{leaf[0]}_proj.{leaf}" if leaf in ("k_scale", "v_scale") else leaf:
-            tensor.reshape(()) if leaf in ("k_scale", "v_scale") else tensor for leaf, tensor in tensors.items()}
+    out = {}
+    for leaf, tensor in tensors.items():
+        if leaf in ("k_scale", "v_scale"):  # ModelOpt's names: self_attn.k_proj.k_scale, a scalar
+            out[f"{leaf[0]}_proj.{leaf}"] = tensor.reshape(())
+        else:
+            out[leaf] = tensor
+    return out
 
 
 def modelopt_tensors(state: QuantizedModel) -> Iterator[tuple[str, torch.Tensor]]:
@@ -66,7 +71,8 @@ def modelopt_tensors(state: QuantizedModel) -> Iterator[tuple[str, torch.Tensor]
         raise ModelOptLayoutError(
             "ModelOpt's layout has no online Hadamard for down_proj's input (R4): export modelopt_hf with "
             "quant.rotate.mlp_input_block=0, or export compressed_tensors")
-    return checkpoint_tensors(state, functools.partial(modelopt_module_tensors, state))
+    dtype = state.dtype or next(p.dtype for p in state.model.parameters() if p.is_floating_point())
+    return checkpoint_tensors(state, functools.partial(modelopt_module_tensors, state, dtype))
 
 
 def quant_config(state: QuantizedModel) -> dict:

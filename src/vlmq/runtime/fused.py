@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from vlmq.numerics import sylvester_hadamard
-from vlmq.runtime.kernels.tiles import interpreting, next_pow2, pdl_enter, pdl_kwargs
+from vlmq.runtime.kernels.tiles import interpreting, next_pow2, pdl_enter, pdl_kwargs, sm_count
 from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE, quant_store, quantize_int8
 
 
@@ -274,11 +274,6 @@ def _sync_slots(device: torch.device) -> Tensor:
     return torch.zeros(_SYNC_ROWS * (HADAMARD_MAX_PARTS + 2), dtype=torch.int32, device=device)
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _parts(width: int, block: int, part_blocks: int) -> int:
     return math.ceil(width // block / part_blocks)
 
@@ -292,7 +287,7 @@ def hadamard_split_mode(m: int, width: int, block: int, device: torch.device) ->
     parts = _parts(width, block, HADAMARD_PART_BLOCKS)
     if device.type != "cuda" or interpreting() or not 2 <= parts <= HADAMARD_MAX_PARTS:
         return "row"
-    if m * parts > min(_sm_count(device), _SYNC_ROWS):
+    if m * parts > min(sm_count(device), _SYNC_ROWS):
         return "row"
     return "wait"
 
@@ -329,9 +324,9 @@ def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None, *, part_
     if m > _SYNC_ROWS or parts > HADAMARD_MAX_PARTS:
         raise ValueError(f"split mode 'wait' takes at most {_SYNC_ROWS} rows of {HADAMARD_MAX_PARTS} parts, "
                          f"not {m} of {parts}")
-    if gu.is_cuda and m * parts > _sm_count(gu.device):
+    if gu.is_cuda and m * parts > sm_count(gu.device):
         raise ValueError(f"split mode 'wait' needs at most one program per SM: {m} rows x {parts} parts "
-                         f"> {_sm_count(gu.device)} SMs")
+                         f"> {sm_count(gu.device)} SMs")
     _silu_mul_hadamard_split_kernel[(parts, m)](
         gu, q, s, _signs_on(block, gu.dtype, gu.device), _sync_slots(gu.device), i, i // block, parts, h_scale,
         HB=block, LOG2_HB=block.bit_length() - 1, BPP=part_blocks, MAX_PARTS=HADAMARD_MAX_PARTS,

@@ -254,6 +254,16 @@ SMEM_RESERVE_INT8_A = 27 * 1024
 SMEM_RESERVE_WIDE_A = 67 * 1024
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of this CUDA device (``cuda`` alone: the current one)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 @functools.lru_cache(maxsize=8)
 def max_shared_memory(device_index: int) -> int:
     """Opt-in shared memory per block on this CUDA device (what Triton checks a kernel against)."""

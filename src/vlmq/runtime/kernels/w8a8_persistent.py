@@ -21,7 +21,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vlmq.runtime.kernels.tiles import SMEM_RESERVE_INT8_A, max_shared_memory, pdl_enter, pdl_launch, tma_addressable
+from vlmq.runtime.kernels.tiles import (
+    SMEM_RESERVE_INT8_A,
+    max_shared_memory,
+    pdl_enter,
+    pdl_launch,
+    sm_count,
+    tma_addressable,
+)
 
 
 @triton.jit
@@ -87,16 +94,11 @@ def _w8a8_persistent_kernel(
                   pid_n * TAIL_N, M, N, k_tiles, stride_om, TAIL_M, TAIL_N, BLOCK_K, HAS_BIAS, OUT_INT32)  # fmt: skip
 
 
-@functools.lru_cache(maxsize=8)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def num_programs(device: torch.device) -> int:
     """One program per SM on CUDA; a few on the CPU (Triton interpreter, tests)."""
     if device.type != "cuda":
         return 3
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return sm_count(device)
 
 
 def smem_bytes(device: torch.device) -> int:
