@@ -79,16 +79,23 @@ def hadamard_keywords(kwargs: dict):
         ops.silu_mul_hadamard = original
 
 
-@torch.no_grad()
-def decode_run(model: nn.Module, inputs: dict, batch: int, new_tokens: int, variant: str,
-               device: torch.device) -> tuple[float, list[int]]:
-    """(decode tok/s of one timed generation after a warm one, the first greedy tokens of row 0)."""
-    _, fuse_hadamard, split, kwargs = VARIANTS[variant]
-    max_len = (inputs["input_ids"].shape[1] + new_tokens + 63) // 64 * 64
-    dec = LeanDecoder(model, batch, max_len)
+def variant_decoder(model: nn.Module, downs: dict[str, list[nn.Module]], variant: str, batch: int,
+                    tokens: int) -> tuple[LeanDecoder, dict]:
+    """The lean decoder of ``variant`` (its down_proj set, its fused-op switches) for ``tokens`` positions, and
+    the ``silu_mul_hadamard`` keywords to run it under (``hadamard_keywords``)."""
+    rot, fuse, split, kwargs = VARIANTS[variant]
+    set_down(model, downs["rotated" if rot else "plain"])
+    dec = LeanDecoder(model, batch, (tokens + 63) // 64 * 64)
     if hasattr(dec.ops, "fuse_hadamard"):
-        dec.ops.fuse_hadamard = fuse_hadamard
-        dec.ops.hadamard_split = split
+        dec.ops.fuse_hadamard, dec.ops.hadamard_split = fuse, split
+    return dec, kwargs
+
+
+@torch.no_grad()
+def decode_run(model: nn.Module, downs: dict[str, list[nn.Module]], inputs: dict, batch: int, new_tokens: int,
+               variant: str, device: torch.device) -> tuple[float, list[int]]:
+    """(decode tok/s of one timed generation after a warm one, the first greedy tokens of row 0)."""
+    dec, kwargs = variant_decoder(model, downs, variant, batch, inputs["input_ids"].shape[1] + new_tokens)
     with hadamard_keywords(kwargs):
         times = decode_times(dec, inputs, new_tokens, device, rounds=2)   # the first warms up
     return batch * (new_tokens - 1) / times[-1], dec.tokens[0, :8].tolist()
@@ -108,8 +115,7 @@ def decode_table(model: nn.Module, downs: dict[str, list[nn.Module]], processor,
         tokens: dict[str, list[int]] = {}
         for _ in range(args.rounds):
             for name in variants:
-                set_down(model, downs["rotated" if VARIANTS[name][0] else "plain"])
-                tok_s, tokens[name] = decode_run(model, inputs, batch, args.new_tokens, name, device)
+                tok_s, tokens[name] = decode_run(model, downs, inputs, batch, args.new_tokens, name, device)
                 runs[name].append(round(tok_s, 1))
         med = {name: round(statistics.median(r), 1) for name, r in runs.items()}
         out[f"text_b{batch}"] = {"tok_s_runs": runs, "tok_s_median": med, "tokens": tokens,
@@ -175,11 +181,7 @@ def profile_decode(model: nn.Module, downs: dict[str, list[nn.Module]], processo
     inputs = {k: v.to(device) for k, v in make_inputs(processor, "text", 1, args.prompt_tokens, (448, 336)).items()}
     out: dict = {}
     for name in ["plain", *(v for v in variants if v != "plain")]:
-        rot, fuse, split, kwargs = VARIANTS[name]
-        set_down(model, downs["rotated" if rot else "plain"])
-        dec = LeanDecoder(model, 1, (inputs["input_ids"].shape[1] + steps + 4 + 63) // 64 * 64)
-        if hasattr(dec.ops, "fuse_hadamard"):
-            dec.ops.fuse_hadamard, dec.ops.hadamard_split = fuse, split
+        dec, kwargs = variant_decoder(model, downs, name, 1, inputs["input_ids"].shape[1] + steps + 4)
         with torch.no_grad(), hadamard_keywords(kwargs):
             dec.prefill(**inputs)
             for _ in range(4):
