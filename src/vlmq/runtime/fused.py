@@ -136,8 +136,8 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, n
     """``_silu_mul_hadamard_kernel`` with a row's blocks spread over ``n_parts`` programs (BPP blocks each),
     so a decode token's row runs on several SMs. The row's int8 scale needs every part's max, exchanged
     through the row's slot in ``sync_ptr`` ([arrived, generation, peak of each part]) by a sense-reversing
-    barrier: each part stores its peak and arrives; the last to arrive zeroes the count and advances the
-    generation; the others wait for that, then read every peak and quantize their own tile. Every part
+    barrier: each part stores its peak and arrives; the last to arrive advances the generation, then zeroes
+    the count; the others wait for that, then read every peak and quantize their own tile. Every part
     must be resident at once, which the launcher guarantees (at most one program per SM)."""
     pdl_enter(USE_PDL)
     part = tl.program_id(0)
@@ -160,8 +160,10 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, n
     tl.store(slot + 2 + part, tl.max(tl.where(mask, tl.abs(z), 0.0)).to(tl.int32, bitcast=True))
     tl.debug_barrier()  # the peak's store before the arrival (released by it)
     if tl.atomic_add(slot, 1, sem="acq_rel") == n_parts - 1:
-        tl.atomic_xchg(slot, 0, sem="relaxed")
         tl.atomic_xchg(slot + 1, generation + 1, sem="release")
+        # the count's reset after the release, off the waiters' path: the next call's parts arrive only once
+        # this kernel has finished (every kernel of the PDL chain waits for its predecessor)
+        tl.atomic_xchg(slot, 0, sem="relaxed")
     now = tl.load(slot + 1, volatile=True)
     while now == generation:
         now = tl.load(slot + 1, volatile=True)
