@@ -7,7 +7,9 @@ side in one process on the 3B shape (random weights; lean loop, CUDA graphs):
   split mode it picks (decode: a row's blocks over several programs, ``wait``);
 - ``hadamard fused row``: the same kernel forced to one program per row (session 12's kernel);
 - ``hadamard fused signs in registers`` / ``hadamard fused 32 blocks per part``: the split kernel's two tuning
-  knobs (``silu_mul_hadamard``'s ``signs_in_kernel`` / ``part_blocks``), so far timed only as producers alone;
+  knobs (``silu_mul_hadamard``'s ``signs_in_kernel`` / ``part_blocks``); both lost in the decode loop (session 15);
+- ``hadamard fused scale word``: the split kernel whose last part publishes (generation, row peak) in one 64-bit
+  word (``scale_word``), so the waiting parts skip the acquire and the read of every part's peak;
 - ``hadamard unfused``: the same rotated model, SiLU·mul in bf16 then the linear's own eager
   ``block_hadamard`` + quantization (``FusedOps.fuse_hadamard = False``), to show what the fusion buys.
 
@@ -47,6 +49,7 @@ VARIANTS = {"plain": (False, True, None, {}), "hadamard fused": (True, True, Non
             "hadamard fused row": (True, True, "row", {}),
             "hadamard fused signs in registers": (True, True, None, {"signs_in_kernel": True}),
             "hadamard fused 32 blocks per part": (True, True, None, {"part_blocks": 32}),
+            "hadamard fused scale word": (True, True, None, {"scale_word": True}),
             "hadamard unfused": (True, False, None, {})}
 
 

@@ -129,20 +129,23 @@ def _silu_mul_hadamard_kernel(gu_ptr, q_ptr, s_ptr, n_cols, n_blocks, h_scale, H
 
 
 @triton.jit
-def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, n_cols, n_blocks, n_parts,
-                                    h_scale, HB: tl.constexpr, LOG2_HB: tl.constexpr, BPP: tl.constexpr,
+def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, word_ptr, n_cols, n_blocks,
+                                    n_parts, h_scale, HB: tl.constexpr, LOG2_HB: tl.constexpr, BPP: tl.constexpr,
                                     MAX_PARTS: tl.constexpr, DOT_FP32: tl.constexpr, SIGNS_IN_KERNEL: tl.constexpr,
-                                    USE_PDL: tl.constexpr):  # fmt: skip
+                                    SCALE_WORD: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
     """``_silu_mul_hadamard_kernel`` with a row's blocks spread over ``n_parts`` programs (BPP blocks each),
     so a decode token's row runs on several SMs. The row's int8 scale needs every part's max, exchanged
     through the row's slot in ``sync_ptr`` ([arrived, generation, peak of each part]) by a sense-reversing
     barrier: each part stores its peak and arrives; the last to arrive advances the generation, then zeroes
-    the count; the others wait for that, then read every peak and quantize their own tile. Every part
-    must be resident at once, which the launcher guarantees (at most one program per SM)."""
+    the count; the others wait for that, then read every peak and quantize their own tile. With SCALE_WORD the
+    generation lives in the row's 64-bit word at ``word_ptr`` instead, next to the row's peak: the last part
+    reads every peak itself and publishes both in one store, so the others need no acquire and no second read.
+    Every part must be resident at once, which the launcher guarantees (at most one program per SM)."""
     pdl_enter(USE_PDL)
     part = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     slot = sync_ptr + row * (MAX_PARTS + 2)
+    word = word_ptr + row  # SCALE_WORD: (generation << 32) | the row's peak
     j = tl.arange(0, HB)
     blk = part * BPP + tl.arange(0, BPP)[:, None]
     cols = blk * HB + j[None, :]
@@ -154,24 +157,44 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, n
         signs = _sylvester_signs(HB, LOG2_HB).to(signs_ptr.dtype.element_ty)
     else:
         signs = tl.load(signs_ptr + j[:, None] * HB + j[None, :])
-    generation = tl.load(slot + 1, volatile=True)  # this call's; it advances only once every part arrived
+    if SCALE_WORD:  # this call's generation; it advances only once every part arrived
+        generation = (tl.load(word, volatile=True) >> 32).to(tl.int32)
+    else:
+        generation = tl.load(slot + 1, volatile=True)
     z = _silu_mul_rotated(g, u, signs, h_scale, dt, DOT_FP32)
     # peaks are >= 0, where fp32 bits order like int32
     tl.store(slot + 2 + part, tl.max(tl.where(mask, tl.abs(z), 0.0)).to(tl.int32, bitcast=True))
     tl.debug_barrier()  # the peak's store before the arrival (released by it)
-    if tl.atomic_add(slot, 1, sem="acq_rel") == n_parts - 1:
-        tl.atomic_xchg(slot + 1, generation + 1, sem="release")
-        # the count's reset after the release, off the waiters' path: the next call's parts arrive only once
-        # this kernel has finished (every kernel of the PDL chain waits for its predecessor)
-        tl.atomic_xchg(slot, 0, sem="relaxed")
-    now = tl.load(slot + 1, volatile=True)
-    while now == generation:
-        now = tl.load(slot + 1, volatile=True)
-    tl.atomic_add(slot + 1, 0, sem="acquire")  # thread 0's acquire; the block barrier extends it to every thread
-    tl.debug_barrier()
+    last = tl.atomic_add(slot, 1, sem="acq_rel") == n_parts - 1
     p = tl.arange(0, MAX_PARTS)
-    peaks = tl.load(slot + 2 + p, mask=p < n_parts, other=0, volatile=True).to(tl.float32, bitcast=True)
-    scale = tl.maximum(tl.div_rn(tl.max(peaks), 127.0), MIN_SCALE)
+    if SCALE_WORD:
+        if last:  # its arrival acquired every part's peak
+            tl.debug_barrier()
+            peaks = tl.load(slot + 2 + p, mask=p < n_parts, other=0, volatile=True).to(tl.float32, bitcast=True)
+            top = tl.max(peaks).to(tl.int32, bitcast=True)
+            published = ((generation + 1).to(tl.int64) << 32) | (top.to(tl.int64) & 0xFFFFFFFF)
+            tl.atomic_xchg(word, published, sem="relaxed")
+            tl.atomic_xchg(slot, 0, sem="relaxed")
+        else:  # one 64-bit load holds the new generation and the peak it was published with
+            now = tl.load(word, volatile=True)
+            while (now >> 32).to(tl.int32) == generation:
+                now = tl.load(word, volatile=True)
+            top = now.to(tl.int32)
+        peak = top.to(tl.float32, bitcast=True)
+    else:
+        if last:
+            tl.atomic_xchg(slot + 1, generation + 1, sem="release")
+            # the count's reset after the release, off the waiters' path: the next call's parts arrive only once
+            # this kernel has finished (every kernel of the PDL chain waits for its predecessor)
+            tl.atomic_xchg(slot, 0, sem="relaxed")
+        now = tl.load(slot + 1, volatile=True)
+        while now == generation:
+            now = tl.load(slot + 1, volatile=True)
+        tl.atomic_add(slot + 1, 0, sem="acquire")  # thread 0's; the block barrier extends it
+        tl.debug_barrier()
+        peaks = tl.load(slot + 2 + p, mask=p < n_parts, other=0, volatile=True).to(tl.float32, bitcast=True)
+        peak = tl.max(peaks)
+    scale = tl.maximum(tl.div_rn(peak, 127.0), MIN_SCALE)
     if part == 0:
         tl.store(s_ptr + row, scale)
     tl.store(q_ptr + row * n_cols + cols, quantize_int8(z, tl.div_rn(1.0, scale)), mask=mask)
@@ -276,6 +299,12 @@ def _sync_slots(device: torch.device) -> Tensor:
     return torch.zeros(_SYNC_ROWS * (HADAMARD_MAX_PARTS + 2), dtype=torch.int32, device=device)
 
 
+@functools.cache
+def _scale_words(device: torch.device) -> Tensor:
+    """Per row the split kernel's (generation << 32) | row peak under ``scale_word`` (same rules as _sync_slots)."""
+    return torch.zeros(_SYNC_ROWS, dtype=torch.int64, device=device)
+
+
 def _parts(width: int, block: int, part_blocks: int) -> int:
     return math.ceil(width // block / part_blocks)
 
@@ -295,11 +324,12 @@ def hadamard_split_mode(m: int, width: int, block: int, device: torch.device) ->
 
 
 def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None, *, part_blocks: int = HADAMARD_PART_BLOCKS,
-                      signs_in_kernel: bool = False) -> tuple[Tensor, Tensor]:
+                      signs_in_kernel: bool = False, scale_word: bool = False) -> tuple[Tensor, Tensor]:
     """silu(gate) * up from gate_up [M, 2I], times the block-diagonal normalized Sylvester Hadamard
     (``vlmq.numerics.block_hadamard``), as (int8 [M, I], fp32 scale [M]) for down_proj. ``split``: one of
-    SPLIT_MODES, None = ``hadamard_split_mode``'s choice; every mode gives the same values. ``part_blocks``
-    and ``signs_in_kernel`` (the ±1 block built in registers rather than read) tune "wait" (benchmarks)."""
+    SPLIT_MODES, None = ``hadamard_split_mode``'s choice; every mode gives the same values. ``part_blocks``,
+    ``signs_in_kernel`` (the ±1 block built in registers rather than read) and ``scale_word`` (the row's peak
+    published with the generation) tune "wait" (benchmarks)."""
     m, two_i = gu.shape
     i = two_i // 2
     if not silu_mul_hadamard_fits(block, i):
@@ -330,9 +360,10 @@ def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None, *, part_
         raise ValueError(f"split mode 'wait' needs at most one program per SM: {m} rows x {parts} parts "
                          f"> {sm_count(gu.device)} SMs")
     _silu_mul_hadamard_split_kernel[(parts, m)](
-        gu, q, s, _signs_on(block, gu.dtype, gu.device), _sync_slots(gu.device), i, i // block, parts, h_scale,
-        HB=block, LOG2_HB=block.bit_length() - 1, BPP=part_blocks, MAX_PARTS=HADAMARD_MAX_PARTS,
-        DOT_FP32=dot_fp32, SIGNS_IN_KERNEL=signs_in_kernel, num_warps=4, **pdl_kwargs(),
+        gu, q, s, _signs_on(block, gu.dtype, gu.device), _sync_slots(gu.device), _scale_words(gu.device), i,
+        i // block, parts, h_scale, HB=block, LOG2_HB=block.bit_length() - 1, BPP=part_blocks,
+        MAX_PARTS=HADAMARD_MAX_PARTS, DOT_FP32=dot_fp32, SIGNS_IN_KERNEL=signs_in_kernel, SCALE_WORD=scale_word,
+        num_warps=4, **pdl_kwargs(),
     )  # fmt: skip
     return q, s
 
