@@ -10,6 +10,8 @@ side in one process on the 3B shape (random weights; lean loop, CUDA graphs):
   knobs (``silu_mul_hadamard``'s ``signs_in_kernel`` / ``part_blocks``); both lost in the decode loop (session 15);
 - ``hadamard fused scale word``: the split kernel whose last part publishes (generation, row peak) in one 64-bit
   word (``scale_word``), so the waiting parts skip the acquire and the read of every part's peak;
+- ``hadamard fused 2 warps`` (and with the scale word, and 1 warp with it): fewer warps per program than 4
+  (8 lost in session 15);
 - ``hadamard unfused``: the same rotated model, SiLU·mul in bf16 then the linear's own eager
   ``block_hadamard`` + quantization (``FusedOps.fuse_hadamard = False``), to show what the fusion buys.
 
@@ -50,6 +52,9 @@ VARIANTS = {"plain": (False, True, None, {}), "hadamard fused": (True, True, Non
             "hadamard fused signs in registers": (True, True, None, {"signs_in_kernel": True}),
             "hadamard fused 32 blocks per part": (True, True, None, {"part_blocks": 32}),
             "hadamard fused scale word": (True, True, None, {"scale_word": True}),
+            "hadamard fused 2 warps": (True, True, None, {"warps": 2}),
+            "hadamard fused scale word 2 warps": (True, True, None, {"scale_word": True, "warps": 2}),
+            "hadamard fused scale word 1 warp": (True, True, None, {"scale_word": True, "warps": 1}),
             "hadamard unfused": (True, False, None, {})}
 
 

@@ -258,7 +258,7 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
     assert mma in compiled.asm["ptx"]
     assert compiled.metadata.shared <= 64 * 1024, compiled.metadata.shared
     # the split kernel: 16 blocks per program, a barrier through global atomics
-    for in_kernel, scale_word in ((False, False), (True, False), (False, True)):
+    for in_kernel, scale_word, warps in ((False, False, 4), (True, False, 4), (False, True, 4), (False, True, 2)):
         const = {"HB": 128, "LOG2_HB": 7, "BPP": FU.HADAMARD_PART_BLOCKS, "MAX_PARTS": FU.HADAMARD_MAX_PARTS,
                  "DOT_FP32": False, "SIGNS_IN_KERNEL": in_kernel, "SCALE_WORD": scale_word,
                  "USE_PDL": capability >= 90}
@@ -266,7 +266,7 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
                "word_ptr": "*i64", "n_cols": "i32", "n_blocks": "i32", "n_parts": "i32", "h_scale": "fp32",
                **dict.fromkeys(const, "constexpr")}
         split = triton.compile(ASTSource(FU._silu_mul_hadamard_split_kernel, sig, const),
-                               target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
+                               target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
         ptx = split.asm["ptx"]
         assert "mma.sync" in ptx and split.metadata.shared <= 64 * 1024  # 16-row tiles: below wgmma's 64
         # one thread per program arrives (tid 0's predicate), never every thread; the wait reads volatile

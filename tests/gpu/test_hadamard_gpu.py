@@ -30,10 +30,11 @@ def test_silu_mul_hadamard_kernel(m: int, n_blocks: int, block: int, dtype: torc
     print(f"int8 mismatches at rounding ties: {bad} / {total}")
 
 
-@pytest.mark.parametrize("part_blocks,signs_in_kernel,scale_word",
-                         [(16, False, False), (16, True, False), (32, False, False), (16, False, True)])
+@pytest.mark.parametrize("part_blocks,signs_in_kernel,scale_word,warps",
+                         [(16, False, False, 4), (16, True, False, 4), (32, False, False, 4), (16, False, True, 4),
+                          (16, False, False, 2), (16, False, True, 2), (16, False, True, 1)])
 def test_split_kernel_is_the_row_kernel_bit_for_bit_and_repeatable(part_blocks: int, signs_in_kernel: bool,
-                                                                    scale_word: bool) -> None:
+                                                                    scale_word: bool, warps: int) -> None:
     """Same values as one program per row, call after call (the barrier resets itself; inputs whose peaks
     differ call to call, so a part reading the previous call's peak would show), also when replayed from a
     CUDA graph."""
@@ -41,7 +42,7 @@ def test_split_kernel_is_the_row_kernel_bit_for_bit_and_repeatable(part_blocks: 
     inputs = [gu, gu * 2, gu * 0.5]
     wants = [silu_mul_hadamard(x, 128, "row") for x in inputs]
     want = wants[0]
-    kw = {"part_blocks": part_blocks, "signs_in_kernel": signs_in_kernel, "scale_word": scale_word}
+    kw = {"part_blocks": part_blocks, "signs_in_kernel": signs_in_kernel, "scale_word": scale_word, "warps": warps}
     for k in range(60):
         got = silu_mul_hadamard(inputs[k % 3], 128, "wait", **kw)
         assert torch.equal(got[0], wants[k % 3][0]) and torch.equal(got[1], wants[k % 3][1]), k

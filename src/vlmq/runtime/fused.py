@@ -324,12 +324,12 @@ def hadamard_split_mode(m: int, width: int, block: int, device: torch.device) ->
 
 
 def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None, *, part_blocks: int = HADAMARD_PART_BLOCKS,
-                      signs_in_kernel: bool = False, scale_word: bool = False) -> tuple[Tensor, Tensor]:
+                      signs_in_kernel: bool = False, scale_word: bool = False, warps: int = 4) -> tuple[Tensor, Tensor]:
     """silu(gate) * up from gate_up [M, 2I], times the block-diagonal normalized Sylvester Hadamard
     (``vlmq.numerics.block_hadamard``), as (int8 [M, I], fp32 scale [M]) for down_proj. ``split``: one of
     SPLIT_MODES, None = ``hadamard_split_mode``'s choice; every mode gives the same values. ``part_blocks``,
-    ``signs_in_kernel`` (the ±1 block built in registers rather than read) and ``scale_word`` (the row's peak
-    published with the generation) tune "wait" (benchmarks)."""
+    ``signs_in_kernel`` (the ±1 block built in registers rather than read), ``scale_word`` (the row's peak
+    published with the generation) and ``warps`` (per program) tune "wait" (benchmarks)."""
     m, two_i = gu.shape
     i = two_i // 2
     if not silu_mul_hadamard_fits(block, i):
@@ -363,7 +363,7 @@ def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None, *, part_
         gu, q, s, _signs_on(block, gu.dtype, gu.device), _sync_slots(gu.device), _scale_words(gu.device), i,
         i // block, parts, h_scale, HB=block, LOG2_HB=block.bit_length() - 1, BPP=part_blocks,
         MAX_PARTS=HADAMARD_MAX_PARTS, DOT_FP32=dot_fp32, SIGNS_IN_KERNEL=signs_in_kernel, SCALE_WORD=scale_word,
-        num_warps=4, **pdl_kwargs(),
+        num_warps=warps, **pdl_kwargs(),
     )  # fmt: skip
     return q, s
 
