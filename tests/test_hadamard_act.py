@@ -277,6 +277,7 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
         else:  # the last part publishes the generation before it zeroes the count (session 15: +0.4 % decode)
             assert ptx.index("atom.global.gpu.release.exch") < ptx.index("atom.global.gpu.relaxed.exch")
 
+
 def test_split_mode_waits_only_while_every_part_can_be_resident(monkeypatch: pytest.MonkeyPatch) -> None:
     """The launcher's rule: split a row over programs that wait for each other only where rows x parts fits
     one program per SM (an H100's 132 here; the query needs a GPU, so its answer is given), else one
