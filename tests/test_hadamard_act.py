@@ -258,7 +258,8 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
     assert mma in compiled.asm["ptx"]
     assert compiled.metadata.shared <= 64 * 1024, compiled.metadata.shared
     # the split kernel: 16 blocks per program, a barrier through global atomics
-    for in_kernel, scale_word, warps in ((False, False, 4), (True, False, 4), (False, True, 4), (False, True, 2)):
+    for in_kernel, scale_word, warps in ((False, False, 4), (True, False, 4), (False, True, 4), (False, True, 2),
+                                         (False, True, 1)):
         const = {"HB": 128, "LOG2_HB": 7, "BPP": FU.HADAMARD_PART_BLOCKS, "MAX_PARTS": FU.HADAMARD_MAX_PARTS,
                  "DOT_FP32": False, "SIGNS_IN_KERNEL": in_kernel, "SCALE_WORD": scale_word,
                  "USE_PDL": capability >= 90}
@@ -272,7 +273,8 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
         # one thread per program arrives (tid 0's predicate), never every thread; the wait reads volatile
         assert "atom.global.gpu.acq_rel.add" in ptx and "setp.eq.b32" in ptx and "ld.volatile.global" in ptx
         if scale_word:  # (generation, peak) published and polled as one 64-bit word; no acquire after the wait
-            assert "atom.global.gpu.relaxed.exch.b64" in ptx and "ld.volatile.global.b64" in ptx
+            # the generation read at the start, then the waiters' poll: two 64-bit volatile loads
+            assert "atom.global.gpu.relaxed.exch.b64" in ptx and ptx.count("ld.volatile.global.b64") == 2
             assert "ld.global.gpu.acquire" not in ptx and "atom.global.gpu.release" not in ptx
         else:  # the last part publishes the generation before it zeroes the count (session 15: +0.4 % decode)
             assert ptx.index("atom.global.gpu.release.exch") < ptx.index("atom.global.gpu.relaxed.exch")

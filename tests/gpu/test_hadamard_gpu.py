@@ -12,7 +12,14 @@ pytest.importorskip("triton")
 
 from test_hadamard_act import compare_kernel, down_linear, gate_up, reference_down, rel_err  # noqa: E402
 from vlmq.runtime.decode import ReferenceOps  # noqa: E402
-from vlmq.runtime.fused import HADAMARD_MAX_PARTS, HADAMARD_PART_BLOCKS, _sync_slots, silu_mul_hadamard  # noqa: E402
+from vlmq.runtime.fused import (  # noqa: E402
+    HADAMARD_MAX_PARTS,
+    HADAMARD_PART_BLOCKS,
+    _scale_words,
+    _sync_slots,
+    silu_mul_hadamard,
+)
+from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE  # noqa: E402
 from vlmq.runtime.ops import FusedOps  # noqa: E402
 
 
@@ -35,26 +42,38 @@ def test_silu_mul_hadamard_kernel(m: int, n_blocks: int, block: int, dtype: torc
                           (16, False, False, 2), (16, False, True, 2), (16, False, True, 1)])
 def test_split_kernel_is_the_row_kernel_bit_for_bit_and_repeatable(part_blocks: int, signs_in_kernel: bool,
                                                                     scale_word: bool, warps: int) -> None:
-    """Same values as one program per row, call after call (the barrier resets itself; inputs whose peaks
-    differ call to call, so a part reading the previous call's peak would show), also when replayed from a
-    CUDA graph."""
+    """Same values as one program per row, call after call (the barrier resets itself), also when replayed
+    from a CUDA graph. Consecutive calls take inputs whose peaks differ and run back to back (no host sync in
+    between, so under PDL each starts while the previous one finishes): a part that took the previous call's
+    peak would show. Under ``scale_word`` the published word's generation advances once per call and its
+    peak is the last call's."""
     gu = gate_up(8, 11008, device="cuda").reshape(8, -1)
     inputs = [gu, gu * 2, gu * 0.5]
     wants = [silu_mul_hadamard(x, 128, "row") for x in inputs]
-    want = wants[0]
     kw = {"part_blocks": part_blocks, "signs_in_kernel": signs_in_kernel, "scale_word": scale_word, "warps": warps}
-    for k in range(60):
-        got = silu_mul_hadamard(inputs[k % 3], 128, "wait", **kw)
-        assert torch.equal(got[0], wants[k % 3][0]) and torch.equal(got[1], wants[k % 3][1]), k
+    words = _scale_words(gu.device)[:8]
+    generations = (words >> 32).clone()
+    outs = [silu_mul_hadamard(inputs[k % 3], 128, "wait", **kw) for k in range(60)]
+    torch.cuda.synchronize()
+    for k, (q, s) in enumerate(outs):
+        assert torch.equal(q, wants[k % 3][0]) and torch.equal(s, wants[k % 3][1]), k
+    if scale_word:
+        assert torch.equal(words >> 32, generations + 60)
+        peak = (words & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+        assert torch.equal(torch.clamp(peak / 127.0, min=MIN_SCALE.value), wants[59 % 3][1])
     arrived = _sync_slots(gu.device).view(-1, HADAMARD_MAX_PARTS + 2)[:, 0]
     assert not arrived.any()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = [silu_mul_hadamard(gu, 128, "wait", **kw) for _ in range(4)]
-    for _ in range(10):
+        outs = [silu_mul_hadamard(inputs[k % 3], 128, "wait", **kw) for k in range(6)]
+    for _ in range(3):
+        for q, s in outs:
+            q.fill_(0)
+            s.fill_(0)
         graph.replay()
-    torch.cuda.synchronize()
-    assert all(torch.equal(q, want[0]) and torch.equal(s, want[1]) for q, s in out)
+        torch.cuda.synchronize()
+        for k, (q, s) in enumerate(outs):
+            assert torch.equal(q, wants[k % 3][0]) and torch.equal(s, wants[k % 3][1]), k
     assert not arrived.any()
 
 
