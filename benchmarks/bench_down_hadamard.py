@@ -12,6 +12,8 @@ side in one process on the 3B shape (random weights; lean loop, CUDA graphs):
   word (``scale_word``), so the waiting parts skip the acquire and the read of every part's peak;
 - ``hadamard fused 2 warps`` (and with the scale word, and 1 warp with it): fewer warps per program than 4
   (8 lost in session 15);
+- ``hadamard fused cluster`` (and with 2 warps): a row's parts launched as one thread-block cluster, their
+  peaks exchanged through the cluster's hardware barrier instead of global atomics (split mode ``cluster``);
 - ``hadamard unfused``: the same rotated model, SiLU·mul in bf16 then the linear's own eager
   ``block_hadamard`` + quantization (``FusedOps.fuse_hadamard = False``), to show what the fusion buys.
 
@@ -55,6 +57,8 @@ VARIANTS = {"plain": (False, True, None, {}), "hadamard fused": (True, True, Non
             "hadamard fused 2 warps": (True, True, None, {"warps": 2}),
             "hadamard fused scale word 2 warps": (True, True, None, {"scale_word": True, "warps": 2}),
             "hadamard fused scale word 1 warp": (True, True, None, {"scale_word": True, "warps": 1}),
+            "hadamard fused cluster": (True, True, "cluster", {}),
+            "hadamard fused cluster 2 warps": (True, True, "cluster", {"warps": 2}),
             "hadamard unfused": (True, False, None, {})}
 
 
@@ -149,6 +153,8 @@ def producer_table(ms: list[int], width: int) -> dict:
            "fused, row": lambda gu: silu_mul_hadamard(gu, BLOCK, "row"),
            "fused, wait, signs in registers": lambda gu: silu_mul_hadamard(gu, BLOCK, "wait", signs_in_kernel=True),
            "fused, wait, 32 blocks per part": lambda gu: silu_mul_hadamard(gu, BLOCK, "wait", part_blocks=32),
+           "fused, wait, scale word": lambda gu: silu_mul_hadamard(gu, BLOCK, "wait", scale_word=True),
+           "fused, cluster": lambda gu: silu_mul_hadamard(gu, BLOCK, "cluster"),
            "unfused": unfused}
     out = {}
     for m in ms:

@@ -261,7 +261,7 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
     for in_kernel, scale_word, warps in ((False, False, 4), (True, False, 4), (False, True, 4), (False, True, 2),
                                          (False, True, 1)):
         const = {"HB": 128, "LOG2_HB": 7, "BPP": FU.HADAMARD_PART_BLOCKS, "MAX_PARTS": FU.HADAMARD_MAX_PARTS,
-                 "DOT_FP32": False, "SIGNS_IN_KERNEL": in_kernel, "SCALE_WORD": scale_word,
+                 "DOT_FP32": False, "SIGNS_IN_KERNEL": in_kernel, "SCALE_WORD": scale_word, "CLUSTER": 0,
                  "USE_PDL": capability >= 90}
         sig = {"gu_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "signs_ptr": "*bf16", "sync_ptr": "*i32",
                "word_ptr": "*i64", "n_cols": "i32", "n_blocks": "i32", "n_parts": "i32", "h_scale": "fp32",
@@ -278,6 +278,19 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
             assert "ld.global.gpu.acquire" not in ptx and "atom.global.gpu.release" not in ptx
         else:  # the last part publishes the generation before it zeroes the count (session 15: +0.4 % decode)
             assert ptx.index("atom.global.gpu.release.exch") < ptx.index("atom.global.gpu.relaxed.exch")
+    if capability < 90:
+        return
+    # split mode "cluster" (Hopper): compiled for one CTA, no atomics; each part stores its peak, then the cluster's
+    # barrier (arrive with release, wait with acquire), then every part's peak is read
+    const.update(SCALE_WORD=False, CLUSTER=6)
+    cluster = triton.compile(ASTSource(FU._silu_mul_hadamard_split_kernel, sig, const),
+                             target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
+    ptx = cluster.asm["ptx"]
+    assert cluster.metadata.num_ctas == 1 and "atom." not in ptx and "%clusterid" not in ptx
+    arrive = ptx.index("barrier.cluster.arrive.release.aligned")
+    wait = ptx.index("barrier.cluster.wait.acquire.aligned")
+    peak_store = ptx.rindex("st.global.b32", 0, arrive)
+    assert peak_store < arrive < wait < ptx.index("ld.volatile.global.b32", wait)
 
 
 def test_split_mode_waits_only_while_every_part_can_be_resident(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 from test_hadamard_act import compare_kernel, down_linear, gate_up, reference_down, rel_err  # noqa: E402
 from vlmq.runtime.decode import ReferenceOps  # noqa: E402
 from vlmq.runtime.fused import (  # noqa: E402
+    HADAMARD_MAX_CLUSTER,
     HADAMARD_MAX_PARTS,
     HADAMARD_PART_BLOCKS,
     _scale_words,
@@ -23,7 +24,7 @@ from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE  # noqa: E402
 from vlmq.runtime.ops import FusedOps  # noqa: E402
 
 
-@pytest.mark.parametrize("split", ["row", "wait", None])
+@pytest.mark.parametrize("split", ["row", "wait", "cluster", None])
 @pytest.mark.parametrize("m", [1, 8, 64])
 @pytest.mark.parametrize("n_blocks,block,dtype", [(86, 128, torch.bfloat16), (43, 32, torch.bfloat16),
                                                   (5, 128, torch.float16), (148, 128, torch.bfloat16)])
@@ -33,14 +34,20 @@ def test_silu_mul_hadamard_kernel(m: int, n_blocks: int, block: int, dtype: torc
         with pytest.raises(ValueError, match="one program per SM"):
             silu_mul_hadamard(gate_up(m, n_blocks * block, dtype, "cuda").reshape(m, -1), block, split)
         return
+    if split == "cluster" and -(-n_blocks // HADAMARD_PART_BLOCKS) > HADAMARD_MAX_CLUSTER:
+        with pytest.raises(ValueError, match="at most 8 parts"):
+            silu_mul_hadamard(gate_up(m, n_blocks * block, dtype, "cuda").reshape(m, -1), block, split)
+        return
     bad, total = compare_kernel(m, n_blocks, block, dtype, "cuda", split)
     print(f"int8 mismatches at rounding ties: {bad} / {total}")
 
 
-@pytest.mark.parametrize("part_blocks,signs_in_kernel,scale_word,warps",
-                         [(16, False, False, 4), (16, True, False, 4), (32, False, False, 4), (16, False, True, 4),
-                          (16, False, False, 2), (16, False, True, 2), (16, False, True, 1)])
-def test_split_kernel_is_the_row_kernel_bit_for_bit_and_repeatable(part_blocks: int, signs_in_kernel: bool,
+@pytest.mark.parametrize("split,part_blocks,signs_in_kernel,scale_word,warps",
+                         [("wait", 16, False, False, 4), ("wait", 16, True, False, 4), ("wait", 32, False, False, 4),
+                          ("wait", 16, False, True, 4), ("wait", 16, False, False, 2), ("wait", 16, False, True, 2),
+                          ("wait", 16, False, True, 1), ("cluster", 16, False, False, 4),
+                          ("cluster", 16, False, False, 2), ("cluster", 32, False, False, 4)])
+def test_split_kernel_is_the_row_kernel_bit_for_bit_and_repeatable(split: str, part_blocks: int, signs_in_kernel: bool,
                                                                     scale_word: bool, warps: int) -> None:
     """Same values as one program per row, call after call (the barrier resets itself), also when replayed
     from a CUDA graph. Consecutive calls take inputs whose peaks differ and run back to back (no host sync in
@@ -53,7 +60,7 @@ def test_split_kernel_is_the_row_kernel_bit_for_bit_and_repeatable(part_blocks: 
     kw = {"part_blocks": part_blocks, "signs_in_kernel": signs_in_kernel, "scale_word": scale_word, "warps": warps}
     words = _scale_words(gu.device)[:8]
     generations = (words >> 32).clone()
-    outs = [silu_mul_hadamard(inputs[k % 3], 128, "wait", **kw) for k in range(60)]
+    outs = [silu_mul_hadamard(inputs[k % 3], 128, split, **kw) for k in range(60)]
     torch.cuda.synchronize()
     for k, (q, s) in enumerate(outs):
         assert torch.equal(q, wants[k % 3][0]) and torch.equal(s, wants[k % 3][1]), k
@@ -65,7 +72,7 @@ def test_split_kernel_is_the_row_kernel_bit_for_bit_and_repeatable(part_blocks: 
     assert not arrived.any()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = [silu_mul_hadamard(inputs[k % 3], 128, "wait", **kw) for k in range(6)]
+        outs = [silu_mul_hadamard(inputs[k % 3], 128, split, **kw) for k in range(6)]
     for _ in range(3):
         for q, s in outs:
             q.fill_(0)

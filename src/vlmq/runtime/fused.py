@@ -11,7 +11,8 @@
   model-dtype rounding tie the two may round apart: an int8 value then differs by one (2 of 704,512 in
   tests/test_hadamard_act.py); everywhere else it is bit for bit. At decode sizes a token's row is split
   over several programs that exchange their maxima through a barrier in global memory (split mode "wait");
-  at prefill sizes one program takes a row ("row"). Both give the same values.
+  at prefill sizes one program takes a row ("row"). On Hopper a row's parts can instead form one thread-block
+  cluster that exchanges its maxima through the cluster's hardware barrier ("cluster"). All give the same values.
 * ``rope_cache``: rotary embedding of q and k from the fused q/k/v output, k and v written
   straight into the static KV cache slots.
 
@@ -129,10 +130,20 @@ def _silu_mul_hadamard_kernel(gu_ptr, q_ptr, s_ptr, n_cols, n_blocks, h_scale, H
 
 
 @triton.jit
+def _cluster_sync(x):
+    """Every thread of every CTA in this thread-block cluster arrives (release: its earlier stores, global ones
+    included, become visible to the cluster) and waits for all (acquire). Returns 0 (for a dependent address)."""
+    return tl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned;\n\t"
+                                     "barrier.cluster.wait.acquire.aligned;\n\tmov.u32 $0, 0;",
+                                     "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
 def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, word_ptr, n_cols, n_blocks,
                                     n_parts, h_scale, HB: tl.constexpr, LOG2_HB: tl.constexpr, BPP: tl.constexpr,
                                     MAX_PARTS: tl.constexpr, DOT_FP32: tl.constexpr, SIGNS_IN_KERNEL: tl.constexpr,
-                                    SCALE_WORD: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
+                                    SCALE_WORD: tl.constexpr, CLUSTER: tl.constexpr,
+                                    USE_PDL: tl.constexpr):  # fmt: skip
     """``_silu_mul_hadamard_kernel`` with a row's blocks spread over ``n_parts`` programs (BPP blocks each),
     so a decode token's row runs on several SMs. The row's int8 scale needs every part's max, exchanged
     through the row's slot in ``sync_ptr`` ([arrived, generation, peak of each part]) by a sense-reversing
@@ -140,7 +151,9 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, w
     the count; the others wait for that, then read every peak and quantize their own tile. With SCALE_WORD the
     generation lives in the row's 64-bit word at ``word_ptr`` instead, next to the row's peak: the last part
     reads every peak itself and publishes both in one store, so the others need no acquire and no second read.
-    Every part must be resident at once, which the launcher guarantees (at most one program per SM)."""
+    Every part must be resident at once, which the launcher guarantees (at most one program per SM).
+    With CLUSTER (the row's parts launched as one thread-block cluster of that size, Hopper) the exchange is the
+    cluster's hardware barrier instead: store the peak, arrive (release) and wait (acquire), read every peak."""
     pdl_enter(USE_PDL)
     part = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -159,15 +172,19 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, w
         signs = tl.load(signs_ptr + j[:, None] * HB + j[None, :])
     if SCALE_WORD:  # this call's generation; it advances only once every part arrived
         generation = (tl.load(word, volatile=True) >> 32).to(tl.int32)
-    else:
+    elif not CLUSTER:
         generation = tl.load(slot + 1, volatile=True)
     z = _silu_mul_rotated(g, u, signs, h_scale, dt, DOT_FP32)
     # peaks are >= 0, where fp32 bits order like int32
     tl.store(slot + 2 + part, tl.max(tl.where(mask, tl.abs(z), 0.0)).to(tl.int32, bitcast=True))
     tl.debug_barrier()  # the peak's store before the arrival (released by it)
-    last = tl.atomic_add(slot, 1, sem="acq_rel") == n_parts - 1
     p = tl.arange(0, MAX_PARTS)
-    if SCALE_WORD:
+    if CLUSTER:
+        arrived = _cluster_sync(part)  # 0, and the peaks' loads depend on it: they cannot move above the wait
+        peaks = tl.load(slot + 2 + arrived + p, mask=p < n_parts, other=0, volatile=True)
+        peak = tl.max(peaks.to(tl.float32, bitcast=True))
+    elif SCALE_WORD:
+        last = tl.atomic_add(slot, 1, sem="acq_rel") == n_parts - 1
         if last:  # its arrival acquired every part's peak
             tl.debug_barrier()
             peaks = tl.load(slot + 2 + p, mask=p < n_parts, other=0, volatile=True).to(tl.float32, bitcast=True)
@@ -182,6 +199,7 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, w
             top = now.to(tl.int32)
         peak = top.to(tl.float32, bitcast=True)
     else:
+        last = tl.atomic_add(slot, 1, sem="acq_rel") == n_parts - 1
         if last:
             tl.atomic_xchg(slot + 1, generation + 1, sem="release")
             # the count's reset after the release, off the waiters' path: the next call's parts arrive only once
@@ -280,7 +298,8 @@ def silu_mul_hadamard_fits(block: int, width: int) -> bool:
 
 HADAMARD_PART_BLOCKS = 16  # blocks per program of the split kernel (tl.dot's smallest M)
 HADAMARD_MAX_PARTS = 32  # programs per row of the split kernel (72B's 29568-wide down_proj input: 15)
-SPLIT_MODES = ("row", "wait")
+HADAMARD_MAX_CLUSTER = 8  # the portable thread-block cluster size (split mode "cluster")
+SPLIT_MODES = ("row", "wait", "cluster")
 _SYNC_ROWS = 1024  # rows of the split kernel's sync slots ("wait" launches at most one program per SM)
 
 
@@ -352,20 +371,42 @@ def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None, *, part_
         raise ValueError(f"part_blocks must be a power of two >= {HADAMARD_PART_BLOCKS}, not {part_blocks}")
     parts = _parts(i, block, part_blocks)
     if parts > 1 and (interpreting() or not gu.is_cuda):
-        raise ValueError("split mode 'wait' with several parts per row needs a GPU (programs that run at once)")
+        raise ValueError(f"split mode {split!r} with several parts per row needs a GPU (programs that run at once)")
     if m > _SYNC_ROWS or parts > HADAMARD_MAX_PARTS:
-        raise ValueError(f"split mode 'wait' takes at most {_SYNC_ROWS} rows of {HADAMARD_MAX_PARTS} parts, "
+        raise ValueError(f"split mode {split!r} takes at most {_SYNC_ROWS} rows of {HADAMARD_MAX_PARTS} parts, "
                          f"not {m} of {parts}")
-    if gu.is_cuda and m * parts > sm_count(gu.device):
+    cluster = parts if split == "cluster" else 0
+    if cluster and (parts > HADAMARD_MAX_CLUSTER or torch.cuda.get_device_capability(gu.device)[0] < 9):
+        raise ValueError(f"split mode 'cluster' needs a Hopper GPU and at most {HADAMARD_MAX_CLUSTER} parts "
+                         f"per row, not {parts}")
+    if not cluster and gu.is_cuda and m * parts > sm_count(gu.device):
         raise ValueError(f"split mode 'wait' needs at most one program per SM: {m} rows x {parts} parts "
                          f"> {sm_count(gu.device)} SMs")
-    _silu_mul_hadamard_split_kernel[(parts, m)](
-        gu, q, s, _signs_on(block, gu.dtype, gu.device), _sync_slots(gu.device), _scale_words(gu.device), i,
-        i // block, parts, h_scale, HB=block, LOG2_HB=block.bit_length() - 1, BPP=part_blocks,
-        MAX_PARTS=HADAMARD_MAX_PARTS, DOT_FP32=dot_fp32, SIGNS_IN_KERNEL=signs_in_kernel, SCALE_WORD=scale_word,
-        num_warps=warps, **pdl_kwargs(),
-    )  # fmt: skip
+    args = (gu, q, s, _signs_on(block, gu.dtype, gu.device), _sync_slots(gu.device), _scale_words(gu.device), i,
+            i // block, parts, h_scale)
+    options = {"HB": block, "LOG2_HB": block.bit_length() - 1, "BPP": part_blocks, "MAX_PARTS": HADAMARD_MAX_PARTS,
+               "DOT_FP32": dot_fp32, "SIGNS_IN_KERNEL": signs_in_kernel, "SCALE_WORD": scale_word,
+               "CLUSTER": cluster, "num_warps": warps, **pdl_kwargs()}
+    if cluster:
+        launch_in_clusters(_silu_mul_hadamard_split_kernel, (1, m), cluster, args, options)
+    else:
+        _silu_mul_hadamard_split_kernel[(parts, m)](*args, **options)
     return q, s
+
+
+def launch_in_clusters(kernel: triton.JITFunction, grid: tuple[int, ...], cluster: int, args: tuple,
+                       options: dict) -> None:
+    """Launch ``kernel`` with every program replaced by a thread-block cluster of ``cluster`` CTAs along x (the
+    x grid becomes ``grid[0] * cluster``; program_id(0) is the CTA's). Triton launches clusters only for a
+    kernel compiled with ``num_ctas`` > 1, which also splits every tensor across the CTAs (and, in Triton 3.6,
+    fails to compile this kernel's reductions): so compile it for one CTA and set the cluster size in the
+    launch metadata of its cached binary, which the launcher reads on every launch. The kernel must take
+    ``cluster`` as a constexpr, so each cluster size is a binary of its own."""
+    compiled = kernel.warmup(*args, grid=grid, **options)
+    compiled = compiled.result() if hasattr(compiled, "result") else compiled
+    num_warps, _, shared = compiled.packed_metadata
+    compiled.packed_metadata = (num_warps, cluster, shared)
+    kernel[grid](*args, **options)
 
 
 def rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
