@@ -4,16 +4,14 @@ side in one process on the 3B shape (random weights; lean loop, CUDA graphs):
 - ``plain``: today's W8A8 (every LM linear dynamic per-token int8, no rotation);
 - ``hadamard fused``: the same model with each down_proj holding W H and ``input_hadamard = 128``, its input
   from the fused SiLU·mul + block Hadamard + int8 kernel (``vlmq.runtime.fused.silu_mul_hadamard``) in the
-  split mode it picks (decode: a row's blocks over several programs, ``wait``);
+  split mode it picks (decode on Hopper: a row's blocks over the CTAs of one thread-block cluster, which
+  exchange their maxima through the cluster's barrier, ``cluster``; elsewhere ``wait``);
+- ``hadamard fused wait``: the same kernel with its parts exchanging their maxima through a barrier in global
+  memory (the default before session 16, and the split mode off Hopper);
 - ``hadamard fused row``: the same kernel forced to one program per row (session 12's kernel);
-- ``hadamard fused signs in registers`` / ``hadamard fused 32 blocks per part``: the split kernel's two tuning
-  knobs (``silu_mul_hadamard``'s ``signs_in_kernel`` / ``part_blocks``); both lost in the decode loop (session 15);
-- ``hadamard fused scale word``: the split kernel whose last part publishes (generation, row peak) in one 64-bit
-  word (``scale_word``), so the waiting parts skip the acquire and the read of every part's peak;
-- ``hadamard fused 2 warps`` (and with the scale word, and 1 warp with it): fewer warps per program than 4
-  (8 lost in session 15);
-- ``hadamard fused cluster`` (and with 2 warps): a row's parts launched as one thread-block cluster, their
-  peaks exchanged through the cluster's hardware barrier instead of global atomics (split mode ``cluster``);
+- ``hadamard fused signs in registers`` / ``hadamard fused 32 blocks per part`` / ``hadamard fused 2 warps``:
+  the split kernel's tuning knobs (``silu_mul_hadamard``'s ``signs_in_kernel`` / ``part_blocks`` / ``warps``);
+  each lost in the decode loop (sessions 15-16);
 - ``hadamard unfused``: the same rotated model, SiLU·mul in bf16 then the linear's own eager
   ``block_hadamard`` + quantization (``FusedOps.fuse_hadamard = False``), to show what the fusion buys.
 
@@ -50,15 +48,10 @@ from vlmq.timing import decode_times
 BLOCK = 128
 # name -> (rotated down_proj, fused Hadamard, split mode, silu_mul_hadamard's tuning keywords)
 VARIANTS = {"plain": (False, True, None, {}), "hadamard fused": (True, True, None, {}),
-            "hadamard fused row": (True, True, "row", {}),
+            "hadamard fused wait": (True, True, "wait", {}), "hadamard fused row": (True, True, "row", {}),
             "hadamard fused signs in registers": (True, True, None, {"signs_in_kernel": True}),
             "hadamard fused 32 blocks per part": (True, True, None, {"part_blocks": 32}),
-            "hadamard fused scale word": (True, True, None, {"scale_word": True}),
             "hadamard fused 2 warps": (True, True, None, {"warps": 2}),
-            "hadamard fused scale word 2 warps": (True, True, None, {"scale_word": True, "warps": 2}),
-            "hadamard fused scale word 1 warp": (True, True, None, {"scale_word": True, "warps": 1}),
-            "hadamard fused cluster": (True, True, "cluster", {}),
-            "hadamard fused cluster 2 warps": (True, True, "cluster", {"warps": 2}),
             "hadamard unfused": (True, False, None, {})}
 
 
@@ -151,17 +144,14 @@ def producer_table(ms: list[int], width: int) -> dict:
     fns = {"silu_mul+quant (plain)": lambda gu: silu_mul(gu, True),
            "silu_mul_hadamard (fused)": lambda gu: silu_mul_hadamard(gu, BLOCK),
            "fused, row": lambda gu: silu_mul_hadamard(gu, BLOCK, "row"),
-           "fused, wait, signs in registers": lambda gu: silu_mul_hadamard(gu, BLOCK, "wait", signs_in_kernel=True),
-           "fused, wait, 32 blocks per part": lambda gu: silu_mul_hadamard(gu, BLOCK, "wait", part_blocks=32),
-           "fused, wait, scale word": lambda gu: silu_mul_hadamard(gu, BLOCK, "wait", scale_word=True),
-           "fused, cluster": lambda gu: silu_mul_hadamard(gu, BLOCK, "cluster"),
+           "fused, wait": lambda gu: silu_mul_hadamard(gu, BLOCK, "wait"),
            "unfused": unfused}
     out = {}
     for m in ms:
         r = int(min(256, max(2, math.ceil(150e6 / (m * width * 4)))))  # inputs past the 50 MB L2
         sets = [torch.randn(m, 2 * width, device="cuda").bfloat16() for _ in range(r)]
-        waits = hadamard_split_mode(m, width, BLOCK, sets[0].device) == "wait"  # else "wait" may not be launched
-        usable = {n: f for n, f in fns.items() if "wait" not in n or waits}
+        splits = hadamard_split_mode(m, width, BLOCK, sets[0].device) != "row"  # else "wait" may not be launched
+        usable = {n: f for n, f in fns.items() if "wait" not in n or splits}
         out[f"M{m}"] = {name: round(time_graph(lambda i, f=fn, xs=sets: f(xs[i]), r), 2) for name, fn in usable.items()}
         print(f"M {m}: " + ", ".join(f"{k} {v} us" for k, v in out[f"M{m}"].items()), flush=True)
     return out
@@ -228,7 +218,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--variants", default="hadamard fused,hadamard fused row,hadamard unfused",
+    p.add_argument("--variants", default="hadamard fused,hadamard fused wait,hadamard fused row,hadamard unfused",
                    help=f"decode variants besides plain, comma-separated, from {list(VARIANTS)}")
     p.add_argument("--producer-ms", default="1,8,64", help="M values of the producer table (CUDA); '' = skip")
     p.add_argument("--profile", action="store_true",

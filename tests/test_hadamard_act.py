@@ -122,26 +122,18 @@ INTERPRETER_KERNEL = textwrap.dedent("""
     # the split kernel, bit for bit the row kernel's values; here with one part per row only (the interpreter
     # runs programs one after another, so a part waiting for another would wait forever; tests/gpu runs it
     # with several): its barrier still runs, and leaves every row's arrival count zero
-    from vlmq.runtime.fused import HADAMARD_MAX_PARTS, _scale_words, _sync_slots, silu_mul_hadamard
-    from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE
+    from vlmq.runtime.fused import HADAMARD_MAX_PARTS, _sync_slots, silu_mul_hadamard
     for m, nb, block, dtype, part_blocks in ((2, 5, 128, torch.float16, 16), (1, 16, 64, torch.bfloat16, 16),
                                              (3, 43, 32, torch.bfloat16, 64), (2, 40, 16, torch.float32, 64)):
         gu = gate_up(m, nb * block, dtype).reshape(m, -1)
         gu[0] = 0.0
         q_row, s_row = silu_mul_hadamard(gu, block, "row")
         slots = _sync_slots(gu.device).view(-1, HADAMARD_MAX_PARTS + 2)
-        words = _scale_words(gu.device)
-        before, words_before = slots[:m, 1].clone(), words[:m].clone()
-        for signs_in_kernel, scale_word in ((False, False), (True, False), (False, True)):
-            q, s = silu_mul_hadamard(gu, block, "wait", part_blocks=part_blocks, signs_in_kernel=signs_in_kernel,
-                                     scale_word=scale_word)
+        before = slots[:m, 1].clone()
+        for signs_in_kernel in (False, True):
+            q, s = silu_mul_hadamard(gu, block, "wait", part_blocks=part_blocks, signs_in_kernel=signs_in_kernel)
             assert torch.equal(q, q_row) and torch.equal(s, s_row), (m, nb, block, part_blocks)
         assert not slots[:, 0].any() and torch.equal(slots[:m, 1], before + 2)  # two calls, two generations
-        # scale_word: its own generation in the word's high half, the row's peak (whose scale every part used)
-        # in the low half
-        assert torch.equal(words[:m] >> 32, (words_before >> 32) + 1)
-        peak = (words[:m] & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
-        assert torch.equal(torch.clamp(peak / 127.0, min=MIN_SCALE.value), s_row)
     print("split kernels: bit for bit")
     print("KERNEL-OK")
 """)
@@ -258,13 +250,11 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
     assert mma in compiled.asm["ptx"]
     assert compiled.metadata.shared <= 64 * 1024, compiled.metadata.shared
     # the split kernel: 16 blocks per program, a barrier through global atomics
-    for in_kernel, scale_word, warps in ((False, False, 4), (True, False, 4), (False, True, 4), (False, True, 2),
-                                         (False, True, 1)):
+    for in_kernel, warps in ((False, 4), (True, 4), (False, 2)):
         const = {"HB": 128, "LOG2_HB": 7, "BPP": FU.HADAMARD_PART_BLOCKS, "MAX_PARTS": FU.HADAMARD_MAX_PARTS,
-                 "DOT_FP32": False, "SIGNS_IN_KERNEL": in_kernel, "SCALE_WORD": scale_word, "CLUSTER": 0,
-                 "USE_PDL": capability >= 90}
+                 "DOT_FP32": False, "SIGNS_IN_KERNEL": in_kernel, "CLUSTER": 0, "USE_PDL": capability >= 90}
         sig = {"gu_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "signs_ptr": "*bf16", "sync_ptr": "*i32",
-               "word_ptr": "*i64", "n_cols": "i32", "n_blocks": "i32", "n_parts": "i32", "h_scale": "fp32",
+               "n_cols": "i32", "n_blocks": "i32", "n_parts": "i32", "h_scale": "fp32",
                **dict.fromkeys(const, "constexpr")}
         split = triton.compile(ASTSource(FU._silu_mul_hadamard_split_kernel, sig, const),
                                target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
@@ -272,17 +262,13 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
         assert "mma.sync" in ptx and split.metadata.shared <= 64 * 1024  # 16-row tiles: below wgmma's 64
         # one thread per program arrives (tid 0's predicate), never every thread; the wait reads volatile
         assert "atom.global.gpu.acq_rel.add" in ptx and "setp.eq.b32" in ptx and "ld.volatile.global" in ptx
-        if scale_word:  # (generation, peak) published and polled as one 64-bit word; no acquire after the wait
-            # the generation read at the start, then the waiters' poll: two 64-bit volatile loads
-            assert "atom.global.gpu.relaxed.exch.b64" in ptx and ptx.count("ld.volatile.global.b64") == 2
-            assert "ld.global.gpu.acquire" not in ptx and "atom.global.gpu.release" not in ptx
-        else:  # the last part publishes the generation before it zeroes the count (session 15: +0.4 % decode)
-            assert ptx.index("atom.global.gpu.release.exch") < ptx.index("atom.global.gpu.relaxed.exch")
+        # the last part publishes the generation before it zeroes the count (session 15: +0.4 % decode)
+        assert ptx.index("atom.global.gpu.release.exch") < ptx.index("atom.global.gpu.relaxed.exch")
     if capability < 90:
         return
     # split mode "cluster" (Hopper): compiled for one CTA, no atomics; each part stores its peak, then the cluster's
     # barrier (arrive with release, wait with acquire), then every part's peak is read
-    const.update(SCALE_WORD=False, CLUSTER=6)
+    const.update(SIGNS_IN_KERNEL=False, CLUSTER=6)
     cluster = triton.compile(ASTSource(FU._silu_mul_hadamard_split_kernel, sig, const),
                              target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
     ptx = cluster.asm["ptx"]
@@ -293,16 +279,23 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
     assert peak_store < arrive < wait < ptx.index("ld.volatile.global.b32", wait)
 
 
-def test_split_mode_waits_only_while_every_part_can_be_resident(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The launcher's rule: split a row over programs that wait for each other only where rows x parts fits
-    one program per SM (an H100's 132 here; the query needs a GPU, so its answer is given), else one
-    program per row; never off CUDA, nor where a row is one part."""
+@pytest.mark.parametrize("capability,split", [((9, 0), "cluster"), ((8, 6), "wait")])
+def test_split_mode_splits_a_row_only_while_every_part_can_be_resident(monkeypatch: pytest.MonkeyPatch,
+                                                                        capability: tuple[int, int],
+                                                                        split: str) -> None:
+    """The launcher's rule: split a row over several programs only where rows x parts fits one program per SM
+    (an H100's 132 here; the queries need a GPU, so their answers are given), else one program per row; never
+    off CUDA, nor where a row is one part. The parts form a thread-block cluster on Hopper (at most 8 of them),
+    else they wait for each other through global memory (an RTX 3090 is 8.6)."""
     from vlmq.runtime import fused as FU
 
     monkeypatch.setattr(FU, "sm_count", lambda device: 132)
+    monkeypatch.setattr(FU, "capability_of", lambda device: capability)
     cuda = torch.device("cuda")
     assert FU._parts(11008, 128, FU.HADAMARD_PART_BLOCKS) == 6   # the 3B's down_proj input
-    assert [FU.hadamard_split_mode(m, 11008, 128, cuda) for m in (1, 8, 22, 23, 64)] == ["wait"] * 3 + ["row"] * 2
+    assert [FU.hadamard_split_mode(m, 11008, 128, cuda) for m in (1, 8, 22, 23, 64)] == [split] * 3 + ["row"] * 2
     assert FU.hadamard_split_mode(1, 11008, 128, torch.device("cpu")) == "row"
     assert FU.hadamard_split_mode(1, 16 * 128, 128, cuda) == "row"   # one part: nothing to wait for
-    assert FU.hadamard_split_mode(1, 18944, 128, cuda) == "wait"     # 7B: 10 parts
+    assert FU.hadamard_split_mode(1, 18944, 128, cuda) == "wait"     # 7B: 10 parts, more than a cluster takes
+    with pytest.raises(ValueError, match="needs a GPU"):  # off CUDA a row's parts cannot run at once
+        FU.silu_mul_hadamard(torch.zeros(1, 2 * 11008, dtype=torch.bfloat16), 128, "cluster")

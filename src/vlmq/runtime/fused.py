@@ -10,9 +10,9 @@
   reference sums x * (±1/sqrt(block)) in fp32 in another order, so where the exact value sits on a
   model-dtype rounding tie the two may round apart: an int8 value then differs by one (2 of 704,512 in
   tests/test_hadamard_act.py); everywhere else it is bit for bit. At decode sizes a token's row is split
-  over several programs that exchange their maxima through a barrier in global memory (split mode "wait");
-  at prefill sizes one program takes a row ("row"). On Hopper a row's parts can instead form one thread-block
-  cluster that exchanges its maxima through the cluster's hardware barrier ("cluster"). All give the same values.
+  over several programs that exchange their maxima: on Hopper as one thread-block cluster, through the
+  cluster's hardware barrier (split mode "cluster"), elsewhere through a barrier in global memory ("wait");
+  at prefill sizes one program takes a row ("row"). All give the same values.
 * ``rope_cache``: rotary embedding of q and k from the fused q/k/v output, k and v written
   straight into the static KV cache slots.
 
@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from vlmq.numerics import sylvester_hadamard
-from vlmq.runtime.kernels.tiles import interpreting, next_pow2, pdl_enter, pdl_kwargs, sm_count
+from vlmq.runtime.kernels.tiles import capability_of, interpreting, next_pow2, pdl_enter, pdl_kwargs, sm_count
 from vlmq.runtime.kernels.triton_w8a8 import MIN_SCALE, quant_store, quantize_int8
 
 
@@ -139,26 +139,23 @@ def _cluster_sync(x):
 
 
 @triton.jit
-def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, word_ptr, n_cols, n_blocks,
-                                    n_parts, h_scale, HB: tl.constexpr, LOG2_HB: tl.constexpr, BPP: tl.constexpr,
+def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, n_cols, n_blocks, n_parts, h_scale,
+                                    HB: tl.constexpr, LOG2_HB: tl.constexpr, BPP: tl.constexpr,
                                     MAX_PARTS: tl.constexpr, DOT_FP32: tl.constexpr, SIGNS_IN_KERNEL: tl.constexpr,
-                                    SCALE_WORD: tl.constexpr, CLUSTER: tl.constexpr,
-                                    USE_PDL: tl.constexpr):  # fmt: skip
+                                    CLUSTER: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
     """``_silu_mul_hadamard_kernel`` with a row's blocks spread over ``n_parts`` programs (BPP blocks each),
     so a decode token's row runs on several SMs. The row's int8 scale needs every part's max, exchanged
     through the row's slot in ``sync_ptr`` ([arrived, generation, peak of each part]) by a sense-reversing
     barrier: each part stores its peak and arrives; the last to arrive advances the generation, then zeroes
-    the count; the others wait for that, then read every peak and quantize their own tile. With SCALE_WORD the
-    generation lives in the row's 64-bit word at ``word_ptr`` instead, next to the row's peak: the last part
-    reads every peak itself and publishes both in one store, so the others need no acquire and no second read.
-    Every part must be resident at once, which the launcher guarantees (at most one program per SM).
-    With CLUSTER (the row's parts launched as one thread-block cluster of that size, Hopper) the exchange is the
-    cluster's hardware barrier instead: store the peak, arrive (release) and wait (acquire), read every peak."""
+    the count; the others wait for that, then read every peak and quantize their own tile. Every part must be
+    resident at once, which the launcher guarantees (at most one program per SM). With CLUSTER (the row's parts
+    launched as one thread-block cluster of that size, Hopper) the exchange is the cluster's hardware barrier
+    instead: store the peak, arrive (release) and wait (acquire), read every peak; no atomics, no polling, and
+    the hardware schedules a cluster's CTAs together."""
     pdl_enter(USE_PDL)
     part = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     slot = sync_ptr + row * (MAX_PARTS + 2)
-    word = word_ptr + row  # SCALE_WORD: (generation << 32) | the row's peak
     j = tl.arange(0, HB)
     blk = part * BPP + tl.arange(0, BPP)[:, None]
     cols = blk * HB + j[None, :]
@@ -170,9 +167,7 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, w
         signs = _sylvester_signs(HB, LOG2_HB).to(signs_ptr.dtype.element_ty)
     else:
         signs = tl.load(signs_ptr + j[:, None] * HB + j[None, :])
-    if SCALE_WORD:  # this call's generation; it advances only once every part arrived
-        generation = (tl.load(word, volatile=True) >> 32).to(tl.int32)
-    elif not CLUSTER:
+    if not CLUSTER:  # this call's generation; it advances only once every part arrived
         generation = tl.load(slot + 1, volatile=True)
     z = _silu_mul_rotated(g, u, signs, h_scale, dt, DOT_FP32)
     # peaks are >= 0, where fp32 bits order like int32
@@ -183,21 +178,6 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, w
         arrived = _cluster_sync(part)  # 0, and the peaks' loads depend on it: they cannot move above the wait
         peaks = tl.load(slot + 2 + arrived + p, mask=p < n_parts, other=0, volatile=True)
         peak = tl.max(peaks.to(tl.float32, bitcast=True))
-    elif SCALE_WORD:
-        last = tl.atomic_add(slot, 1, sem="acq_rel") == n_parts - 1
-        if last:  # its arrival acquired every part's peak
-            tl.debug_barrier()
-            peaks = tl.load(slot + 2 + p, mask=p < n_parts, other=0, volatile=True).to(tl.float32, bitcast=True)
-            top = tl.max(peaks).to(tl.int32, bitcast=True)
-            published = ((generation + 1).to(tl.int64) << 32) | (top.to(tl.int64) & 0xFFFFFFFF)
-            tl.atomic_xchg(word, published, sem="relaxed")
-            tl.atomic_xchg(slot, 0, sem="relaxed")
-        else:  # one 64-bit load holds the new generation and the peak it was published with
-            now = tl.load(word, volatile=True)
-            while (now >> 32).to(tl.int32) == generation:
-                now = tl.load(word, volatile=True)
-            top = now.to(tl.int32)
-        peak = top.to(tl.float32, bitcast=True)
     else:
         last = tl.atomic_add(slot, 1, sem="acq_rel") == n_parts - 1
         if last:
@@ -318,20 +298,22 @@ def _sync_slots(device: torch.device) -> Tensor:
     return torch.zeros(_SYNC_ROWS * (HADAMARD_MAX_PARTS + 2), dtype=torch.int32, device=device)
 
 
-@functools.cache
-def _scale_words(device: torch.device) -> Tensor:
-    """Per row the split kernel's (generation << 32) | row peak under ``scale_word`` (same rules as _sync_slots)."""
-    return torch.zeros(_SYNC_ROWS, dtype=torch.int64, device=device)
-
-
 def _parts(width: int, block: int, part_blocks: int) -> int:
     return math.ceil(width // block / part_blocks)
 
 
+def cluster_ok(parts: int, device: torch.device) -> bool:
+    """Whether a row's ``parts`` can run as one thread-block cluster here: Hopper or newer, at most the portable
+    cluster size."""
+    return parts <= HADAMARD_MAX_CLUSTER and capability_of(device) >= (9, 0)
+
+
 def hadamard_split_mode(m: int, width: int, block: int, device: torch.device) -> str:
     """How ``silu_mul_hadamard`` spreads M rows: one program per row where the rows alone fill the GPU
-    (prefill) or off CUDA; else each row over several programs that wait for each other's max, which
-    needs them all resident at once: at most one program per SM (assuming no other kernel holds SMs for
+    (prefill) or off CUDA; else each row over several programs that exchange their maxima. On Hopper, with at
+    most 8 parts, they form a thread-block cluster ("cluster": 1.5 % faster decode than "wait" on an H100,
+    BENCHMARKS.md); elsewhere (Ampere, or more parts) they wait for each other through global memory ("wait"),
+    which needs them all resident at once: at most one program per SM (assuming no other kernel holds SMs for
     good, e.g. a collective spinning on another stream). Triton's interpreter runs programs one after
     another, so there a part waiting for another would wait forever: one program per row."""
     parts = _parts(width, block, HADAMARD_PART_BLOCKS)
@@ -339,16 +321,16 @@ def hadamard_split_mode(m: int, width: int, block: int, device: torch.device) ->
         return "row"
     if m * parts > min(sm_count(device), _SYNC_ROWS):
         return "row"
-    return "wait"
+    return "cluster" if cluster_ok(parts, device) else "wait"
 
 
 def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None, *, part_blocks: int = HADAMARD_PART_BLOCKS,
-                      signs_in_kernel: bool = False, scale_word: bool = False, warps: int = 4) -> tuple[Tensor, Tensor]:
+                      signs_in_kernel: bool = False, warps: int = 4) -> tuple[Tensor, Tensor]:
     """silu(gate) * up from gate_up [M, 2I], times the block-diagonal normalized Sylvester Hadamard
     (``vlmq.numerics.block_hadamard``), as (int8 [M, I], fp32 scale [M]) for down_proj. ``split``: one of
     SPLIT_MODES, None = ``hadamard_split_mode``'s choice; every mode gives the same values. ``part_blocks``,
-    ``signs_in_kernel`` (the ±1 block built in registers rather than read), ``scale_word`` (the row's peak
-    published with the generation) and ``warps`` (per program) tune "wait" (benchmarks)."""
+    ``signs_in_kernel`` (the ±1 block built in registers rather than read) and ``warps`` (per program) tune the
+    split modes (benchmarks)."""
     m, two_i = gu.shape
     i = two_i // 2
     if not silu_mul_hadamard_fits(block, i):
@@ -376,17 +358,16 @@ def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None, *, part_
         raise ValueError(f"split mode {split!r} takes at most {_SYNC_ROWS} rows of {HADAMARD_MAX_PARTS} parts, "
                          f"not {m} of {parts}")
     cluster = parts if split == "cluster" else 0
-    if cluster and (parts > HADAMARD_MAX_CLUSTER or torch.cuda.get_device_capability(gu.device)[0] < 9):
+    if cluster and not cluster_ok(parts, gu.device):
         raise ValueError(f"split mode 'cluster' needs a Hopper GPU and at most {HADAMARD_MAX_CLUSTER} parts "
                          f"per row, not {parts}")
     if not cluster and gu.is_cuda and m * parts > sm_count(gu.device):
         raise ValueError(f"split mode 'wait' needs at most one program per SM: {m} rows x {parts} parts "
                          f"> {sm_count(gu.device)} SMs")
-    args = (gu, q, s, _signs_on(block, gu.dtype, gu.device), _sync_slots(gu.device), _scale_words(gu.device), i,
-            i // block, parts, h_scale)
+    args = (gu, q, s, _signs_on(block, gu.dtype, gu.device), _sync_slots(gu.device), i, i // block, parts, h_scale)
     options = {"HB": block, "LOG2_HB": block.bit_length() - 1, "BPP": part_blocks, "MAX_PARTS": HADAMARD_MAX_PARTS,
-               "DOT_FP32": dot_fp32, "SIGNS_IN_KERNEL": signs_in_kernel, "SCALE_WORD": scale_word,
-               "CLUSTER": cluster, "num_warps": warps, **pdl_kwargs()}
+               "DOT_FP32": dot_fp32, "SIGNS_IN_KERNEL": signs_in_kernel, "CLUSTER": cluster, "num_warps": warps,
+               **pdl_kwargs()}
     if cluster:
         launch_in_clusters(_silu_mul_hadamard_split_kernel, (1, m), cluster, args, options)
     else:

@@ -216,6 +216,11 @@ def device_capability() -> tuple[int, int]:
     return _capability(torch.cuda.current_device())
 
 
+def capability_of(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of this CUDA device (``cuda`` alone: the current one)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.lru_cache(maxsize=16)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
