@@ -277,6 +277,11 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
     wait = ptx.index("barrier.cluster.wait.acquire.aligned")
     peak_store = ptx.rindex("st.global.b32", 0, arrive)
     assert peak_store < arrive < wait < ptx.index("ld.volatile.global.b32", wait)
+    # the launcher reads the cluster size from the binary's launch metadata, which launch_in_clusters rewrites
+    assert FU.cluster_metadata(cluster, 6) == (4, 6, cluster.metadata.shared)
+    cluster.packed_metadata = (4, 2, 0)
+    with pytest.raises(RuntimeError, match="cannot launch on this Triton"):
+        FU.cluster_metadata(cluster, 6)
 
 
 @pytest.mark.parametrize("capability,split", [((9, 0), "cluster"), ((8, 6), "wait")])

@@ -385,9 +385,19 @@ def launch_in_clusters(kernel: triton.JITFunction, grid: tuple[int, ...], cluste
     ``cluster`` as a constexpr, so each cluster size is a binary of its own."""
     compiled = kernel.warmup(*args, grid=grid, **options)
     compiled = compiled.result() if hasattr(compiled, "result") else compiled
-    num_warps, _, shared = compiled.packed_metadata
-    compiled.packed_metadata = (num_warps, cluster, shared)
+    compiled.packed_metadata = cluster_metadata(compiled, cluster)
     kernel[grid](*args, **options)
+
+
+def cluster_metadata(compiled, cluster: int) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
+    """The launch metadata of a one-CTA ``compiled`` kernel with its cluster size set to ``cluster``. Raises where
+    this Triton packs it otherwise (Triton 3.6-3.8: (num_warps, num_ctas, shared)): a launch without the cluster
+    would let each part read the others' peaks unsynchronized."""
+    packed, meta = compiled.packed_metadata, compiled.metadata
+    if packed not in ((meta.num_warps, 1, meta.shared), (meta.num_warps, cluster, meta.shared)):
+        raise RuntimeError(f"split mode 'cluster' cannot launch on this Triton (launch metadata {packed!r}); "
+                           "use split mode 'wait'")
+    return (meta.num_warps, cluster, meta.shared)
 
 
 def rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
