@@ -130,10 +130,12 @@ INTERPRETER_KERNEL = textwrap.dedent("""
         q_row, s_row = silu_mul_hadamard(gu, block, "row")
         slots = _sync_slots(gu.device).view(-1, HADAMARD_MAX_PARTS + 2)
         before = slots[:m, 1].clone()
-        for signs_in_kernel in (False, True):
-            q, s = silu_mul_hadamard(gu, block, "wait", part_blocks=part_blocks, signs_in_kernel=signs_in_kernel)
+        # split mode "cluster" with one part has nothing to exchange: the same kernel without a cluster
+        modes = ("wait", "wait", "cluster") if nb <= part_blocks else ("wait", "wait")
+        for split, signs_in_kernel in zip(modes, (False, True, False)):
+            q, s = silu_mul_hadamard(gu, block, split, part_blocks=part_blocks, signs_in_kernel=signs_in_kernel)
             assert torch.equal(q, q_row) and torch.equal(s, s_row), (m, nb, block, part_blocks)
-        assert not slots[:, 0].any() and torch.equal(slots[:m, 1], before + 2)  # two calls, two generations
+        assert not slots[:, 0].any() and torch.equal(slots[:m, 1], before + len(modes))  # a generation per call
     print("split kernels: bit for bit")
     print("KERNEL-OK")
 """)
@@ -278,7 +280,8 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
     peak_store = ptx.rindex("st.global.b32", 0, arrive)
     assert peak_store < arrive < wait < ptx.index("ld.volatile.global.b32", wait)
     # the launcher reads the cluster size from the binary's launch metadata, which launch_in_clusters rewrites
-    assert FU.cluster_metadata(cluster, 6) == (4, 6, cluster.metadata.shared)
+    assert FU._triton_packs_cluster_size() and FU.cluster_metadata(cluster, 6) == (4, 6, cluster.metadata.shared)
+    assert "%cluster_nctarank" in ptx and "trap;" in ptx  # launched without its cluster, the kernel traps
     cluster.packed_metadata = (4, 2, 0)
     with pytest.raises(RuntimeError, match="cannot launch on this Triton"):
         FU.cluster_metadata(cluster, 6)

@@ -27,6 +27,7 @@ reads or writes any activation, so kernel launch latency overlaps the previous k
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 
@@ -130,12 +131,16 @@ def _silu_mul_hadamard_kernel(gu_ptr, q_ptr, s_ptr, n_cols, n_blocks, h_scale, H
 
 
 @triton.jit
-def _cluster_sync(x):
+def _cluster_sync(n_ctas):
     """Every thread of every CTA in this thread-block cluster arrives (release: its earlier stores, global ones
-    included, become visible to the cluster) and waits for all (acquire). Returns 0 (for a dependent address)."""
-    return tl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned;\n\t"
-                                     "barrier.cluster.wait.acquire.aligned;\n\tmov.u32 $0, 0;",
-                                     "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+    included, become visible to the cluster) and waits for all (acquire). Returns 0 (for a dependent address).
+    Traps unless the cluster holds ``n_ctas`` CTAs: launched without its cluster, the barrier would sync one CTA
+    and its parts would read each other's peaks unsynchronized (wrong values, silently)."""
+    return tl.inline_asm_elementwise("{ .reg .u32 n; .reg .pred bad; mov.u32 n, %cluster_nctarank;\n\t"
+                                     "setp.ne.u32 bad, n, $1;\n\t@bad trap;\n\t"
+                                     "barrier.cluster.arrive.release.aligned;\n\t"
+                                     "barrier.cluster.wait.acquire.aligned;\n\tmov.u32 $0, 0; }",
+                                     "=r,r", [n_ctas], dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -175,7 +180,7 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, n
     tl.debug_barrier()  # the peak's store before the arrival (released by it)
     p = tl.arange(0, MAX_PARTS)
     if CLUSTER:
-        arrived = _cluster_sync(part)  # 0, and the peaks' loads depend on it: they cannot move above the wait
+        arrived = _cluster_sync(n_parts)  # 0, and the peaks' loads depend on it: they cannot move above the wait
         peaks = tl.load(slot + 2 + arrived + p, mask=p < n_parts, other=0, volatile=True)
         peak = tl.max(peaks.to(tl.float32, bitcast=True))
     else:
@@ -304,8 +309,20 @@ def _parts(width: int, block: int, part_blocks: int) -> int:
 
 def cluster_ok(parts: int, device: torch.device) -> bool:
     """Whether a row's ``parts`` can run as one thread-block cluster here: Hopper or newer, at most the portable
-    cluster size."""
-    return parts <= HADAMARD_MAX_CLUSTER and capability_of(device) >= (9, 0)
+    cluster size, and a Triton whose launch metadata ``launch_in_clusters`` knows."""
+    return parts <= HADAMARD_MAX_CLUSTER and capability_of(device) >= (9, 0) and _triton_packs_cluster_size()
+
+
+@functools.cache
+def _triton_packs_cluster_size() -> bool:
+    """Whether this Triton's CUDA backend packs launch metadata as (num_warps, num_ctas, shared) (3.6-3.8)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend
+
+        meta = collections.namedtuple("meta", "num_warps num_ctas shared cluster_dims")(4, 2, 64, (2, 1, 1))
+        return tuple(CUDABackend.pack_metadata(None, meta)) == (4, 2, 64)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - another Triton: no cluster launch, split mode "wait"
+        return False
 
 
 def hadamard_split_mode(m: int, width: int, block: int, device: torch.device) -> str:
@@ -357,7 +374,7 @@ def silu_mul_hadamard(gu: Tensor, block: int, split: str | None = None, *, part_
     if m > _SYNC_ROWS or parts > HADAMARD_MAX_PARTS:
         raise ValueError(f"split mode {split!r} takes at most {_SYNC_ROWS} rows of {HADAMARD_MAX_PARTS} parts, "
                          f"not {m} of {parts}")
-    cluster = parts if split == "cluster" else 0
+    cluster = parts if split == "cluster" and parts > 1 else 0  # one part: nothing to exchange
     if cluster and not cluster_ok(parts, gu.device):
         raise ValueError(f"split mode 'cluster' needs a Hopper GPU and at most {HADAMARD_MAX_CLUSTER} parts "
                          f"per row, not {parts}")
@@ -394,7 +411,9 @@ def cluster_metadata(compiled, cluster: int) -> tuple[int, int, int]:  # type: i
     this Triton packs it otherwise (Triton 3.6-3.8: (num_warps, num_ctas, shared)): a launch without the cluster
     would let each part read the others' peaks unsynchronized."""
     packed, meta = compiled.packed_metadata, compiled.metadata
-    if packed not in ((meta.num_warps, 1, meta.shared), (meta.num_warps, cluster, meta.shared)):
+    # the launcher sizes scratch buffers by the compiled num_ctas (1): the kernel must use none
+    scratch = getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0)
+    if scratch or packed not in ((meta.num_warps, 1, meta.shared), (meta.num_warps, cluster, meta.shared)):
         raise RuntimeError(f"split mode 'cluster' cannot launch on this Triton (launch metadata {packed!r}); "
                            "use split mode 'wait'")
     return (meta.num_warps, cluster, meta.shared)
