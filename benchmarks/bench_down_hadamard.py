@@ -3,7 +3,7 @@ side in one process on the 3B shape (random weights; lean loop, CUDA graphs):
 
 - ``plain``: today's W8A8 (every LM linear dynamic per-token int8, no rotation);
 - ``hadamard fused``: the same model with each down_proj holding W H and ``input_hadamard = 128``, its input
-  from the fused SiLU·mul + block Hadamard + int8 kernel (``vlmq.runtime.fused.silu_mul_hadamard``) in the
+  from the fused SiLU·mul + block Hadamard + int8 kernel (``vlmq.runtime.fused_hadamard.silu_mul_hadamard``) in the
   split mode it picks (decode on Hopper: a row's blocks over the CTAs of one thread-block cluster, which
   exchange their maxima through the cluster's barrier, ``cluster``; elsewhere ``wait``);
 - ``hadamard fused wait``: the same kernel with its parts exchanging their maxima through a barrier in global
@@ -135,7 +135,8 @@ def producer_table(ms: list[int], width: int) -> dict:
     """Microseconds per call of the three ways to produce down_proj's int8 input from gate_up [M, 2I]."""
     from bench_timing import time_graph
 
-    from vlmq.runtime.fused import hadamard_split_mode, silu_mul, silu_mul_hadamard
+    from vlmq.runtime.fused import silu_mul
+    from vlmq.runtime.fused_hadamard import hadamard_split_mode, silu_mul_hadamard
     from vlmq.runtime.kernels.triton_w8a8 import quantize_rows
 
     def unfused(gu: torch.Tensor) -> None:

@@ -112,7 +112,7 @@ def test_fused_ops_rotate_before_quantizing_in_triton_interpreter() -> None:
 INTERPRETER_KERNEL = textwrap.dedent("""
     import torch
     from test_hadamard_act import compare_kernel, gate_up
-    from vlmq.runtime.fused import silu_mul_hadamard_fits
+    from vlmq.runtime.fused_hadamard import silu_mul_hadamard_fits
     assert silu_mul_hadamard_fits(128, 11008) and silu_mul_hadamard_fits(128, 18944)  # 3B, 7B down_proj
     assert not any(silu_mul_hadamard_fits(b, w) for b, w in ((8, 64), (128, 1000), (256, 512), (128, 512 * 128)))
     stats = [compare_kernel(m, nb, block, dtype) for m, nb, block, dtype in (
@@ -122,7 +122,7 @@ INTERPRETER_KERNEL = textwrap.dedent("""
     # the split kernel, bit for bit the row kernel's values; here with one part per row only (the interpreter
     # runs programs one after another, so a part waiting for another would wait forever; tests/gpu runs it
     # with several): its barrier still runs, and leaves every row's arrival count zero
-    from vlmq.runtime.fused import HADAMARD_MAX_PARTS, _sync_slots, silu_mul_hadamard
+    from vlmq.runtime.fused_hadamard import HADAMARD_MAX_PARTS, _sync_slots, silu_mul_hadamard
     for m, nb, block, dtype, part_blocks in ((2, 5, 128, torch.float16, 16), (1, 16, 64, torch.bfloat16, 16),
                                              (3, 43, 32, torch.bfloat16, 64), (2, 40, 16, torch.float32, 64)):
         gu = gate_up(m, nb * block, dtype).reshape(m, -1)
@@ -153,7 +153,8 @@ def compare_kernel(m: int, n_blocks: int, block: int, dtype: torch.dtype, device
     exactly and scales once, the reference accumulates x * (±1/sqrt(block)) in fp32: the two can land on
     either side of a model-dtype rounding tie, and only there may an int8 value differ (by one)."""
     from vlmq.numerics import sylvester_hadamard
-    from vlmq.runtime.fused import silu_mul, silu_mul_hadamard
+    from vlmq.runtime.fused import silu_mul
+    from vlmq.runtime.fused_hadamard import silu_mul_hadamard
 
     i = n_blocks * block
     gu = gate_up(m, i, dtype, device).reshape(m, 2 * i)
@@ -241,13 +242,13 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
         from triton.compiler import ASTSource
     except ImportError as exc:
         pytest.skip(f"no ahead-of-time compile path in this Triton: {exc}")
-    from vlmq.runtime import fused as FU
+    from vlmq.runtime import fused_hadamard as FU
 
     const = {"HB": 128, "LOG2_HB": 7, "NB": 128, "DOT_FP32": False, "USE_PDL": capability >= 90}
     sig = {"gu_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "n_cols": "i32", "n_blocks": "i32",
            "h_scale": "fp32", **dict.fromkeys(const, "constexpr")}
     src = ASTSource(FU._silu_mul_hadamard_kernel, sig, const)
-    options = {"num_warps": FU._warps(128 * 128)}
+    options = {"num_warps": FU.warps_for(128 * 128)}
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     assert mma in compiled.asm["ptx"]
     assert compiled.metadata.shared <= 64 * 1024, compiled.metadata.shared
@@ -295,7 +296,7 @@ def test_split_mode_splits_a_row_only_while_every_part_can_be_resident(monkeypat
     (an H100's 132 here; the queries need a GPU, so their answers are given), else one program per row; never
     off CUDA, nor where a row is one part. The parts form a thread-block cluster on Hopper (at most 8 of them),
     else they wait for each other through global memory (an RTX 3090 is 8.6)."""
-    from vlmq.runtime import fused as FU
+    from vlmq.runtime import fused_hadamard as FU
 
     monkeypatch.setattr(FU, "sm_count", lambda device: 132)
     monkeypatch.setattr(FU, "capability_of", lambda device: capability)

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 from test_hadamard_act import compare_kernel, down_linear, gate_up, reference_down, rel_err  # noqa: E402
 from vlmq.runtime.decode import ReferenceOps  # noqa: E402
-from vlmq.runtime.fused import (  # noqa: E402
+from vlmq.runtime.fused_hadamard import (  # noqa: E402
     HADAMARD_MAX_CLUSTER,
     HADAMARD_MAX_PARTS,
     HADAMARD_PART_BLOCKS,

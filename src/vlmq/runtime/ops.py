@@ -13,14 +13,8 @@ from vlmq.runtime.attention import (
     heads_to_rows,
     rows_layout_ok,
 )
-from vlmq.runtime.fused import (
-    add_rms_norm,
-    hadamard_split_mode,
-    rope_cache,
-    silu_mul,
-    silu_mul_hadamard,
-    silu_mul_hadamard_fits,
-)
+from vlmq.runtime.fused import add_rms_norm, rope_cache, silu_mul
+from vlmq.runtime.fused_hadamard import hadamard_split_mode, silu_mul_hadamard, silu_mul_hadamard_fits
 from vlmq.runtime.kernels.tiles import interpreting
 from vlmq.runtime.kernels.triton_w8a8 import w8a8_gemm_prequant
 from vlmq.runtime.linear import W8A8Linear, resolve_backend
@@ -69,7 +63,7 @@ class FusedOps:
     does not apply (CPU tensors, static/smoothed W8A8, other linear types)."""
 
     fuse_hadamard = True  # down_proj's input Hadamard inside the SiLU·mul kernel (off: its own forward rotates)
-    hadamard_split: str | None = None  # its split mode at decode sizes (fused.SPLIT_MODES); None: its choice
+    hadamard_split: str | None = None  # its split mode at decode sizes (fused_hadamard.SPLIT_MODES); None: its choice
 
     def __init__(self, ref) -> None:  # type: ignore[no-untyped-def]
         self.ref = ref
