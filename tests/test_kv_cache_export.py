@@ -108,7 +108,18 @@ if __name__ == "__main__":
 '''
 
 
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not cpu_flags() & {"avx512f", "amx_tile"},
+                    reason="vLLM CPU runs an FP8 KV cache only on x86 with AVX-512 or AMX (it raises "
+                           "NotImplementedError otherwise); this CPU has neither")
 def test_vllm_runs_fp8_kv_cache_with_the_exported_scales(fp8_export: Path, vllm_python: Path, tmp_path: Path):
     ckpt = fp8_export / "compressed_tensors"
     script, out = tmp_path / "probe.py", tmp_path / "out.json"
