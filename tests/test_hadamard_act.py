@@ -282,7 +282,6 @@ def test_fused_kernel_compiles_to_a_tensor_core_dot(capability: int, mma: str) -
     assert peak_store < arrive < wait < ptx.index("ld.volatile.global.b32", wait)
     # the launcher reads the cluster size from the binary's launch metadata, which launch_in_clusters rewrites
     assert FU._triton_packs_cluster_size() and FU.cluster_metadata(cluster, 6) == (4, 6, cluster.metadata.shared)
-    assert "%cluster_nctarank" in ptx and "trap;" in ptx  # launched without its cluster, the kernel traps
     cluster.packed_metadata = (4, 2, 0)
     with pytest.raises(RuntimeError, match="cannot launch on this Triton"):
         FU.cluster_metadata(cluster, 6)

@@ -70,16 +70,14 @@ def _silu_mul_hadamard_kernel(gu_ptr, q_ptr, s_ptr, n_cols, n_blocks, h_scale, H
 
 
 @triton.jit
-def _cluster_sync(n_ctas):
+def _cluster_sync(x):
     """Every thread of every CTA in this thread-block cluster arrives (release: its earlier stores, global ones
     included, become visible to the cluster) and waits for all (acquire). Returns 0 (for a dependent address).
-    Traps unless the cluster holds ``n_ctas`` CTAs: launched without its cluster, the barrier would sync one CTA
-    and its parts would read each other's peaks unsynchronized (wrong values, silently)."""
-    return tl.inline_asm_elementwise("{ .reg .u32 n; .reg .pred bad; mov.u32 n, %cluster_nctarank;\n\t"
-                                     "setp.ne.u32 bad, n, $1;\n\t@bad trap;\n\t"
-                                     "barrier.cluster.arrive.release.aligned;\n\t"
-                                     "barrier.cluster.wait.acquire.aligned;\n\tmov.u32 $0, 0; }",
-                                     "=r,r", [n_ctas], dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+    Launched without its cluster the barrier syncs one CTA only, and the parts would read each other's peaks
+    unsynchronized: only ``launch_in_clusters`` may launch a kernel that calls it."""
+    return tl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned;\n\t"
+                                     "barrier.cluster.wait.acquire.aligned;\n\tmov.u32 $0, 0;",
+                                     "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -119,7 +117,7 @@ def _silu_mul_hadamard_split_kernel(gu_ptr, q_ptr, s_ptr, signs_ptr, sync_ptr, n
     tl.debug_barrier()  # the peak's store before the arrival (released by it)
     p = tl.arange(0, MAX_PARTS)
     if CLUSTER:
-        arrived = _cluster_sync(n_parts)  # 0, and the peaks' loads depend on it: they cannot move above the wait
+        arrived = _cluster_sync(part)  # 0, and the peaks' loads depend on it: they cannot move above the wait
         peaks = tl.load(slot + 2 + arrived + p, mask=p < n_parts, other=0, volatile=True)
         peak = tl.max(peaks.to(tl.float32, bitcast=True))
     else:
