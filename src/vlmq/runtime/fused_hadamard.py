@@ -199,8 +199,8 @@ def _triton_packs_cluster_size() -> bool:
 def hadamard_split_mode(m: int, width: int, block: int, device: torch.device) -> str:
     """How ``silu_mul_hadamard`` spreads M rows: one program per row where the rows alone fill the GPU
     (prefill) or off CUDA; else each row over several programs that exchange their maxima. On Hopper, with at
-    most 8 parts, they form a thread-block cluster ("cluster": 1.5 % faster decode than "wait" on an H100,
-    BENCHMARKS.md); elsewhere (Ampere, or more parts) they wait for each other through global memory ("wait"),
+    most 8 parts, they form a thread-block cluster ("cluster": 1.8 % faster decode than "wait" at batch 1 on an
+    H100, BENCHMARKS.md); elsewhere (Ampere, or more parts) they wait for each other through global memory ("wait"),
     which needs them all resident at once: at most one program per SM (assuming no other kernel holds SMs for
     good, e.g. a collective spinning on another stream). Triton's interpreter runs programs one after
     another, so there a part waiting for another would wait forever: one program per row."""

@@ -213,12 +213,16 @@ def pdl_supported() -> bool:
 def device_capability() -> tuple[int, int]:
     """(major, minor) of the current CUDA device (where Triton launches); per device, so a process
     driving an H100 and an RTX 3090 asks each for its own."""
-    return _capability(torch.cuda.current_device())
+    return capability_of(torch.device("cuda"))
 
 
 def capability_of(device: torch.device) -> tuple[int, int]:
     """(major, minor) of this CUDA device (``cuda`` alone: the current one)."""
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return _capability(_device_index(device))
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=16)
@@ -261,7 +265,7 @@ SMEM_RESERVE_WIDE_A = 67 * 1024
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of this CUDA device (``cuda`` alone: the current one)."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(_device_index(device))
 
 
 @functools.lru_cache(maxsize=16)
