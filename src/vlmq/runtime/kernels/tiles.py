@@ -92,8 +92,7 @@ def tma_decode_usable(a: torch.Tensor, w: torch.Tensor, cfg: KernelConfig) -> bo
         return False
     if cfg.block_n not in (16, 32, 64) or (cfg.swap_ab and cfg.block_n != 64):
         return False
-    device = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    return tma_smem_bytes(m, k, cfg.block_n, cfg.split_k, not cfg.swap_ab) <= max_shared_memory(device)
+    return tma_smem_bytes(m, k, cfg.block_n, cfg.split_k, not cfg.swap_ab) <= max_shared_memory(device_index(a.device))
 
 
 def next_pow2(v: int) -> int:
@@ -218,10 +217,11 @@ def device_capability() -> tuple[int, int]:
 
 def capability_of(device: torch.device) -> tuple[int, int]:
     """(major, minor) of this CUDA device (``cuda`` alone: the current one)."""
-    return _capability(_device_index(device))
+    return _capability(device_index(device))
 
 
-def _device_index(device: torch.device) -> int:
+def device_index(device: torch.device) -> int:
+    """This CUDA device's index (``cuda`` alone: the current device's)."""
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
@@ -265,7 +265,7 @@ SMEM_RESERVE_WIDE_A = 67 * 1024
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of this CUDA device (``cuda`` alone: the current one)."""
-    return _sm_count(_device_index(device))
+    return _sm_count(device_index(device))
 
 
 @functools.lru_cache(maxsize=16)
@@ -274,9 +274,9 @@ def _sm_count(index: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def max_shared_memory(device_index: int) -> int:
+def max_shared_memory(index: int) -> int:
     """Opt-in shared memory per block on this CUDA device (what Triton checks a kernel against)."""
-    return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
 
 
 def fit_to_smem(cfg: KernelConfig, a_bytes: int, smem_bytes: int) -> KernelConfig:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from vlmq.runtime.kernels.tiles import (
     SMEM_RESERVE_INT8_A,
+    device_index,
     max_shared_memory,
     pdl_enter,
     pdl_launch,
@@ -105,7 +106,7 @@ def smem_bytes(device: torch.device) -> int:
     """Opt-in shared memory per block (the interpreter has no limit: plan as for an H100)."""
     if device.type != "cuda":
         return 232448
-    return max_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+    return max_shared_memory(device_index(device))
 
 
 def supported(a: Tensor, w: Tensor) -> bool:
