@@ -10,6 +10,7 @@ from vlmq.runtime.linear import (
     MIN_SCALE,
     W8A8Linear,
     available_backends,
+    int_gemm_fp32_blocks,
     int_gemm_int_mm,
     int_gemm_reference,
     quantize_per_token,
@@ -48,7 +49,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
-@pytest.mark.parametrize("gemm", [int_gemm_int_mm, int_gemm_reference])
+@pytest.mark.parametrize("gemm", [int_gemm_int_mm, int_gemm_fp32_blocks, int_gemm_reference])
 def test_int_gemm_exact(m: int, k: int, n: int, gemm) -> None:
     g = _gen(m * 1000 + k * 10 + n)
     for _ in range(3):
@@ -59,12 +60,20 @@ def test_int_gemm_exact(m: int, k: int, n: int, gemm) -> None:
         assert torch.equal(out.long(), a.long() @ w.long().t())
 
 
-def test_int_gemm_extremes_exact() -> None:
-    # All -128: the largest magnitude sum; catches int16 / fp32 accumulation.
+@pytest.mark.parametrize("gemm", [int_gemm_int_mm, int_gemm_fp32_blocks])
+def test_int_gemm_extremes_exact(gemm) -> None:
+    # All -128: the largest magnitude sum; catches int16 accumulation.
     k = 2048
     a = torch.full((3, k), -128, dtype=torch.int8)
     w = torch.full((5, k), -128, dtype=torch.int8)
-    assert torch.equal(int_gemm_int_mm(a, w).long(), torch.full((3, 5), 128 * 128 * k))
+    assert torch.equal(gemm(a, w).long(), torch.full((3, 5), 128 * 128 * k))
+    # 127 * 127 is odd: over 1101 products the sum is odd and above 2^24, which no fp32 holds, so a GEMM that
+    # accumulates in fp32 without slicing K cannot return it. 11008 is the 3B's down_proj K.
+    for k in (1101, 11008 + 1):
+        a = torch.full((2, k), 127, dtype=torch.int8)
+        w = torch.full((3, k), 127, dtype=torch.int8)
+        assert torch.equal(gemm(a, w).long(), torch.full((2, 3), 127 * 127 * k))
+    assert (a.float() @ w.float().t()).long()[0, 0] != 127 * 127 * k   # (the case this guards against)
 
 
 def test_quantize_per_token_round_half_even_and_clamp() -> None:
@@ -96,7 +105,7 @@ def test_quantize_per_token_matches_float_reference() -> None:
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("smooth", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("backend", ["int_mm", "reference"])
+@pytest.mark.parametrize("backend", ["int_mm", "fp32_blocks", "reference"])
 def test_forward_matches_float64_reference(m, k, n, static, smooth, bias, backend) -> None:
     g = _gen(hash((m, k, n, static, smooth, bias)) % (2**31))
     lin = nn.Linear(k, n, bias=bias)

@@ -13,7 +13,8 @@ placeholder ``<|vision_start|><|image_pad|><|vision_end|>`` with a single
 ``<|image_pad|>``: vLLM expands it to the image's token count itself.
 
 OUT.json: ``{"vllm_version", "torch_version", "model", "engine_start_s", "generate_s",
-"quantization", "dtype", "linear_methods": {module: {"module", "quant_method", "scheme",
+"quantization", "hadacore", "int8_gemm" (which Hadamard and int8 GEMM ran: vlmq's vLLM plugin), "dtype",
+"linear_methods": {module: {"module", "quant_method", "scheme",
 "weight_dtype"}}, "log_lines": [quantization/kernel lines], "log_file" (vLLM's full
 DEBUG log, OUT.vllm.log), "results": [{"name", "image", "prompt_token_ids" (as vLLM
 expanded them), "prompt_logprobs" ([i, token_id, logprob of that actual token given
@@ -140,6 +141,9 @@ def run(model: str, requests: list[dict[str, Any]], log_file: Path) -> dict[str,
     from vllm import LLM, SamplingParams
 
     hadacore = provide_hadacore_on_cpu()
+    from vlmq_vllm_cpu_hadamard import provide_int8_gemm
+
+    int8_gemm = provide_int8_gemm()
     t0 = time.perf_counter()
     llm = LLM(
         model=model, dtype="auto", max_model_len=1024, enforce_eager=True, limit_mm_per_prompt={"image": 1}, seed=0
@@ -186,6 +190,7 @@ def run(model: str, requests: list[dict[str, Any]], log_file: Path) -> dict[str,
         "generate_s": round(generate_s, 2),
         "quantization": config.quantization,
         "hadacore": hadacore,
+        "int8_gemm": int8_gemm,
         "dtype": str(config.dtype).removeprefix("torch."),
         "linear_methods": methods,
         "log_lines": [ln for ln in log_lines if _KEY_LOG.search(ln)],

@@ -68,12 +68,20 @@ def triton_available(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= TRITON_MIN_CAPABILITY
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_int8_dot() -> bool:
+    """Whether torch's CPU kernels run with AVX-512 (where oneDNN's int8 GEMM behind ``torch._int_mm`` has VNNI
+    dot products). On AVX2-only CPUs ``torch._int_mm`` measured 2.2 GFLOP/s against 17-38 for ``fp32_blocks``
+    (docs/BENCHMARKS.md, "CPUs without AVX-512")."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
-    """Map ``"auto"`` to a concrete backend for ``device`` (the Triton kernels on Ampere or newer,
-    else ``torch._int_mm``); validate other names."""
+    """Map ``"auto"`` to a concrete backend for ``device`` (the Triton kernels on Ampere or newer, else
+    ``torch._int_mm``; on a CPU without AVX-512, the exact fp32 block GEMM); validate other names."""
     if name == "auto":
         if device.type != "cuda":
-            return "int_mm"
+            return "int_mm" if cpu_has_int8_dot() else "fp32_blocks"
         index = device.index if device.index is not None else torch.cuda.current_device()
         return "triton" if triton_available(index) else "int_mm"
     if name not in _BACKENDS:
@@ -117,6 +125,24 @@ def int_gemm_int_mm(a: Tensor, w: Tensor) -> Tensor:
     w_p = _pad_dim(_pad_dim(w, 0, np_), 1, kp).contiguous()
     # w_p.t() is column-major [K, N]: the layout cuBLAS wants for the second operand.
     return torch._int_mm(a_p, w_p.t())[:m, :n]
+
+
+# An int8 x int8 product is at most 128 * 128 = 2^14 in magnitude, so a dot product over at most 1024 of them
+# stays within 2^24, below which every integer is an exact fp32: each 1024-wide slice of K summed in fp32 is
+# exact whatever order the BLAS adds in, and the slices add exactly in int32.
+EXACT_FP32_SLICE = 1024
+
+
+def int_gemm_fp32_blocks(a: Tensor, w: Tensor) -> Tensor:
+    """The integer GEMM, exact, as fp32 GEMMs over slices of K: for CPUs whose int8 GEMM is slow."""
+    def part(start: int) -> Tensor:
+        stop = start + EXACT_FP32_SLICE
+        return (a[:, start:stop].float() @ w[:, start:stop].float().t()).to(torch.int32)
+
+    out = part(0)
+    for start in range(EXACT_FP32_SLICE, a.shape[1], EXACT_FP32_SLICE):
+        out += part(start)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -314,6 +340,11 @@ def _eager(layer: W8A8Linear, x2d: Tensor, gemm: Callable[[Tensor, Tensor], Tens
 @register_backend("int_mm")
 def _backend_int_mm(layer: W8A8Linear, x2d: Tensor) -> Tensor:
     return _eager(layer, x2d, int_gemm_int_mm)
+
+
+@register_backend("fp32_blocks")
+def _backend_fp32_blocks(layer: W8A8Linear, x2d: Tensor) -> Tensor:
+    return _eager(layer, x2d, int_gemm_fp32_blocks)
 
 
 @register_backend("reference")
