@@ -30,9 +30,10 @@ setup-browser:
 demo: setup
 	$(VENV)/bin/vlmq quantize --force $(ARGS)
 
-# The whole test suite, as CI runs it.
+# The whole test suite, as CI runs it: two pytest-xdist workers, a file at a time each (half the suite's time is
+# single-threaded: CLI subprocesses importing torch, transformers and ModelOpt).
 test: setup setup-vllm setup-harness setup-browser
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts integrations

@@ -105,3 +105,17 @@ def vllm_python() -> Path:
     if os.environ.get("VLMQ_SKIP_VLLM") == "1":
         pytest.skip(f"VLMQ_SKIP_VLLM=1 and {msg}")
     pytest.fail(msg + ", or set VLMQ_SKIP_VLLM=1 to skip this test locally", pytrace=False)
+
+
+# The longest files first, so that with pytest-xdist (`make test` runs two workers, one file per worker at a time)
+# the real-weights tier starts at once and the short files fill the other worker around it.
+LONGEST_FIRST = ["test_real_weights.py", "test_vllm_cpu.py", "test_harness.py", "test_vllm_serve.py",
+                 "test_sensitivity.py", "test_doc_snippets.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)   # stable: within a file, and among the rest, collection order stays

@@ -103,12 +103,22 @@ def test_command_is_the_harness_own_cli(tmp_path: Path):
     h = harness.HARNESSES["lm_eval"]
     cmd = harness.build_command(h, "/py", ["vlmq_text_mc"], tmp_path, tmp_path / "out", "cpu", 8)
     assert cmd == ["/py", "-m", "lm_eval", "--model", "vllm", "--model_args",
-                   f"pretrained={tmp_path},dtype=auto,max_model_len=4096,enforce_eager=True",
+                   f"pretrained={tmp_path},dtype={harness.harness_dtype('cpu')},max_model_len=4096,enforce_eager=True",
                    "--tasks", "vlmq_text_mc", "--include_path", str(h.tasks_dir), "--batch_size", "auto",
                    "--output_path", str(tmp_path / "out"), "--log_samples", "--limit", "8"]
     lmms = harness.build_command(harness.HARNESSES["lmms_eval"], "/py", ["a", "b"], tmp_path, tmp_path, "cuda")
     assert lmms[lmms.index("--model_args") + 1].startswith(f"model={tmp_path},") and "enforce_eager" not in str(lmms)
     assert "--limit" not in lmms and lmms[lmms.index("--tasks") + 1] == "a,b"
+    assert ",dtype=auto," in lmms[lmms.index("--model_args") + 1]   # a GPU runs each checkpoint in its own dtype
+
+
+def test_cpu_without_native_bf16_is_told_apart():
+    from vlmq.cpu import slow_bf16
+
+    assert slow_bf16(frozenset({"avx2", "fma"}), "x86_64")
+    assert not slow_bf16(frozenset({"avx2", "avx512f", "avx512_bf16"}), "x86_64")
+    assert not slow_bf16(frozenset({"amx_bf16"}), "x86_64")
+    assert not slow_bf16(frozenset(), "aarch64")
 
 
 def test_scores_recovery_and_its_gate():

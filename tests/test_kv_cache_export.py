@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import SMOOTHQUANT_RECIPE, describe, run_cli
+from vlmq.cpu import cpu_flags
 from vlmq.runtime.loader import CheckpointError, inspect_checkpoint, load_w8a8
 
 KV_SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
@@ -106,14 +107,6 @@ if __name__ == "__main__":
               "scales": llm.apply_model(scales)[0], "text": text}
     open(sys.argv[2], "w").write(json.dumps(report))
 '''
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
 
 
 @pytest.mark.slow

@@ -25,24 +25,29 @@ from real_fidelity import heldout_batches  # noqa: E402
 pytestmark = pytest.mark.slow
 
 CALIB = REPO_ROOT / "benchmarks" / "data" / "real_text" / "calib.jsonl"
-CALIB_SAMPLES = 128          # the SmoothQuant-only fixture (its floors and lm-eval recovery were measured so)
-DEFAULT_CALIB_SAMPLES = 128  # the default recipe, at issue #12's setting (docs/BENCHMARKS.md)
-HELDOUT_SAMPLES = 16   # held-out records scored per export (about 5,000 tokens)
+# The tier's cost on a CI machine without AVX-512 (2 cores, fp32 GEMMs at about 40 GFLOP/s, bf16 ones 4-25x slower;
+# docs/BENCHMARKS.md, "CPUs without AVX-512"): every model here computes in fp32 (arch.dtype=float32 when
+# quantizing, dtype=float32 when scoring), and the recipes calibrate on 16 and 32 texts, not issue #12's 128
+# (the 128-text figures are docs/BENCHMARKS.md's, from benchmarks/real_weights.sh).
+CALIB_SAMPLES = 32           # the SmoothQuant-only fixture (one calibration pass)
+DEFAULT_CALIB_SAMPLES = 16   # the default recipe (rotate, SmoothQuant, GPTQ)
+HELDOUT_SAMPLES = 8    # held-out records scored per export (about 2,100 tokens)
+FP32 = "arch.dtype=float32"
 
-# Measured 2026-12-05 on this setup (2-core x86 CPU, bf16 reference, 16 held-out records, 4,701 positions;
-# docs/BENCHMARKS.md, "Real weights"):
-# - default (rotate R1 + R4, SmoothQuant 0.5, GPTQ; every LM linear int8; 128 calibration texts; fp16 checkpoint
-#   chosen by export.dtype=auto): KL 0.0045, top-1 0.968, perplexity +0.08 % (issue #12's target: KL <= 0.008,
-#   top-1 >= 0.95, within 0.5 %); the bf16-checkpoint default before it measured KL 0.0072 (256 texts);
-# - smoothquant (quant.steps=[calibrate,smooth,round], 128 texts, bf16 checkpoint): KL 0.0182, top-1 0.933,
-#   perplexity +2.23 %; its modelopt_hf KL 0.42 (23x), perplexity +45 %.
-# The same SmoothQuant export measured KL 0.0164 / +1.97 % in an earlier session (other machine, other
-# library patch versions): about 11 % of drift between runs. Floors: KL 1.3x the measured value (covers that
-# drift), top-1 0.015 below it, perplexity 0.8 points above it; the SmoothQuant floors keep their earlier,
-# looser margins.
+# Measured 2026-12-06 at these settings (2-core AMD EPYC without AVX-512; fp32 reference and fp32 runtime, the first
+# 8 held-out records, 2,576 positions; docs/BENCHMARKS.md, "The test tier"):
+# - default (rotate R1 + R4, SmoothQuant 0.5, GPTQ; every LM linear int8; 16 calibration texts; fp16 checkpoint
+#   chosen by export.dtype=auto): KL 0.0027, top-1 0.978, perplexity -0.10 % (issue #12's target: KL <= 0.008,
+#   top-1 >= 0.95, within 0.5 %);
+# - smoothquant (quant.steps=[calibrate,smooth,round], 32 texts, bf16 checkpoint): KL 0.0131, top-1 0.931,
+#   perplexity +0.44 %; its modelopt_hf KL 0.30 (23x), perplexity +27.5 %.
+# At issue #12's setting (128 texts, bf16 reference and runtime, 16 records) the same recipes measured KL 0.0045 and
+# 0.0182 on 2026-12-05, and an earlier machine measured the SmoothQuant export 11 % apart from a later one.
+# Floors: KL 1.3x the measured value (that drift), top-1 0.015 below it, perplexity the issue's 0.5 % for the
+# default; the SmoothQuant floors are looser (it is the baseline the default is compared with, not a target).
 FLOORS = {
-    "default": {"kl": 0.0059, "top1": 0.952, "ppl_pct": 0.9},
-    "smoothquant": {"kl": 0.025, "top1": 0.913, "ppl_pct": 3.0},
+    "default": {"kl": 0.0035, "top1": 0.963, "ppl_pct": 0.5},
+    "smoothquant": {"kl": 0.018, "top1": 0.913, "ppl_pct": 1.5},
 }
 SMOOTHQUANT_ONLY = "quant.steps=[calibrate,smooth,round]"
 
@@ -68,7 +73,7 @@ def _quantize(snapshot: Path, work: Path, name: str, samples: int, *extra: str) 
     export = work / name
     result = run_cli(["quantize", f"arch.snapshot={snapshot}", "arch.family=llama", "calib.source=text_jsonl",
                       f"calib.root={CALIB}", f"calib.num_samples={samples}", f"export.dir={export}",
-                      f"log_root={work / 'logs'}", f"run_name={name}", *extra], cwd=work, timeout=900)
+                      f"log_root={work / 'logs'}", f"run_name={name}", FP32, *extra], cwd=work, timeout=900)
     assert result.rc == 0, describe(result)
     return RealExport(result, export, json.loads((export / "manifest.json").read_text()))
 
@@ -77,7 +82,8 @@ def _quantize(snapshot: Path, work: Path, name: str, samples: int, *extra: str) 
 def real_default(real_snapshot, tmp_path_factory) -> RealExport:
     """The default recipe (rotations, SmoothQuant, GPTQ): compressed-tensors only, since ModelOpt's format
     cannot carry the online Hadamard."""
-    return _quantize(real_snapshot, tmp_path_factory.mktemp("real"), "default", DEFAULT_CALIB_SAMPLES)
+    return _quantize(real_snapshot, tmp_path_factory.mktemp("real"), "default", DEFAULT_CALIB_SAMPLES,
+                     "export.score=false")   # heldout_scores scores it
 
 
 @pytest.fixture(scope="session")
@@ -90,16 +96,20 @@ def real_smoothquant(real_snapshot, tmp_path_factory) -> RealExport:
 
 @pytest.fixture(scope="session")
 def heldout_scores(real_snapshot, real_default, real_smoothquant) -> dict[str, dict]:
-    """Each export against bf16 on the held-out file, loaded by vlmq's runtime (real int8 GEMMs)."""
+    """Each export against the snapshot on the held-out file, loaded by vlmq's runtime (real int8 GEMMs), all
+    computing in fp32."""
+    import torch
+
     from vlmq.evaluate.fidelity import score_models
     from vlmq.models.load import inspect_snapshot, load_model, load_processor
     from vlmq.runtime.loader import load_w8a8
 
     batches = heldout_batches(load_processor(real_snapshot), samples=HELDOUT_SAMPLES)
-    ref = load_model(inspect_snapshot(real_snapshot), "bfloat16", "cpu")
-    tests = {"default": load_w8a8(real_default.ct, "cpu")[0],
-             "smoothquant": load_w8a8(real_smoothquant.ct, "cpu")[0],
-             "modelopt_hf": load_w8a8(real_smoothquant.export_dir / "modelopt_hf", "cpu")[0]}
+    fp32 = torch.float32
+    ref = load_model(inspect_snapshot(real_snapshot), "float32", "cpu")
+    tests = {"default": load_w8a8(real_default.ct, "cpu", fp32)[0],
+             "smoothquant": load_w8a8(real_smoothquant.ct, "cpu", fp32)[0],
+             "modelopt_hf": load_w8a8(real_smoothquant.export_dir / "modelopt_hf", "cpu", fp32)[0]}
     scores = {name: fid.to_dict() for name, fid in score_models(ref, tests, batches).items()}
     # The measured values behind FLOORS, kept for the record (tmp/ is not committed).
     (REPO_ROOT / "tmp" / "real").mkdir(parents=True, exist_ok=True)
@@ -175,8 +185,9 @@ def test_check_scores_heldout_text_passages(real_default, tmp_path):
 
 def test_sensitivity_ranks_real_linears(real_snapshot, tmp_path):
     result = run_cli(["sensitivity", "--top", "5", f"arch.snapshot={real_snapshot}", "arch.family=llama",
-                      "calib.source=text_jsonl", f"calib.root={CALIB}", "calib.num_samples=16",
-                      "quant.kl_samples=1", f"log_root={tmp_path}", "run_name=s"], cwd=tmp_path, timeout=900)
+                      "calib.source=text_jsonl", f"calib.root={CALIB}", "calib.num_samples=8", "calib.max_length=48",
+                      "quant.kl_samples=1", SMOOTHQUANT_ONLY, FP32, f"log_root={tmp_path}", "run_name=s"],
+                     cwd=tmp_path, timeout=900)
     assert result.rc == 0, describe(result)
     report = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
     ranking = report["ranking"]
@@ -229,7 +240,7 @@ def test_vllm_runs_the_real_export_and_agrees_on_heldout_perplexity(vllm_python,
     assert down == {"CompressedTensorsLinearTransformMethod"}, down   # vLLM placed the Hadamard itself
     assert out["hadacore"] in ("vllm kernel", "torch fallback (the CPU build has no hadacore_transform kernel)")
 
-    model = load_w8a8(real_default.ct, "cpu")[0]
+    model = load_w8a8(real_default.ct, "cpu", torch.float32)[0]
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in rows:
@@ -250,7 +261,7 @@ def test_vllm_runs_the_real_export_and_agrees_on_heldout_perplexity(vllm_python,
 # figures from two builds of the export): cloze accuracy 0.500 bf16 and W8A8 (recovery 1.000), word perplexity
 # 92.17 bf16 / 93.24 W8A8 (recovery 0.9885). On all 64 items and 24 passages: 1.032 and 0.988.
 # Tolerances: one of the 8 right cloze answers flipping (0.125); 1.5 points of perplexity recovery.
-LM_EVAL_LIMIT = 16
+LM_EVAL_LIMIT = 8
 LM_EVAL_MEASURED = {"vlmq_text_mc": ("acc", 1.0), "vlmq_text_ppl": ("word_perplexity", 0.9885)}
 LM_EVAL_TOL = {"vlmq_text_mc": 0.13, "vlmq_text_ppl": 0.015}
 LM_EVAL_MIN_RECOVERY = 0.9

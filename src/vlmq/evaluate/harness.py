@@ -132,11 +132,18 @@ def max_model_len(model_dir: Path) -> int:
                MAX_MODEL_LEN)
 
 
+def harness_dtype(device: str) -> str:
+    """auto runs each checkpoint in its own dtype (fp16 where vlmq's export.dtype=auto chose it); on an x86 CPU
+    without native bf16 both models run in float32 instead, where vLLM's bf16 GEMMs are several times slower."""
+    from vlmq.cpu import slow_bf16
+
+    return "float32" if device == "cpu" and slow_bf16() else "auto"
+
+
 def build_command(h: Harness, python: str, tasks: list[str], model_dir: Path, out_dir: Path, device: str = "cpu",
                   limit: int | None = None) -> list[str]:
-    """The harness's own command line for one model (what a user would type); dtype=auto runs each checkpoint in
-    its own dtype (fp16 where vlmq's export.dtype=auto chose it)."""
-    args = [f"{h.model_key}={model_dir}", "dtype=auto", f"max_model_len={max_model_len(model_dir)}",
+    """The harness's own command line for one model (what a user would type), in `harness_dtype(device)`."""
+    args = [f"{h.model_key}={model_dir}", f"dtype={harness_dtype(device)}", f"max_model_len={max_model_len(model_dir)}",
             *h.extra_model_args, *(["enforce_eager=True"] if device == "cpu" else [])]
     cmd = [python, "-m", h.module, "--model", "vllm", "--model_args", ",".join(args), "--tasks", ",".join(tasks),
            "--include_path", str(h.tasks_dir), "--batch_size", "auto" if h.name == "lm_eval" else "1",
