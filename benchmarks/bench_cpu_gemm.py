@@ -20,7 +20,8 @@ from vlmq.runtime.linear import cpu_has_int8_dot, int_gemm_fp32_blocks, int_gemm
 
 # (tokens, in_features, out_features): SmolLM2-135M's q/k/v/o and MLP linears, a slice of its lm_head, and one
 # token of decode
-SHAPES = [(512, 576, 1536), (512, 1536, 576), (512, 576, 8192), (1, 576, 1536)]
+SHAPES = [(512, 576, 1536), (512, 1536, 576), (512, 576, 8192), (1, 576, 1536), (2, 576, 1536), (4, 576, 1536),
+          (8, 576, 1536)]
 INT_GEMMS = {"int_mm": int_gemm_int_mm, "fp32_blocks": int_gemm_fp32_blocks, "reference": int_gemm_reference}
 
 

@@ -193,8 +193,11 @@ def test_state_dict_roundtrip_with_checkpoint_shapes() -> None:
 
 
 def test_backend_registry() -> None:
-    assert {"int_mm", "reference", "triton"} <= set(available_backends())
-    assert resolve_backend("auto", torch.device("cpu")) == "int_mm"
+    from vlmq.runtime.linear import cpu_has_int8_dot
+
+    assert {"int_mm", "fp32_blocks", "reference", "triton"} <= set(available_backends())
+    # CPUs: torch._int_mm where oneDNN has AVX-512 (VNNI) int8 dot products, else the exact fp32 slices
+    assert resolve_backend("auto", torch.device("cpu")) == ("int_mm" if cpu_has_int8_dot() else "fp32_blocks")
     with pytest.raises(ValueError, match="unknown W8A8 backend"):
         resolve_backend("nope", torch.device("cpu"))
     with pytest.raises(ValueError, match="already registered"):

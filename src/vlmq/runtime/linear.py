@@ -342,9 +342,15 @@ def _backend_int_mm(layer: W8A8Linear, x2d: Tensor) -> Tensor:
     return _eager(layer, x2d, int_gemm_int_mm)
 
 
+# Up to this many rows torch._int_mm beats fp32_blocks even on an AVX2-only CPU (converting the weight to fp32
+# costs more than the GEMM saves): measured crossover between 2 and 4 rows (benchmarks/bench_cpu_gemm.py).
+FP32_BLOCKS_MIN_ROWS = 3
+
+
 @register_backend("fp32_blocks")
 def _backend_fp32_blocks(layer: W8A8Linear, x2d: Tensor) -> Tensor:
-    return _eager(layer, x2d, int_gemm_fp32_blocks)
+    gemm = int_gemm_fp32_blocks if x2d.shape[0] >= FP32_BLOCKS_MIN_ROWS else int_gemm_int_mm
+    return _eager(layer, x2d, gemm)
 
 
 @register_backend("reference")
