@@ -42,14 +42,14 @@ def measure(rounds: int) -> dict:
         row = {"shape": [m, k, n]}
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             xd, wd = x.to(dtype), w.to(dtype)
-            row[f"linear_{str(dtype).removeprefix('torch.')}"] = round(gflops(lambda: F.linear(xd, wd), flops,
-                                                                             rounds), 2)
+            rate = gflops(lambda xd=xd, wd=wd: F.linear(xd, wd), flops, rounds)
+            row[f"linear_{str(dtype).removeprefix('torch.')}"] = round(rate, 2)
         a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
         wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         exact = int_gemm_reference(a, wq)
         for name, gemm in INT_GEMMS.items():
             assert torch.equal(gemm(a, wq), exact), name
-            row[f"int8_{name}"] = round(gflops(lambda g=gemm: g(a, wq), flops, rounds), 2)
+            row[f"int8_{name}"] = round(gflops(lambda g=gemm, a=a, wq=wq: g(a, wq), flops, rounds), 2)
         rows.append(row)
         print(row, flush=True)
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_has_int8_dot": cpu_has_int8_dot(),
