@@ -35,7 +35,7 @@ HELDOUT_SAMPLES = 8    # held-out records scored per export (about 2,100 tokens)
 FP32 = "arch.dtype=float32"
 
 # Measured 2026-12-06 at these settings (2-core AMD EPYC without AVX-512; fp32 reference and fp32 runtime, the first
-# 8 held-out records, 2,576 positions; docs/BENCHMARKS.md, "The test tier"):
+# 8 held-out records, 2,576 positions; docs/BENCHMARKS.md, "CPUs without AVX-512"):
 # - default (rotate R1 + R4, SmoothQuant 0.5, GPTQ; every LM linear int8; 16 calibration texts; fp16 checkpoint
 #   chosen by export.dtype=auto): KL 0.0027, top-1 0.978, perplexity -0.10 % (issue #12's target: KL <= 0.008,
 #   top-1 >= 0.95, within 0.5 %);
