@@ -107,8 +107,8 @@ def vllm_python() -> Path:
     pytest.fail(msg + ", or set VLMQ_SKIP_VLLM=1 to skip this test locally", pytrace=False)
 
 
-# The longest files first, so that with pytest-xdist (`make test` runs two workers, one file per worker at a time)
-# the real-weights tier starts at once and the short files fill the other worker around it.
+# The longest files first (without xdist, and with xdist's `--no-loadscope-reorder`; `make test`'s loadfile
+# scheduling reorders files by test count by default, docs/BENCHMARKS.md "CPUs without AVX-512").
 LONGEST_FIRST = ["test_real_weights.py", "test_vllm_cpu.py", "test_harness.py", "test_vllm_serve.py",
                  "test_sensitivity.py", "test_doc_snippets.py"]
 
