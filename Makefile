@@ -30,8 +30,8 @@ setup-browser:
 demo: setup
 	$(VENV)/bin/vlmq quantize --force $(ARGS)
 
-# The whole test suite, as CI runs it: two pytest-xdist workers, a file at a time each (half the suite's time is
-# single-threaded: CLI subprocesses importing torch, transformers and ModelOpt).
+# The whole test suite, as CI runs it: two pytest-xdist workers, a file at a time each (41.5 min on the 2-core
+# AVX2-only CI machine; docs/BENCHMARKS.md, "CPUs without AVX-512").
 test: setup setup-vllm setup-harness setup-browser
 	$(PY) -m pytest -q -n 2 --dist loadfile tests $(ARGS)
 

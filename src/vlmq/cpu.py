@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 
 # x86 flags of native bf16 arithmetic. Without them torch's and vLLM's bf16 GEMMs convert on the fly: on an AMD EPYC
-# with AVX2 only, a bf16 linear measured 4-25x slower than fp32 (docs/BENCHMARKS.md, "CPUs without AVX-512").
+# with AVX2 only, bf16 and fp16 linears measured 4-8x slower than fp32 (docs/BENCHMARKS.md, "CPUs without AVX-512").
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 

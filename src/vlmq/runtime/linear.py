@@ -71,8 +71,8 @@ def triton_available(device_index: int) -> bool:
 @functools.lru_cache(maxsize=1)
 def cpu_has_int8_dot() -> bool:
     """Whether torch's CPU kernels run with AVX-512 (where oneDNN's int8 GEMM behind ``torch._int_mm`` has VNNI
-    dot products). On AVX2-only CPUs ``torch._int_mm`` measured 2.2 GFLOP/s against 17-38 for ``fp32_blocks``
-    (docs/BENCHMARKS.md, "CPUs without AVX-512")."""
+    dot products). On an AVX2-only CPU ``torch._int_mm`` measured 3.0-3.6 GFLOP/s against 46-54 for
+    ``fp32_blocks`` at 512 rows (docs/BENCHMARKS.md, "CPUs without AVX-512")."""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
